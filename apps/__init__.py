@@ -1,0 +1,1 @@
+"""Command-line apps behind the `dlsuite` console script (see `dlsuite.apps.cli`)."""

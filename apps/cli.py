@@ -1,0 +1,81 @@
+"""The `dlsuite` command: one subcommand per app.
+
+Plugging in an app is one line in `SUBCOMMANDS`. The app module exposes
+`add_parser(subparsers)`, which adds its parser to the `argparse`
+subparsers and sets the function to run::
+
+    def add_parser(subparsers):
+        parser = subparsers.add_parser("classify", help="...", epilog="...")
+        parser.add_argument(...)
+        parser.set_defaults(func=run)   # run(args) -> exit status or None
+
+A user error, bad input rather than a bug, is raised as `UsageError` (or a
+`ValueError` from a builder or registry check): `main` prints it as one line,
+`dlsuite: error: <message>`, on stderr and exits with status 2, never with a
+traceback. argparse's own errors also exit with 2.
+"""
+
+import argparse
+import importlib
+import os
+import sys
+
+# Modules that each add one subcommand; a new app is one more line.
+SUBCOMMANDS = (
+    "dlsuite.apps.models_cli",
+)
+
+EXIT_USAGE = 2
+
+EPILOG = """examples:
+  dlsuite models list
+  dlsuite models show resnet50 --batch-size 64 --optimizer sgd
+  dlsuite <command> --help
+"""
+
+
+class UsageError(Exception):
+    """Bad input from the user; `main` prints the message as one line, exit 2."""
+
+
+def build_parser():
+    """Returns the `dlsuite` parser with every module of SUBCOMMANDS added."""
+    parser = argparse.ArgumentParser(
+        prog="dlsuite",
+        description="Train, tune, diagnose and ship the classic deep-learning models.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module_name in SUBCOMMANDS:
+        importlib.import_module(module_name).add_parser(subparsers)
+    return parser
+
+
+def _one_line(error):
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def main(argv=None):
+    """Runs `dlsuite` with `argv` (default: the command line); returns the exit status."""
+    # Before any app module imports TensorFlow, so its C++ start-up INFO and
+    # WARNING lines stay off the terminal; a value the user set wins.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help (0) or an argparse error (2)
+        return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
+    try:
+        status = args.func(args)
+    except (UsageError, ValueError) as error:
+        print(f"dlsuite: error: {_one_line(error)}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("dlsuite: interrupted", file=sys.stderr)
+        return 130
+    return 0 if status is None else status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

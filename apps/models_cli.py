@@ -1,0 +1,292 @@
+"""`dlsuite models`: list the registered models, or show one's layers and costs.
+
+`list` builds every registered model at its default input shape to count its
+parameters; `show` builds one and prints its layer table (output shapes,
+parameters, receptive fields, FLOPs) and what training it would cost in
+memory for a batch size and an optimizer.
+"""
+
+import argparse
+import json
+import sys
+
+import keras
+
+from dlsuite import models
+from dlsuite.apps.cli import UsageError
+from dlsuite.models import summary
+
+# Time steps assumed when a sequence model's default input leaves the length
+# open; FLOPs and activations grow linearly with it.
+DEFAULT_TIME_STEPS = 100
+
+EPILOG_MODELS = """examples:
+  dlsuite models list
+  dlsuite models list --kind rnn --json
+  dlsuite models show lenet5
+  dlsuite models show resnet18 --input-shape 64,64,3 --classes 10 --batch-size 128
+  dlsuite models show vgg16 --optimizer sgd --json
+  dlsuite models show lstm --input-shape 35
+"""
+
+EPILOG_LIST = """examples:
+  dlsuite models list
+  dlsuite models list --family resnet
+  dlsuite models list --json
+"""
+
+EPILOG_SHOW = f"""--input-shape is H,W,C for image models (e.g. 224,224,3) and T or T,F for
+sequence models: T time steps of token ids, or of F float features (e.g. 35 or
+100,8). Sequence models default to T={DEFAULT_TIME_STEPS}.
+
+examples:
+  dlsuite models show lenet5
+  dlsuite models show resnet50 --batch-size 64 --optimizer sgd
+  dlsuite models show resnet18 --input-shape 64,64,3 --classes 10
+  dlsuite models show gru --input-shape 35 --classes 10000 --json
+"""
+
+
+def add_parser(subparsers):
+    """Adds `models list` and `models show` to the `dlsuite` subparsers."""
+    parser = subparsers.add_parser(
+        "models",
+        help="list the registered models or show one's layers and costs",
+        description="List the registered models, or show one's layer table, FLOPs "
+        "and training memory.",
+        epilog=EPILOG_MODELS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="models_command", required=True, metavar="ACTION")
+
+    list_parser = commands.add_parser(
+        "list",
+        help="every registered model with its family, input shape and parameters",
+        description="List every registered model, built at its default input shape "
+        "to count its parameters.",
+        epilog=EPILOG_LIST,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    list_parser.add_argument("--family", help="only this family, e.g. resnet")
+    list_parser.add_argument("--kind", choices=("cnn", "rnn"), help="only image or sequence models")
+    list_parser.add_argument("--json", action="store_true", help="print one JSON array")
+    list_parser.set_defaults(func=run_list)
+
+    show_parser = commands.add_parser(
+        "show",
+        help="layer table, receptive fields, FLOPs and memory of one model",
+        description="Build one model and show its layers (output shape, parameters, "
+        "receptive field, FLOPs), its totals and the memory training it needs.",
+        epilog=EPILOG_SHOW,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    show_parser.add_argument("name", metavar="NAME", help="a name from `dlsuite models list`")
+    show_parser.add_argument(
+        "--input-shape", metavar="SHAPE", help="H,W,C for images; T or T,F for sequences"
+    )
+    show_parser.add_argument("--classes", type=int, help="output classes (builder default)")
+    show_parser.add_argument(
+        "--batch-size", type=int, default=32, help="examples per step for memory (default 32)"
+    )
+    show_parser.add_argument(
+        "--optimizer", choices=summary.OPTIMIZERS, default="adam",
+        help="sets the optimizer slots counted in memory (default adam)",
+    )
+    show_parser.add_argument("--json", action="store_true", help="print one JSON object")
+    show_parser.set_defaults(func=run_show)
+
+
+def _specs(family=None, kind=None):
+    specs = [models.get(name) for name in models.names(family=family, kind=kind)]
+    if not specs:
+        raise UsageError(
+            f"No models match family={family!r} kind={kind!r}; "
+            f"families: {', '.join(sorted({models.get(n).family for n in models.names()}))}."
+        )
+    return specs
+
+
+def build_shapes_only(spec, **kwargs):
+    """Builds `spec`'s model with its weights declared but never initialized.
+
+    Parameter counts, shapes, FLOPs and memory need only the weights' shapes;
+    skipping the initializers (VGG19 draws 143M random numbers) makes building
+    every registered model take seconds instead of a minute, and holds no
+    weight memory. The model cannot run; build it normally to train.
+    """
+    # On the CPU so that nothing is placed on an accelerator a training run
+    # may be using.
+    with keras.device("cpu"), keras.StatelessScope(initialize_variables=False):
+        return spec.builder(**kwargs)
+
+
+def run_list(args):
+    """`dlsuite models list`."""
+    rows = [
+        {
+            "name": spec.name,
+            "family": spec.family,
+            "kind": spec.kind,
+            "default_input_shape": list(spec.default_input_shape),
+            "min_input_size": spec.min_input_size,
+            "params": build_shapes_only(
+                spec, input_shape=spec.default_input_shape
+            ).count_params(),
+            "description": spec.description,
+        }
+        for spec in _specs(family=args.family, kind=args.kind)
+    ]
+    keras.backend.clear_session()  # once: per model it would cost more than the build
+    if args.json:
+        print(json.dumps(rows))
+        return
+    table = [("Name", "Family", "Kind", "Input", "Params", "Description")]
+    table += [
+        (
+            row["name"], row["family"], row["kind"],
+            _shape_text(row["default_input_shape"]), f"{row['params']:,}", row["description"],
+        )
+        for row in rows
+    ]
+    _print_table(table, right_aligned={4})
+
+
+def parse_input_shape(text, kind):
+    """Parses `--input-shape` for a `kind` ("cnn" or "rnn") model into a tuple.
+
+    Raises:
+        UsageError: naming the value and an example when it is malformed.
+    """
+    expected = (
+        "H,W,C (e.g. 224,224,3)" if kind == "cnn"
+        else "T or T,F: time steps[, features] (e.g. 35 or 100,8)"
+    )
+    lengths = (3,) if kind == "cnn" else (1, 2)
+    parts = [part.strip() for part in text.split(",")]
+    try:
+        shape = tuple(int(part) for part in parts)
+    except ValueError:
+        shape = ()
+    if len(shape) not in lengths or any(dim < 1 for dim in shape):
+        raise UsageError(
+            f"--input-shape {text!r} is not {expected} with positive integers."
+        )
+    return shape
+
+
+def _check_positive(option, value):
+    if value is not None and value < 1:
+        raise UsageError(f"{option} must be an integer >= 1, received {value}.")
+
+
+def run_show(args):
+    """`dlsuite models show NAME`."""
+    spec = models.get(args.name)
+    _check_positive("--classes", args.classes)
+    _check_positive("--batch-size", args.batch_size)
+    if args.input_shape is None:
+        input_shape = spec.default_input_shape
+        if spec.kind == "rnn" and input_shape[0] is None:
+            input_shape = (DEFAULT_TIME_STEPS,) + tuple(input_shape[1:])
+    else:
+        input_shape = parse_input_shape(args.input_shape, spec.kind)
+    kwargs = {"input_shape": input_shape}
+    if args.classes is not None:
+        kwargs["classes"] = args.classes
+    model = build_shapes_only(spec, **kwargs)
+    info = summary.describe(model, batch_size=args.batch_size, optimizer=args.optimizer)
+    info = {"name": spec.name, "family": spec.family, "kind": spec.kind, **info}
+    if args.json:
+        print(json.dumps(info))
+        return
+    _print_show(info)
+
+
+def _print_show(info):
+    print(
+        f"{info['name']} ({info['family']}, {info['kind']}): input "
+        f"{_shape_text(info['input_shape'])} -> output {_shape_text(info['output_shape'])}"
+    )
+    print()
+    # Receptive fields are about images; sequence models would show only dashes.
+    spatial = info["kind"] == "cnn"
+    header = ("Layer (type)", "Output shape", "Params") + (("RF", "Jump") if spatial else ())
+    table = [header + ("FLOPs",)]
+    for layer in info["layers"]:
+        fields = (
+            (_field_text(layer["receptive_field"]), _field_text(layer["jump"])) if spatial else ()
+        )
+        table.append((
+            f"{layer['name']} ({layer['class']})",
+            _shape_text(layer["output_shape"]),
+            f"{layer['params']:,}",
+            *fields,
+            _count_text(layer["flops"]),
+        ))
+    _print_table(table, right_aligned={2, len(header)})
+    print()
+    print(
+        f"Parameters:     {info['params']:,} (trainable {info['trainable_params']:,}, "
+        f"non-trainable {info['non_trainable_params']:,})"
+    )
+    print(f"FLOPs/example:  {_count_text(info['flops'])} (2 x multiply-adds, forward pass)")
+    memory = info["memory"]
+    slots = summary.OPTIMIZER_SLOTS[info["optimizer"]]
+    print(f"Training memory, batch {info['batch_size']}, {info['optimizer']}:")
+    notes = {
+        "weights": "all parameters",
+        "gradients": "one per trainable parameter",
+        "optimizer": f"{slots} slot(s) per trainable parameter",
+        "activations": f"layer outputs kept for backprop x batch {info['batch_size']}",
+        "total": "",
+    }
+    for key, note in notes.items():
+        print(f"  {key:<12} {_bytes_text(memory[key]):>10}  {note}".rstrip())
+    if spatial:
+        print("RF: receptive field, input pixels per side; Jump: input pixels between "
+              "neighbouring outputs.")
+
+
+def _print_table(rows, right_aligned=()):
+    widths = [max(len(str(row[col])) for row in rows) for col in range(len(rows[0]))]
+    for index, row in enumerate(rows):
+        cells = [
+            str(cell).rjust(width) if col in right_aligned else str(cell).ljust(width)
+            for col, (cell, width) in enumerate(zip(row, widths))
+        ]
+        print("  ".join(cells).rstrip())
+        if index == 0:
+            print("  ".join("-" * width for width in widths))
+    sys.stdout.flush()
+
+
+def _shape_text(shape):
+    if shape and isinstance(shape[0], (list, tuple)):
+        return ", ".join(_shape_text(one) for one in shape)
+    return str(tuple(shape))
+
+
+def _field_text(value):
+    if value is None:
+        return "-"
+    if isinstance(value, str):
+        return value
+    if len(set(value)) == 1:
+        return str(value[0])
+    return "x".join(str(size) for size in value)
+
+
+def _count_text(count):
+    if count is None:
+        return "?"
+    for factor, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if count >= factor:
+            return f"{count / factor:.2f}{suffix}"
+    return str(count)
+
+
+def _bytes_text(count):
+    for factor, suffix in ((2**40, "TiB"), (2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
+        if count >= factor:
+            return f"{count / factor:.1f} {suffix}"
+    return f"{count} B"

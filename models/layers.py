@@ -1,0 +1,124 @@
+"""Layers the classic architectures need and Keras does not ship.
+
+Both are registered as serializable under the "dlsuite" package, so a model
+that uses them saves to `.keras` and loads back with `safe_mode=True` and no
+`custom_objects` once `dlsuite.models` is imported.
+"""
+
+import keras
+from keras import ops
+
+
+@keras.saving.register_keras_serializable(package="dlsuite")
+class LocalResponseNormalization(keras.layers.Layer):
+    """Local Response Normalization across channels (AlexNet, section 3.3).
+
+    b[c] = a[c] / (k + alpha / n * sum(a[c']^2 for c' within n/2 of c)) ** beta
+
+    The paper's constants are the defaults: depth_radius 2 (n = 5), k = 2,
+    alpha = 1e-4, beta = 0.75. Alpha is divided by the window size n as in the
+    paper and Caffe (TensorFlow's `tf.nn.local_response_normalization` does not
+    divide, so its alpha is ours / n).
+    """
+
+    def __init__(self, depth_radius=2, bias=2.0, alpha=1e-4, beta=0.75, **kwargs):
+        super().__init__(**kwargs)
+        if int(depth_radius) < 0:
+            raise ValueError(f"depth_radius must be >= 0, received {depth_radius}.")
+        self.depth_radius = int(depth_radius)
+        self.bias = float(bias)
+        self.alpha = float(alpha)
+        self.beta = float(beta)
+
+    def call(self, inputs):
+        window = 2 * self.depth_radius + 1
+        squared = ops.square(inputs)
+        # Sum of squares over neighbouring channels: pad the channel axis and
+        # take a sliding window sum, which works on any backend and rank.
+        channels = inputs.shape[-1]
+        padded = ops.pad(
+            squared,
+            [[0, 0]] * (len(inputs.shape) - 1) + [[self.depth_radius, self.depth_radius]],
+        )
+        window_sum = sum(
+            padded[..., offset : offset + channels] for offset in range(window)
+        )
+        scale = ops.power(self.bias + self.alpha / window * window_sum, self.beta)
+        return inputs / scale
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "depth_radius": self.depth_radius,
+            "bias": self.bias,
+            "alpha": self.alpha,
+            "beta": self.beta,
+        }
+
+
+@keras.saving.register_keras_serializable(package="dlsuite")
+class Maxout(keras.layers.Layer):
+    """Maxout (Goodfellow et al., 2013): the maximum over groups of features.
+
+    Without `units`, the layer has no weights: it splits the last axis into
+    groups of `pieces` adjacent features and keeps each group's maximum, so the
+    layer before it should produce `pieces` times the features wanted (the
+    builders do this when `activation="maxout"`).
+
+    With `units`, it is a full maxout unit: an affine map to `units * pieces`
+    features followed by the same maximum, so it can follow any tensor (used
+    after residual additions, whose width is fixed).
+    """
+
+    def __init__(self, pieces=2, units=None, kernel_initializer="glorot_uniform", **kwargs):
+        super().__init__(**kwargs)
+        if int(pieces) < 2:
+            raise ValueError(f"Maxout needs pieces >= 2, received {pieces}.")
+        if units is not None and int(units) < 1:
+            raise ValueError(f"Maxout units must be >= 1, received {units}.")
+        self.pieces = int(pieces)
+        self.units = None if units is None else int(units)
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+
+    def build(self, input_shape):
+        features = input_shape[-1]
+        if self.units is None:
+            if features is None or features % self.pieces:
+                raise ValueError(
+                    f"Maxout with pieces={self.pieces} needs a feature count "
+                    f"divisible by {self.pieces}, received {features}."
+                )
+        else:
+            self.kernel = self.add_weight(
+                name="kernel",
+                shape=(features, self.units * self.pieces),
+                initializer=self.kernel_initializer,
+            )
+            self.bias = self.add_weight(
+                name="bias", shape=(self.units * self.pieces,), initializer="zeros"
+            )
+
+    def call(self, inputs):
+        if self.units is not None:
+            inputs = ops.matmul(inputs, self.kernel) + self.bias
+        features = inputs.shape[-1]
+        grouped = ops.reshape(
+            inputs,
+            tuple(ops.shape(inputs)[:-1]) + (features // self.pieces, self.pieces),
+        )
+        return ops.max(grouped, axis=-1)
+
+    def compute_output_shape(self, input_shape):
+        features = self.units if self.units is not None else input_shape[-1] // self.pieces
+        return tuple(input_shape[:-1]) + (features,)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "pieces": self.pieces,
+            "units": self.units,
+            "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
+        }

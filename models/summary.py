@@ -1,0 +1,508 @@
+"""What a built model costs, read from its graph without running it.
+
+For a Keras functional model (Sequential and nested models included) this
+module gives, per layer and in total:
+
+* the output shape and parameter count;
+* the receptive field: how many input pixels, per spatial axis, one output
+  position sees, and its "jump" (the cumulative stride: the input distance
+  between two neighbouring output positions). Walking from the input,
+  `rf_out = rf_in + (k_eff - 1) * jump_in` and `jump_out = jump_in * stride`,
+  with the dilated kernel `k_eff = d * (k - 1) + 1`. This is the theoretical
+  receptive field: it is not clipped to the image and ignores padding, which
+  shifts a field but does not resize it;
+* forward FLOPs per example, counted as 2 x multiply-adds of the layers with
+  weight matrices: convolutions (plain, depthwise, separable, transposed),
+  Dense on any rank (once per position), the recurrent layers (per time step
+  `gates * (input + units) * units`, times the sequence length) and full
+  Maxout units. Biases, activations, normalization, pooling, additions and
+  embedding lookups are not counted, the same convention as the papers'
+  numbers (ResNet-50: 3.86 GMACs, about 7.7 GFLOPs);
+* training memory: weights, gradients, optimizer slots and the activations
+  that backpropagation keeps, for a batch size and an optimizer.
+"""
+
+import math
+import re
+
+import keras
+
+from dlsuite.models.layers import Maxout
+
+# Slot variables each optimizer keeps per trainable parameter: momentum and
+# Nesterov keep a velocity; Adagrad and RMSprop a running square; Adam, AdamW,
+# Nadam and Adamax both moments; Adadelta the squared gradients and updates;
+# L-BFGS a history of m = 10 (s, y) pairs, 2 * 10 vectors.
+OPTIMIZER_SLOTS = {
+    "sgd": 0,
+    "momentum": 1,
+    "nesterov": 1,
+    "adagrad": 1,
+    "rmsprop": 1,
+    "adadelta": 2,
+    "adam": 2,
+    "adamw": 2,
+    "nadam": 2,
+    "adamax": 2,
+    "lbfgs": 20,
+}
+OPTIMIZERS = tuple(OPTIMIZER_SLOTS)
+
+GLOBAL = "global"
+
+# Layers through which the receptive field passes unchanged whatever the
+# shapes say (they pad or crop the borders, or act per position).
+_PASS_THROUGH = (
+    keras.layers.ZeroPadding1D,
+    keras.layers.ZeroPadding2D,
+    keras.layers.ZeroPadding3D,
+    keras.layers.Cropping1D,
+    keras.layers.Cropping2D,
+    keras.layers.Cropping3D,
+)
+_GLOBAL_POOLING = (
+    keras.layers.GlobalAveragePooling1D,
+    keras.layers.GlobalAveragePooling2D,
+    keras.layers.GlobalAveragePooling3D,
+    keras.layers.GlobalMaxPooling1D,
+    keras.layers.GlobalMaxPooling2D,
+    keras.layers.GlobalMaxPooling3D,
+)
+_POOLING = (
+    keras.layers.AveragePooling1D,
+    keras.layers.AveragePooling2D,
+    keras.layers.AveragePooling3D,
+    keras.layers.MaxPooling1D,
+    keras.layers.MaxPooling2D,
+    keras.layers.MaxPooling3D,
+)
+_TRANSPOSED_CONV = (
+    keras.layers.Conv1DTranspose,
+    keras.layers.Conv2DTranspose,
+    keras.layers.Conv3DTranspose,
+)
+_SEPARABLE_CONV = (keras.layers.SeparableConv1D, keras.layers.SeparableConv2D)
+_DEPTHWISE_CONV = (keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D)
+_CONV = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D)
+
+
+class _Field:
+    """Receptive field of one tensor: per spatial axis size and jump."""
+
+    __slots__ = ("size", "jump")
+
+    def __init__(self, size, jump):
+        self.size = tuple(size)
+        self.jump = tuple(jump)
+
+    def grow(self, kernel, strides, dilation):
+        kernel = [d * (k - 1) + 1 for k, d in zip(kernel, dilation)]
+        return _Field(
+            [r + (k - 1) * j for r, k, j in zip(self.size, kernel, self.jump)],
+            [j * s for j, s in zip(self.jump, strides)],
+        )
+
+
+def _spatial_rank(shape):
+    """Spatial axes of a (batch, *spatial, channels) tensor."""
+    return len(shape) - 2
+
+
+def _input_field(tensor):
+    # An image (batch, H, W, C) or a feature sequence (batch, T, F) starts at
+    # one pixel / one step; token ids (batch, T) are not a spatial input.
+    rank = _spatial_rank(tensor.shape)
+    if rank < 1:
+        return None
+    return _Field([1] * rank, [1] * rank)
+
+
+def _merge_fields(fields):
+    """Field of a layer reading several tensors: the widest one."""
+    if any(field == GLOBAL for field in fields):
+        return GLOBAL
+    fields = [field for field in fields if field is not None]
+    if not fields or len({len(field.size) for field in fields}) != 1:
+        return None
+    return _Field(
+        [max(sizes) for sizes in zip(*(field.size for field in fields))],
+        [max(jumps) for jumps in zip(*(field.jump for field in fields))],
+    )
+
+
+def _tuple(value, rank):
+    if isinstance(value, int):
+        return (value,) * rank
+    return tuple(value)
+
+
+def _output_field(layer, fields, inputs, outputs):
+    """Receptive field of a layer's outputs from those of its inputs."""
+    field = _merge_fields(fields)
+    if field is None or field == GLOBAL:
+        return field
+    if isinstance(layer, _TRANSPOSED_CONV):
+        return None  # upsamples: the field shrinks in a way this walk does not model
+    rank = len(field.size)
+    if isinstance(layer, _CONV + _DEPTHWISE_CONV + _SEPARABLE_CONV):
+        return field.grow(
+            _tuple(layer.kernel_size, rank),
+            _tuple(layer.strides, rank),
+            _tuple(layer.dilation_rate, rank),
+        )
+    if isinstance(layer, _POOLING):
+        strides = layer.strides if layer.strides is not None else layer.pool_size
+        return field.grow(_tuple(layer.pool_size, rank), _tuple(strides, rank), (1,) * rank)
+    if isinstance(layer, _GLOBAL_POOLING) or isinstance(layer, keras.layers.RNN):
+        return GLOBAL
+    if isinstance(layer, keras.layers.Bidirectional):
+        return GLOBAL
+    if isinstance(layer, _PASS_THROUGH):
+        return field
+    # Anything else (BN, activations, Add, Concatenate, Dense on feature maps,
+    # Dropout, ...) keeps the field if it keeps the spatial grid; a layer that
+    # flattens it to (batch, features) sees the whole input.
+    out_shape = outputs[0].shape
+    if len(out_shape) <= 2:
+        return GLOBAL
+    in_grid = {tuple(tensor.shape[1:-1]) for tensor in inputs}
+    if in_grid == {tuple(out_shape[1:-1])}:
+        return field
+    return None
+
+
+def _known(shape, layer_name, sequence_length):
+    """Per-example shape with unknown dims resolved, or a ValueError message.
+
+    A None time axis of a (batch, time) or (batch, time, features) tensor takes
+    `sequence_length`; any other unknown dimension cannot be counted.
+    """
+    dims = list(shape[1:])
+    if dims and dims[0] is None and len(shape) in (2, 3) and sequence_length is not None:
+        dims[0] = sequence_length
+    if any(dim is None for dim in dims):
+        hint = (
+            "pass sequence_length=<time steps>"
+            if len(shape) in (2, 3) and shape[1] is None
+            else "build the model with a fixed input shape"
+        )
+        raise ValueError(
+            f"Layer {layer_name!r} has an unknown dimension in shape {tuple(shape)}; "
+            f"{hint} to count FLOPs and activations."
+        )
+    return dims
+
+
+def _rnn_macs_per_step(rnn):
+    """Multiply-adds of one time step: input and recurrent kernels."""
+    cells = getattr(rnn.cell, "cells", [rnn.cell])  # StackedRNNCells holds several
+    return sum(
+        math.prod(weight.shape)
+        for cell in cells
+        for weight in (getattr(cell, "kernel", None), getattr(cell, "recurrent_kernel", None))
+        if weight is not None
+    )
+
+
+def _layer_macs(layer, in_shapes, out_shapes):
+    """Multiply-adds per example of one call; shapes exclude the batch axis."""
+    if isinstance(layer, keras.layers.TimeDistributed):
+        steps = in_shapes[0][0]
+        inner = _layer_macs(
+            layer.layer, [shape[1:] for shape in in_shapes], [shape[1:] for shape in out_shapes]
+        )
+        return steps * inner
+    if isinstance(layer, keras.layers.Bidirectional):
+        steps = in_shapes[0][0]
+        return steps * (
+            _rnn_macs_per_step(layer.forward_layer) + _rnn_macs_per_step(layer.backward_layer)
+        )
+    if isinstance(layer, keras.layers.RNN):
+        return in_shapes[0][0] * _rnn_macs_per_step(layer)
+    if isinstance(layer, keras.layers.Dense):
+        positions = math.prod(in_shapes[0][:-1])
+        return positions * in_shapes[0][-1] * layer.units
+    if isinstance(layer, keras.layers.EinsumDense):
+        # Each output element is a dot product over the contracted axes.
+        return math.prod(out_shapes[0]) * (
+            math.prod(layer.kernel.shape) // math.prod(_kernel_output_dims(layer))
+        )
+    if isinstance(layer, Maxout):
+        if layer.units is None:
+            return 0
+        positions = math.prod(in_shapes[0][:-1])
+        return positions * in_shapes[0][-1] * layer.units * layer.pieces
+    if isinstance(layer, _TRANSPOSED_CONV):
+        # Every input position scatters a kernel-sized patch to every filter.
+        return math.prod(in_shapes[0][:-1]) * math.prod(layer.kernel.shape)
+    if isinstance(layer, _SEPARABLE_CONV):
+        positions = math.prod(out_shapes[0][:-1])
+        return positions * (
+            math.prod(layer.depthwise_kernel.shape) + math.prod(layer.pointwise_kernel.shape)
+        )
+    if isinstance(layer, _DEPTHWISE_CONV):
+        return math.prod(out_shapes[0][:-1]) * math.prod(layer.kernel.shape)
+    if isinstance(layer, _CONV):
+        # kernel is (*k, in_channels / groups, filters): one multiply-add per
+        # kernel entry at every output position.
+        return math.prod(out_shapes[0][:-1]) * math.prod(layer.kernel.shape)
+    return 0
+
+
+def _kernel_output_dims(layer):
+    """Kernel dims of an EinsumDense that index output (not contracted) axes."""
+    equation = layer.equation.replace(" ", "")
+    inputs, output = equation.split("->")
+    _, kernel = inputs.split(",")
+    return [dim for axis, dim in zip(kernel, layer.kernel.shape) if axis in output]
+
+
+def _dtype_bytes(dtype):
+    """Bytes of one element of `dtype` ("float32" -> 4, "bfloat16" -> 2)."""
+    name = keras.backend.standardize_dtype(dtype)
+    if name == "bool":
+        return 1
+    bits = re.search(r"\d+", name)
+    if bits is None:
+        raise ValueError(f"Cannot size dtype {name!r}.")
+    return max(1, int(bits.group()) // 8)
+
+
+def _walk(model, fields, prefix, sequence_length, rows, seen_layers):
+    """Visits `model`'s nodes from the input; returns the output tensors' fields.
+
+    `fields` maps id(input tensor) -> field for the model's inputs; rows are
+    appended in execution order. Nested models are walked in place, their
+    layers named `outer/inner`.
+    """
+    if isinstance(model, keras.Sequential):
+        if getattr(model, "_functional", None) is None:
+            raise ValueError(
+                f"Sequential model {model.name!r} has no input shape yet; "
+                "start it with keras.Input(shape=...)."
+            )
+        model = model._functional
+    nodes_by_depth = model._nodes_by_depth
+    for depth in sorted(nodes_by_depth, reverse=True):
+        for node in nodes_by_depth[depth]:
+            layer = node.operation
+            if node.is_input:
+                for tensor in node.outputs:
+                    fields.setdefault(id(tensor), _input_field(tensor))
+                if not prefix:  # a nested model's input is its caller's tensor
+                    rows.append(_row(layer, [], node.outputs, fields, prefix, 0, seen_layers,
+                                     sequence_length))
+                continue
+            inputs = node.input_tensors
+            if isinstance(layer, keras.Model):
+                inner_inputs = layer._functional.inputs if isinstance(
+                    layer, keras.Sequential) else layer.inputs
+                inner_fields = {
+                    id(inner): fields.get(id(outer)) for inner, outer in zip(inner_inputs, inputs)
+                }
+                inner_outputs = _walk(layer, inner_fields, f"{prefix}{layer.name}/",
+                                      sequence_length, rows, seen_layers)
+                for tensor, field in zip(node.outputs, inner_outputs):
+                    fields[id(tensor)] = field
+                continue
+            field = _output_field(layer, [fields.get(id(t)) for t in inputs], inputs, node.outputs)
+            for tensor in node.outputs:
+                fields[id(tensor)] = field
+            try:
+                macs = _layer_macs(
+                    layer,
+                    [_known(t.shape, layer.name, sequence_length) for t in inputs],
+                    [_known(t.shape, layer.name, sequence_length) for t in node.outputs],
+                )
+                error = None
+            except ValueError as unknown:
+                macs, error = None, str(unknown)
+            rows.append(_row(layer, inputs, node.outputs, fields, prefix, macs, seen_layers,
+                             sequence_length, error))
+    return [fields.get(id(tensor)) for tensor in model.outputs]
+
+
+def _row(layer, inputs, outputs, fields, prefix, macs, seen_layers, sequence_length,
+         error=None):
+    field = fields.get(id(outputs[0]))
+    shapes = [tuple(tensor.shape[1:]) for tensor in outputs]
+    # A shared layer's weights are counted at its first call only.
+    params = 0 if id(layer) in seen_layers else layer.count_params()
+    seen_layers.add(id(layer))
+    try:
+        elements = sum(
+            math.prod(_known(tensor.shape, layer.name, sequence_length))
+            * _dtype_bytes(tensor.dtype)
+            for tensor in outputs
+        )
+    except ValueError as unknown:
+        elements, error = None, error or str(unknown)
+    return {
+        "name": prefix + layer.name,
+        "class": type(layer).__name__,
+        "output_shape": shapes[0] if len(shapes) == 1 else shapes,
+        "params": params,
+        "receptive_field": field if field in (None, GLOBAL) else field.size,
+        "jump": None if field in (None, GLOBAL) else field.jump,
+        "flops": None if macs is None else 2 * macs,
+        "activation_bytes": elements,
+        "_error": error,
+    }
+
+
+def _rows(model, sequence_length=None):
+    rows = []
+    _walk(model, {}, "", sequence_length, rows, set())
+    return rows
+
+
+def layer_table(model, sequence_length=None):
+    """Per-layer analysis of a built functional (or Sequential) model.
+
+    Args:
+        model: a built `keras.Model` with known input shapes.
+        sequence_length: time steps to assume where a sequence model's time
+            axis is None; only used for `flops` and `activation_bytes`.
+
+    Returns:
+        A list of dicts in execution order, one per layer call, including the
+        input layer:
+        `name`, `class`, `output_shape` (without batch; a list of shapes for
+        several outputs), `params` (a shared layer's at its first call),
+        `receptive_field` (input pixels seen per spatial axis, a tuple; "global"
+        once the whole input is seen, after Flatten, global pooling or a
+        recurrent layer; None where it does not apply, such as token ids or
+        upsampling), `jump` (cumulative stride per spatial axis, or None),
+        `flops` (forward FLOPs per example, None if a dimension is unknown) and
+        `activation_bytes` (bytes of this layer's output for one example).
+    """
+    return [
+        {key: value for key, value in row.items() if not key.startswith("_")}
+        for row in _rows(model, sequence_length)
+    ]
+
+
+def _raise_unknown(rows):
+    for row in rows:
+        if row["_error"]:
+            raise ValueError(row["_error"])
+
+
+def flops(model, sequence_length=None):
+    """Forward FLOPs of one example: 2 x multiply-adds.
+
+    Counted: Conv1D/2D/3D, depthwise, separable and transposed convolutions,
+    Dense on any rank (times the positions it is applied at), EinsumDense,
+    LSTM/GRU/SimpleRNN (bidirectional: both directions) as
+    `gates * (input + units) * units` per step times the steps, and Maxout
+    units with weights. Not counted: biases, activations, normalization,
+    pooling, merges and embedding lookups.
+
+    Args:
+        model: a built `keras.Model`.
+        sequence_length: time steps to assume where the time axis is None.
+
+    Raises:
+        ValueError: when a dimension the count needs is unknown (a None time
+            axis without `sequence_length`, or a None image size).
+    """
+    rows = _rows(model, sequence_length)
+    _raise_unknown(rows)
+    return sum(row["flops"] or 0 for row in rows)
+
+
+def _params(weights):
+    return sum(math.prod(weight.shape) for weight in weights)
+
+
+def _weight_bytes(weights):
+    return sum(math.prod(weight.shape) * _dtype_bytes(weight.dtype) for weight in weights)
+
+
+def _check_memory_arguments(batch_size, optimizer):
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, received {batch_size!r}.")
+    if optimizer not in OPTIMIZER_SLOTS:
+        raise ValueError(
+            f"Unknown optimizer {optimizer!r}; known optimizers: {', '.join(OPTIMIZERS)}."
+        )
+
+
+def _memory(model, rows, batch_size, optimizer):
+    trainable_bytes = _weight_bytes(model.trainable_weights)
+    memory = {
+        "weights": _weight_bytes(model.weights),
+        "gradients": trainable_bytes,
+        "optimizer": OPTIMIZER_SLOTS[optimizer] * trainable_bytes,
+        "activations": batch_size * sum(row["activation_bytes"] for row in rows),
+    }
+    memory["total"] = sum(memory.values())
+    return memory
+
+
+def memory(model, batch_size=32, optimizer="adam", sequence_length=None):
+    """Bytes a training step holds: the seed's "memory concerns".
+
+    Args:
+        model: a built `keras.Model`.
+        batch_size: examples per step, >= 1.
+        optimizer: one of OPTIMIZERS; sets the slots kept per trainable
+            parameter (sgd 0, momentum 1, adam 2, lbfgs 2 x 10 history pairs).
+        sequence_length: time steps to assume where the time axis is None.
+
+    Returns:
+        A dict of bytes: `weights` (every parameter, at its dtype's size),
+        `gradients` (one per trainable parameter), `optimizer` (slots x
+        trainable parameters), `activations` (batch_size x the elements of the
+        model inputs and of every layer output, which backprop keeps) and
+        `total`, their sum.
+
+    Raises:
+        ValueError: for an unknown optimizer, batch_size < 1 or an unknown
+            dimension.
+    """
+    _check_memory_arguments(batch_size, optimizer)
+    rows = _rows(model, sequence_length)
+    _raise_unknown(rows)
+    return _memory(model, rows, batch_size, optimizer)
+
+
+def _shapes(tensors):
+    shapes = [tuple(tensor.shape[1:]) for tensor in tensors]
+    return shapes[0] if len(shapes) == 1 else shapes
+
+
+def describe(model, batch_size=32, optimizer="adam", sequence_length=None):
+    """Everything above in one dict, ready for a table or `json.dumps`.
+
+    Returns:
+        A dict with `name`, `params`, `trainable_params`,
+        `non_trainable_params`, `flops`, `input_shape` and `output_shape`
+        (without batch), `batch_size`, `optimizer`, `memory` (see `memory`)
+        and `layers` (see `layer_table`).
+
+    Raises:
+        ValueError: as `flops` and `memory` do.
+    """
+    _check_memory_arguments(batch_size, optimizer)
+    rows = _rows(model, sequence_length)
+    _raise_unknown(rows)
+    trainable = _params(model.trainable_weights)
+    params = _params(model.weights)
+    functional = model._functional if isinstance(model, keras.Sequential) else model
+    return {
+        "name": model.name,
+        "params": params,
+        "trainable_params": trainable,
+        "non_trainable_params": params - trainable,
+        "flops": sum(row["flops"] or 0 for row in rows),
+        "input_shape": _shapes(functional.inputs),
+        "output_shape": _shapes(functional.outputs),
+        "batch_size": batch_size,
+        "optimizer": optimizer,
+        "memory": _memory(model, rows, batch_size, optimizer),
+        "layers": [
+            {key: value for key, value in row.items() if not key.startswith("_")}
+            for row in rows
+        ],
+    }
