@@ -34,8 +34,12 @@ EPILOG = """examples:
 """
 
 
-class UsageError(Exception):
-    """Bad input from the user; `main` prints the message as one line, exit 2."""
+class UsageError(ValueError):
+    """Bad input from the user; `main` prints the message as one line, exit 2.
+
+    A ValueError, like the builders' and registry's argument errors, so code
+    that checks input either way is handled alike.
+    """
 
 
 def build_parser():
@@ -68,7 +72,7 @@ def main(argv=None):
         return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
     try:
         status = args.func(args)
-    except (UsageError, ValueError) as error:
+    except ValueError as error:  # UsageError included
         print(f"dlsuite: error: {_one_line(error)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -8,9 +8,6 @@ memory for a batch size and an optimizer.
 
 import argparse
 import json
-import sys
-
-import keras
 
 from dlsuite import models
 from dlsuite.apps.cli import UsageError
@@ -52,7 +49,7 @@ def add_parser(subparsers):
     parser = subparsers.add_parser(
         "models",
         help="list the registered models or show one's layers and costs",
-        description="List the registered models, or show one's layer table, FLOPs "
+        description="List the registered models, or show one's layer table, FLOPs\n"
         "and training memory.",
         epilog=EPILOG_MODELS,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -62,7 +59,7 @@ def add_parser(subparsers):
     list_parser = commands.add_parser(
         "list",
         help="every registered model with its family, input shape and parameters",
-        description="List every registered model, built at its default input shape "
+        description="List every registered model, built at its default input shape\n"
         "to count its parameters.",
         epilog=EPILOG_LIST,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -75,7 +72,7 @@ def add_parser(subparsers):
     show_parser = commands.add_parser(
         "show",
         help="layer table, receptive fields, FLOPs and memory of one model",
-        description="Build one model and show its layers (output shape, parameters, "
+        description="Build one model and show its layers (output shape, parameters,\n"
         "receptive field, FLOPs), its totals and the memory training it needs.",
         epilog=EPILOG_SHOW,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -106,18 +103,11 @@ def _specs(family=None, kind=None):
     return specs
 
 
-def build_shapes_only(spec, **kwargs):
-    """Builds `spec`'s model with its weights declared but never initialized.
-
-    Parameter counts, shapes, FLOPs and memory need only the weights' shapes;
-    skipping the initializers (VGG19 draws 143M random numbers) makes building
-    every registered model take seconds instead of a minute, and holds no
-    weight memory. The model cannot run; build it normally to train.
-    """
-    # On the CPU so that nothing is placed on an accelerator a training run
-    # may be using.
-    with keras.device("cpu"), keras.StatelessScope(initialize_variables=False):
-        return spec.builder(**kwargs)
+def _count_params(spec):
+    # Shapes only: counting needs no weight values, and skipping the
+    # initializers lists all models in seconds rather than a minute.
+    with summary.shapes_only():
+        return spec.builder(input_shape=spec.default_input_shape).count_params()
 
 
 def run_list(args):
@@ -129,14 +119,11 @@ def run_list(args):
             "kind": spec.kind,
             "default_input_shape": list(spec.default_input_shape),
             "min_input_size": spec.min_input_size,
-            "params": build_shapes_only(
-                spec, input_shape=spec.default_input_shape
-            ).count_params(),
+            "params": _count_params(spec),
             "description": spec.description,
         }
         for spec in _specs(family=args.family, kind=args.kind)
     ]
-    keras.backend.clear_session()  # once: per model it would cost more than the build
     if args.json:
         print(json.dumps(rows))
         return
@@ -158,19 +145,16 @@ def parse_input_shape(text, kind):
         UsageError: naming the value and an example when it is malformed.
     """
     expected = (
-        "H,W,C (e.g. 224,224,3)" if kind == "cnn"
-        else "T or T,F: time steps[, features] (e.g. 35 or 100,8)"
+        "H,W,C: three positive integers, e.g. 224,224,3" if kind == "cnn"
+        else "T or T,F: time steps[, features] as positive integers, e.g. 35 or 100,8"
     )
     lengths = (3,) if kind == "cnn" else (1, 2)
-    parts = [part.strip() for part in text.split(",")]
     try:
-        shape = tuple(int(part) for part in parts)
+        shape = tuple(int(part) for part in text.split(","))
     except ValueError:
         shape = ()
     if len(shape) not in lengths or any(dim < 1 for dim in shape):
-        raise UsageError(
-            f"--input-shape {text!r} is not {expected} with positive integers."
-        )
+        raise UsageError(f"--input-shape {text!r} must be {expected}.")
     return shape
 
 
@@ -184,29 +168,35 @@ def run_show(args):
     spec = models.get(args.name)
     _check_positive("--classes", args.classes)
     _check_positive("--batch-size", args.batch_size)
+    note = None
     if args.input_shape is None:
         input_shape = spec.default_input_shape
         if spec.kind == "rnn" and input_shape[0] is None:
             input_shape = (DEFAULT_TIME_STEPS,) + tuple(input_shape[1:])
+            note = (f"{DEFAULT_TIME_STEPS} time steps assumed; FLOPs and activations "
+                    "scale with them (set with --input-shape T).")
     else:
         input_shape = parse_input_shape(args.input_shape, spec.kind)
     kwargs = {"input_shape": input_shape}
     if args.classes is not None:
         kwargs["classes"] = args.classes
-    model = build_shapes_only(spec, **kwargs)
+    with summary.shapes_only():  # the analysis reads shapes, never weight values
+        model = spec.builder(**kwargs)
     info = summary.describe(model, batch_size=args.batch_size, optimizer=args.optimizer)
     info = {"name": spec.name, "family": spec.family, "kind": spec.kind, **info}
     if args.json:
         print(json.dumps(info))
         return
-    _print_show(info)
+    _print_show(info, note)
 
 
-def _print_show(info):
+def _print_show(info, note=None):
     print(
         f"{info['name']} ({info['family']}, {info['kind']}): input "
         f"{_shape_text(info['input_shape'])} -> output {_shape_text(info['output_shape'])}"
     )
+    if note:
+        print(note)
     print()
     # Receptive fields are about images; sequence models would show only dashes.
     spatial = info["kind"] == "cnn"
@@ -233,15 +223,15 @@ def _print_show(info):
     memory = info["memory"]
     slots = summary.OPTIMIZER_SLOTS[info["optimizer"]]
     print(f"Training memory, batch {info['batch_size']}, {info['optimizer']}:")
-    notes = {
+    explanations = {
         "weights": "all parameters",
         "gradients": "one per trainable parameter",
         "optimizer": f"{slots} slot(s) per trainable parameter",
         "activations": f"layer outputs kept for backprop x batch {info['batch_size']}",
         "total": "",
     }
-    for key, note in notes.items():
-        print(f"  {key:<12} {_bytes_text(memory[key]):>10}  {note}".rstrip())
+    for key, explanation in explanations.items():
+        print(f"  {key:<12} {_bytes_text(memory[key]):>10}  {explanation}".rstrip())
     if spatial:
         print("RF: receptive field, input pixels per side; Jump: input pixels between "
               "neighbouring outputs.")
@@ -257,7 +247,6 @@ def _print_table(rows, right_aligned=()):
         print("  ".join(cells).rstrip())
         if index == 0:
             print("  ".join("-" * width for width in widths))
-    sys.stdout.flush()
 
 
 def _shape_text(shape):

@@ -20,12 +20,17 @@ module gives, per layer and in total:
   numbers (ResNet-50: 3.86 GMACs, about 7.7 GFLOPs);
 * training memory: weights, gradients, optimizer slots and the activations
   that backpropagation keeps, for a batch size and an optimizer.
+
+None of it needs weight values, so `shapes_only()` builds a model for
+analysis without running its initializers.
 """
 
+import contextlib
 import math
 import re
 
 import keras
+from keras.src.backend.common import global_state
 
 from dlsuite.models.layers import Maxout
 
@@ -86,6 +91,37 @@ _DEPTHWISE_CONV = (keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D)
 _CONV = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D)
 
 
+@contextlib.contextmanager
+def shapes_only():
+    """Builds models inside with weights declared but never initialized.
+
+    Everything in this module reads only the weights' shapes and dtypes;
+    skipping the initializers makes VGG19 (143M parameters) build in
+    milliseconds instead of seconds, holding no weight memory. A model built
+    here cannot be run or trained: build it again outside to do that.
+
+    Example:
+        >>> with shapes_only():
+        ...     model = keras.applications.VGG19(weights=None)
+        >>> describe(model)["params"]
+        143667240
+    """
+    pending = global_state.get_global_attribute(
+        "uninitialized_variables", [], set_to_default=True
+    )
+    start = len(pending)
+    try:
+        with keras.StatelessScope(initialize_variables=False):
+            yield
+    finally:
+        # Keras queues skipped initializations and runs them all when the next
+        # top-level StatelessScope closes anywhere (Keras opens one for shape
+        # inference and in training): drop ours, or some unrelated later call
+        # would pay for, and hold, every weight skipped here.
+        pending = global_state.get_global_attribute("uninitialized_variables", [])
+        del pending[start:]
+
+
 class _Field:
     """Receptive field of one tensor: per spatial axis size and jump."""
 
@@ -138,6 +174,12 @@ def _tuple(value, rank):
 
 def _output_field(layer, fields, inputs, outputs):
     """Receptive field of a layer's outputs from those of its inputs."""
+    # These see the whole input whatever came before: a recurrent layer reads
+    # every step, global pooling and flattening every position.
+    if isinstance(layer, _GLOBAL_POOLING + (keras.layers.RNN, keras.layers.Bidirectional)):
+        return GLOBAL
+    if len(outputs[0].shape) <= 2 and any(len(tensor.shape) > 2 for tensor in inputs):
+        return GLOBAL
     field = _merge_fields(fields)
     if field is None or field == GLOBAL:
         return field
@@ -153,18 +195,11 @@ def _output_field(layer, fields, inputs, outputs):
     if isinstance(layer, _POOLING):
         strides = layer.strides if layer.strides is not None else layer.pool_size
         return field.grow(_tuple(layer.pool_size, rank), _tuple(strides, rank), (1,) * rank)
-    if isinstance(layer, _GLOBAL_POOLING) or isinstance(layer, keras.layers.RNN):
-        return GLOBAL
-    if isinstance(layer, keras.layers.Bidirectional):
-        return GLOBAL
     if isinstance(layer, _PASS_THROUGH):
         return field
     # Anything else (BN, activations, Add, Concatenate, Dense on feature maps,
-    # Dropout, ...) keeps the field if it keeps the spatial grid; a layer that
-    # flattens it to (batch, features) sees the whole input.
+    # Dropout, ...) keeps the field if it keeps the spatial grid.
     out_shape = outputs[0].shape
-    if len(out_shape) <= 2:
-        return GLOBAL
     in_grid = {tuple(tensor.shape[1:-1]) for tensor in inputs}
     if in_grid == {tuple(out_shape[1:-1])}:
         return field
@@ -396,7 +431,8 @@ def flops(model, sequence_length=None):
     LSTM/GRU/SimpleRNN (bidirectional: both directions) as
     `gates * (input + units) * units` per step times the steps, and Maxout
     units with weights. Not counted: biases, activations, normalization,
-    pooling, merges and embedding lookups.
+    pooling, merges, embedding lookups, and layers not listed here (such as
+    MultiHeadAttention, whose projections are inside one layer).
 
     Args:
         model: a built `keras.Model`.

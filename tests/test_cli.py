@@ -1,0 +1,147 @@
+"""The `dlsuite` entry point and `dlsuite models`, run in-process via `main`."""
+
+import json
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from dlsuite import models
+from dlsuite.apps import cli
+
+
+def run(capsys, *argv):
+    status = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def test_models_list_json_has_every_registered_model(capsys):
+    status, out, err = run(capsys, "models", "list", "--json")
+    assert status == 0
+    rows = json.loads(out)
+    assert [row["name"] for row in rows] == models.names()
+    by_name = {row["name"]: row for row in rows}
+    assert by_name["lenet5"]["params"] == 61706
+    assert by_name["lenet5"]["family"] == "lenet"
+    assert by_name["lenet5"]["default_input_shape"] == [32, 32, 1]
+    assert all(row["params"] > 0 for row in rows)
+
+
+def test_models_list_filters_and_prints_a_table(capsys):
+    status, out, _ = run(capsys, "models", "list", "--family", "lenet")
+    assert status == 0
+    assert "lenet5" in out and "61,706" in out and "resnet" not in out
+
+
+def test_models_show_lenet5_json(capsys):
+    status, out, _ = run(capsys, "models", "show", "lenet5", "--json")
+    assert status == 0
+    info = json.loads(out)  # one JSON object and nothing else
+    assert info["name"] == "lenet5"
+    assert info["params"] == info["trainable_params"] == 61706
+    assert info["non_trainable_params"] == 0
+    assert info["flops"] == 833040  # the hand count of tests/test_summary.py
+    assert info["output_shape"] == [10]
+    assert set(info["memory"]) >= {"weights", "optimizer", "activations", "total"}
+    assert info["memory"]["optimizer"] == 2 * info["memory"]["weights"]  # adam
+
+
+def test_models_show_options_reach_the_builder_and_memory(capsys):
+    status, out, _ = run(
+        capsys, "models", "show", "lenet5", "--input-shape", "36,36,3", "--classes", "5",
+        "--batch-size", "2", "--optimizer", "sgd", "--json",
+    )
+    assert status == 0
+    info = json.loads(out)
+    assert info["input_shape"] == [36, 36, 3]
+    assert info["output_shape"] == [5]
+    assert info["memory"]["optimizer"] == 0
+    assert info["batch_size"] == 2
+
+
+def test_models_show_table(capsys):
+    status, out, _ = run(capsys, "models", "show", "lenet5")
+    assert status == 0
+    assert "conv1 (Conv2D)" in out
+    assert "61,706" in out
+    assert "FLOPs" in out and "activations" in out
+
+
+def test_models_show_rnn_takes_time_steps(capsys):
+    status, out, _ = run(capsys, "models", "show", "gru", "--input-shape", "12", "--json")
+    assert status == 0
+    info = json.loads(out)
+    assert info["input_shape"] == [12]
+    assert info["flops"] > 0
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["models", "show", "nope"], "lenet5"),  # lists the known models
+        (["models", "show", "lenet5", "--input-shape", "32,x,3"], "'32,x,3'"),
+        (["models", "show", "lenet5", "--input-shape", "32,32"], "224,224,3"),
+        (["models", "show", "lstm", "--input-shape", "1,2,3"], "time steps"),
+        (["models", "show", "resnet18", "--input-shape", "8,8,3"], "at least 32x32"),
+        (["models", "show", "lenet5", "--classes", "0"], "--classes"),
+        (["models", "show", "lenet5", "--classes", "-3"], "--classes"),
+        (["models", "show", "lenet5", "--batch-size", "0"], "--batch-size"),
+        (["models", "list", "--family", "nope"], "families"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(capsys, argv, fragment):
+    status, out, err = run(capsys, *argv)
+    assert status == 2
+    assert out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("dlsuite: error: ")
+    assert fragment in lines[0]
+    assert "Traceback" not in err
+
+
+def test_argparse_errors_exit_2(capsys):
+    status, _, err = run(capsys, "models", "show", "lenet5", "--optimizer", "foo")
+    assert status == 2
+    assert "invalid choice" in err
+    assert run(capsys, "nope")[0] == 2
+    assert run(capsys, "--help")[0] == 0
+
+
+def test_a_plugged_in_app_gets_one_line_errors(capsys, monkeypatch):
+    """The plug-in contract: `add_parser(subparsers)` setting `func`."""
+    def fake_run(args):
+        if args.fail == "usage":
+            raise cli.UsageError("bad\nthing")
+        if args.fail == "value":
+            raise ValueError("bad value")
+
+    def add_parser(subparsers):
+        parser = subparsers.add_parser("fake")
+        parser.add_argument("--fail", choices=("usage", "value"))
+        parser.set_defaults(func=fake_run)
+
+    app = types.ModuleType("fake_app")
+    app.add_parser = add_parser
+    monkeypatch.setitem(sys.modules, "fake_app", app)
+    monkeypatch.setattr(cli, "SUBCOMMANDS", cli.SUBCOMMANDS + ("fake_app",))
+    assert run(capsys, "fake")[0] == 0
+    for kind, message in (("usage", "bad thing"), ("value", "bad value")):
+        status, _, err = run(capsys, "fake", "--fail", kind)
+        assert (status, err) == (2, f"dlsuite: error: {message}\n")
+
+
+def test_installed_console_script():
+    script = Path(sys.executable).parent / "dlsuite"
+    if not script.exists():
+        pytest.skip(f"console script not installed at {script}; run `pip install -e .`")
+    result = subprocess.run(
+        [str(script), "models", "show", "lenet5"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "61,706" in result.stdout
+    assert "Traceback" not in result.stderr
