@@ -60,11 +60,35 @@ def _one_line(error):
     return " ".join(str(error).split()) or type(error).__name__
 
 
+def _quiet_tensorflow_start():
+    """Imports TensorFlow with file descriptor 2 silenced.
+
+    TensorFlow 2.21 writes its start-up lines (oneDNN notice, CUDA probing)
+    through absl before TF_CPP_MIN_LOG_LEVEL applies; they would bury the
+    one-line messages users read. Python errors still surface: the descriptor
+    is restored before any exception propagates.
+    """
+    if os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0") in ("", "0"):
+        return
+    saved = os.dup(2)
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 2)
+        import tensorflow as tf
+
+        tf.config.list_physical_devices()
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
+
+
 def main(argv=None):
     """Runs `dlsuite` with `argv` (default: the command line); returns the exit status."""
     # Before any app module imports TensorFlow, so its C++ start-up INFO and
     # WARNING lines stay off the terminal; a value the user set wins.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    _quiet_tensorflow_start()
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
