@@ -23,11 +23,13 @@ import sys
 # Modules that each add one subcommand; a new app is one more line.
 SUBCOMMANDS = (
     "dlsuite.apps.models_cli",
+    "dlsuite.apps.classify",
 )
 
 EXIT_USAGE = 2
 
 EPILOG = """examples:
+  dlsuite classify train
   dlsuite models list
   dlsuite models show resnet50 --batch-size 64 --optimizer sgd
   dlsuite <command> --help
