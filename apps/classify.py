@@ -6,11 +6,13 @@ directory, export a SavedModel for TensorFlow Serving.
 """
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
 import pathlib
 import re
+import shutil
 import sys
 
 from dlsuite.apps.cli import UsageError
@@ -310,7 +312,10 @@ def train(config, *, run_dir=None, resume=False):
         global_batch_size=batch_size, run_dir=run_dir, early_stopping=config.early_stopping,
         jit_compile=engine.jit_setting(config.jit_compile), resume=resume,
     )
-    if not chief:
+    if not chief:  # the chief evaluates and exports; drop this worker's scratch copy
+        shutil.rmtree(run_dir, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            run_dir.parent.rmdir()  # workertemp_<id>, when now empty
         return 0
     if result.history:
         rundir.plot_curves(result.history, run_dir / "curves.png", title=f"{config.model} on {data.name}")
@@ -321,8 +326,13 @@ def train(config, *, run_dir=None, resume=False):
         print(f"dlsuite: training stopped: {result.stopped_reason}{kept}", file=sys.stderr)
         return 1
 
-    if result.best_checkpoint:  # evaluate and ship the model that validated best
-        model.set_weights(keras.saving.load_model(result.best_checkpoint).get_weights())
+    # Evaluate and ship the model that validated best, loaded outside the
+    # strategy: a multi-worker model would need every worker for predict().
+    if result.best_checkpoint:
+        model = keras.saving.load_model(result.best_checkpoint)
+    else:
+        weights, model = model.get_weights(), keras.models.clone_model(model)
+        model.set_weights(weights)
     labels, probabilities = _predict(model, test_batches)
     report = metrics.classification_report(probabilities, labels, data.class_names)
     rundir.plot_confusion(report["confusion_matrix"], data.class_names, run_dir / "confusion.png")
