@@ -1,0 +1,156 @@
+"""`python -m benchmarks [--quick] [--only NAME] [--results PATH]`
+
+Runs each benchmark module in its own process (a fresh TensorFlow, nothing
+left over from the one before), passes its output through, collects the JSON
+result lines and writes a Markdown table of the latest figures to
+benchmarks/RESULTS.md, with their data in RESULTS.json beside it. A result
+replaces the stored one of the same name and mode (full or quick); results
+of benchmarks not run this time are kept.
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+# Benchmark modules in this package, run in this order; a new one is one entry.
+BENCHMARKS = ("train_throughput", "input_pipeline")
+
+PACKAGE = pathlib.Path(__file__).resolve().parent
+DEFAULT_RESULTS = PACKAGE / "RESULTS.md"
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description="Run the benchmarks and write a table of the latest figures.",
+    )
+    parser.add_argument("--quick", action="store_true",
+                        help="small sizes and few steps: checks that every benchmark runs and reports")
+    parser.add_argument("--only", action="append", choices=BENCHMARKS, metavar="NAME",
+                        help=f"run only this benchmark (repeatable): {', '.join(BENCHMARKS)}")
+    parser.add_argument("--results", type=pathlib.Path, default=DEFAULT_RESULTS,
+                        help="Markdown file to write; its data goes beside it as .json "
+                             f"(default {DEFAULT_RESULTS.relative_to(PACKAGE.parent)})")
+    return parser.parse_args(argv)
+
+
+def run_benchmark(name, *, quick):
+    """Runs one benchmark module; echoes its stdout and returns (exit status, results)."""
+    command = [sys.executable, "-m", f"{PACKAGE.name}.{name}"] + (["--quick"] if quick else [])
+    env = dict(os.environ)
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter
+    results = []
+    # stderr is not captured: warnings and tracebacks reach the user as they come.
+    with subprocess.Popen(command, cwd=PACKAGE.parent, env=env, stdout=subprocess.PIPE, text=True) as process:
+        for line in process.stdout:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            if line.startswith("{"):
+                try:
+                    result = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(result, dict) and "name" in result and "ratio" in result:
+                    results.append(result)
+    return process.returncode, results
+
+
+def read_stored(path):
+    if not path.exists():
+        return []
+    with open(path, encoding="utf-8") as file:
+        return json.load(file)
+
+
+def merge(stored, results, *, completed):
+    """The stored results updated with the new ones.
+
+    A new result replaces the stored one with the same name and mode. For a
+    benchmark that completed, stored results of that mode it no longer
+    produces (renamed or removed) are dropped.
+    """
+    new = {(result["name"], result["mode"]) for result in results}
+    kept = [
+        result for result in stored
+        if (result["name"], result["mode"]) not in new
+        and (result.get("benchmark"), result["mode"]) not in completed
+    ]
+    order = {name: index for index, name in enumerate(BENCHMARKS)}
+    merged = kept + results
+    # Full before quick, then in BENCHMARKS order; a benchmark's results in the order it printed them.
+    return sorted(merged, key=lambda r: (r["mode"] != "full", order.get(r.get("benchmark"), len(order))))
+
+
+def _number(value):
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def markdown(results):
+    """RESULTS.md: one table row per result, then what each row compares."""
+    lines = [
+        "# Benchmark results",
+        "",
+        "Written by `python -m benchmarks`; do not edit by hand. Each row is the latest figure for its",
+        "result and mode, the median of at least 5 timed repeats after warm-up, the two sides",
+        "interleaved; ratio = ours / reference. Rerun a row with its command.",
+        "",
+        "| Result | Mode | Ours | Reference | Ratio | Bar | Details | Command | Date | Machine | Versions |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        bar = "" if r.get("bar") is None else f"≥ {r['bar']} {'met' if r.get('meets_bar') else '**missed**'}"
+        versions = r.get("versions", {})
+        lines.append("| " + " | ".join([
+            f"`{r['name']}`",
+            r["mode"],
+            f"{_number(r['ours'])} {r.get('unit', '')}",
+            f"{_number(r['reference'])} {r.get('unit', '')}",
+            f"{r['ratio']:.3f}",
+            bar,
+            r.get("details", ""),
+            f"`{r.get('command', '')}`",
+            r.get("date", ""),
+            f"{r.get('cores')} cores, {r.get('cpu', '')}",
+            f"TF {versions.get('tensorflow')}, Keras {versions.get('keras')}, Python {versions.get('python')}",
+        ]) + " |")
+    lines += ["", "## What each row compares", ""]
+    for r in results:
+        lines.append(
+            f"- `{r['name']}` ({r['mode']}): ours = {r.get('ours_label', '?')}; "
+            f"reference = {r.get('reference_label', '?')}. "
+            f"Per-repeat ours {r.get('ours_samples')}, reference {r.get('reference_samples')}. "
+            f"Config: `{json.dumps(r.get('config', {}))}`"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    results_path = args.results
+    data_path = results_path.with_suffix(".json")
+    mode = "quick" if args.quick else "full"
+    results, completed, failed = [], set(), []
+    for name in args.only or BENCHMARKS:
+        status, produced = run_benchmark(name, quick=args.quick)
+        results += produced
+        if status == 0:
+            completed.add((name, mode))
+        else:
+            failed.append(f"{name} (exit status {status})")
+
+    merged = merge(read_stored(data_path), results, completed=completed)
+    results_path.parent.mkdir(parents=True, exist_ok=True)
+    data_path.write_text(json.dumps(merged, indent=1) + "\n", encoding="utf-8")
+    results_path.write_text(markdown(merged), encoding="utf-8")
+    print(f"Wrote {results_path} and {data_path.name} ({len(results)} new results).", file=sys.stderr)
+    if failed:
+        print(f"Failed: {', '.join(failed)}; see the output above.", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,194 @@
+"""Timing and reporting shared by every benchmark.
+
+The rules each figure follows:
+
+* warm-up calls run first and are never timed: they trace and compile the
+  training step, fill tf.data caches and warm the oneDNN primitive cache;
+* each figure is the median of at least `MIN_REPEATS` timed repeats, and
+  every repeat is kept in the report so the spread can be seen;
+* the two sides of a comparison alternate (A, B, A, B, ...), so a slow
+  spell of the machine hits both sides instead of one;
+* TensorFlow's thread pools stay at their defaults (0: one thread per core),
+  so a figure is what a user gets without tuning.
+
+`report` prints one JSON object per result on its own line; `python -m
+benchmarks` collects those lines and writes RESULTS.md from them.
+"""
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+
+MIN_REPEATS = 5
+
+
+def parse_args(description, argv=None):
+    """The options every benchmark script takes: `--quick`."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument(
+        "--quick", action="store_true",
+        help="small inputs and few steps: checks that the benchmark runs and reports, not how fast",
+    )
+    return parser.parse_args(argv)
+
+
+def cpu_model():
+    """The CPU's model name from /proc/cpuinfo, else what `platform` knows."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine():
+    """{"cores": logical CPUs, "cpu": model name}."""
+    return {"cores": os.cpu_count(), "cpu": cpu_model()}
+
+
+def versions():
+    """The library versions a figure depends on."""
+    import keras
+    import numpy
+    import tensorflow as tf
+
+    return {
+        "python": platform.python_version(),
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "numpy": numpy.__version__,
+    }
+
+
+def threads():
+    """TensorFlow's intra- and inter-op pool sizes; 0 is the default (one per core)."""
+    import tensorflow as tf
+
+    return {
+        "intra_op": tf.config.threading.get_intra_op_parallelism_threads(),
+        "inter_op": tf.config.threading.get_inter_op_parallelism_threads(),
+    }
+
+
+def interleaved(runs, *, warmup, repeats):
+    """Times each callable of `runs`, alternating between them repeat by repeat.
+
+    Args:
+        runs: {label: fn}. `fn()` does one repeat's work and returns how many
+            items (images) it processed; it must return only once the work
+            is done (e.g. after reading a loss back as a number). Calls follow
+            the dict's order, so a later fn may rely on state an earlier one
+            set up in the same repeat.
+        warmup: untimed calls of each fn before the first timed one.
+        repeats: timed calls of each fn, at least MIN_REPEATS.
+
+    Returns:
+        {label: [items per second, one per repeat]}.
+    """
+    if repeats < MIN_REPEATS:
+        raise ValueError(f"repeats={repeats} is too few: each figure is a median of at least {MIN_REPEATS}.")
+    for fn in runs.values():
+        for _ in range(warmup):
+            fn()
+    rates = {label: [] for label in runs}
+    for _ in range(repeats):
+        for label, fn in runs.items():
+            start = time.perf_counter()
+            items = fn()
+            rates[label].append(items / (time.perf_counter() - start))
+    return rates
+
+
+def matmul_peak(*, n=2048, chain=4, warmup=1, repeats=MIN_REPEATS):
+    """FLOP/s of large float32 matrix products: the machine's practical peak.
+
+    Runs `chain` dependent (n, n) @ (n, n) products in one tf.function (so
+    nothing can be deduplicated), 2 n^3 FLOPs each, and returns the median
+    FLOP/s over `repeats` calls.
+    """
+    import tensorflow as tf
+
+    # Scaled so that repeated products keep values near 1, far from overflow.
+    matrix = tf.random.stateless_normal((n, n), seed=(0, 0)) / math.sqrt(n)
+
+    @tf.function
+    def products(x):
+        for _ in range(chain):
+            x = tf.matmul(x, matrix)
+        return tf.reduce_sum(x)
+
+    def run():
+        products(matrix).numpy()
+        return chain * 2 * n**3
+
+    return statistics.median(interleaved({"matmul": run}, warmup=warmup, repeats=repeats)["matmul"])
+
+
+def command():
+    """The command line that reproduces this process's results."""
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    program = f"python -m {spec.name}" if spec is not None else f"python {sys.argv[0]}"
+    return " ".join([program, *sys.argv[1:]])
+
+
+def _significant(value, digits=4):
+    """`value` rounded to `digits` significant digits, inside dicts and lists too."""
+    if isinstance(value, dict):
+        return {key: _significant(item, digits) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_significant(item, digits) for item in value]
+    if isinstance(value, float) and math.isfinite(value) and value != 0:
+        return round(value, digits - 1 - math.floor(math.log10(abs(value))))
+    return value
+
+
+def report(name, *, ours, reference, mode, config, unit="images/s", bar=None, **fields):
+    """Prints one result as one JSON line on stdout and returns it.
+
+    Args:
+        name: the result's name, unique within its benchmark, e.g. "train_resnet50".
+        ours, reference: per-repeat rates (at least MIN_REPEATS each); the
+            figures are their medians and the ratio is ours / reference.
+        mode: "full" or "quick".
+        config: what was measured (sizes, steps, repeats, ...), JSON-able.
+        unit: the rates' unit.
+        bar: the ratio the issue asks for, or None.
+        **fields: more JSON-able fields, e.g. `ours_label`, `details`.
+    """
+    for side, samples in (("ours", ours), ("reference", reference)):
+        if len(samples) < MIN_REPEATS:
+            raise ValueError(f"{name}: {side} has {len(samples)} repeats; a figure needs {MIN_REPEATS}.")
+    ours_median, reference_median = statistics.median(ours), statistics.median(reference)
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    result = {
+        "name": name,
+        "benchmark": spec.name.rpartition(".")[2] if spec is not None else None,
+        "mode": mode,
+        "ours": _significant(ours_median),
+        "reference": _significant(reference_median),
+        "ratio": _significant(ours_median / reference_median),
+        "unit": unit,
+        "bar": bar,
+        "meets_bar": None if bar is None else ours_median / reference_median >= bar,
+        "ours_samples": _significant(ours),
+        "reference_samples": _significant(reference),
+        "config": config,
+        **_significant(fields),
+        **machine(),
+        "threads": threads(),
+        "versions": versions(),
+        "command": command(),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+    print(json.dumps(result), flush=True)
+    return result

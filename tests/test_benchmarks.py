@@ -1,0 +1,82 @@
+"""The benchmark suite runs and reports: `python -m benchmarks --quick`.
+
+These tests check that every benchmark runs and prints its results, and that
+the results table is written where asked; they do not check how fast
+anything is (that is what the figures in benchmarks/RESULTS.md are for).
+"""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+# benchmark module -> the results its quick run prints.
+EXPECTED = {
+    "train_throughput": {"train_resnet50", "train_vgg16"},
+    "input_pipeline": {"pipeline_64_first_epoch", "pipeline_64_steady", "decode_64"},
+}
+KEYS = {
+    "name", "benchmark", "mode", "ours", "reference", "ratio", "unit", "ours_samples",
+    "reference_samples", "config", "versions", "cores", "cpu", "command", "date",
+}
+
+
+def _benchmarks(*args, timeout):
+    return subprocess.run(
+        [sys.executable, "-m", "benchmarks", *args], cwd=ROOT, capture_output=True, text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    results = tmp_path_factory.mktemp("benchmarks") / "RESULTS.md"
+    run = _benchmarks("--quick", "--results", str(results), timeout=300)
+    assert run.returncode == 0, run.stderr[-4000:]
+    printed = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+    return run, printed, results
+
+
+def test_quick_run_prints_every_result_with_its_fields(quick_run):
+    _, printed, _ = quick_run
+    names = {}
+    for result in printed:
+        assert KEYS <= result.keys(), f"{result['name']} lacks {sorted(KEYS - result.keys())}"
+        names.setdefault(result["benchmark"], set()).add(result["name"])
+        assert result["mode"] == "quick"
+        assert result["ours"] > 0 and result["reference"] > 0
+        assert result["ratio"] == pytest.approx(result["ours"] / result["reference"], rel=1e-2)
+        assert len(result["ours_samples"]) >= 5 and len(result["reference_samples"]) >= 5
+        assert result["command"].startswith(f"python -m benchmarks.{result['benchmark']}")
+        assert "--quick" in result["command"]
+    assert names == EXPECTED
+
+
+def test_quick_run_reports_flop_utilisation(quick_run):
+    _, printed, _ = quick_run
+    for result in printed:
+        if result["benchmark"] == "train_throughput":
+            assert result["matmul_peak_gflops"] > 0
+            assert set(result["utilisation"]) == {"ours", "reference"}
+            assert result["forward_gflops_per_image"]["ours"] > 0
+
+
+def test_quick_run_writes_the_table_where_asked(quick_run):
+    _, printed, results = quick_run
+    table = results.read_text(encoding="utf-8")
+    stored = json.loads(results.with_suffix(".json").read_text(encoding="utf-8"))
+    assert {r["name"] for r in stored} == {r["name"] for r in printed}
+    for result in printed:
+        assert f"`{result['name']}`" in table
+        assert result["command"] in table
+    assert "cores" in table and "TF " in table and "Keras " in table
+
+
+def test_unknown_benchmark_is_refused_with_the_known_ones():
+    run = _benchmarks("--only", "no_such_benchmark", timeout=60)
+    assert run.returncode == 2
+    assert "train_throughput" in run.stderr and "input_pipeline" in run.stderr
