@@ -85,7 +85,9 @@ def merge(stored, results, *, completed):
 
 
 def _number(value):
-    return f"{value:.3g}" if isinstance(value, float) else str(value)
+    if not isinstance(value, (int, float)):
+        return str(value)
+    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
 
 
 def markdown(results):

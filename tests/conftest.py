@@ -16,3 +16,4 @@ def _fresh_keras_state():
     # Without the full garbage collection (0.4 s a test); memory stays bounded
     # because each test's models go out of scope anyway.
     keras.backend.clear_session(free_memory=False)
+    keras.mixed_precision.set_global_policy("float32")  # a run may have set mixed

@@ -147,6 +147,21 @@ def test_shapes_train_a_large_input_architecture(tmp_path, capsys):
     assert (tmp_path / "exports" / "tiny" / "1" / "saved_model.pb").exists()
 
 
+def test_mixed_precision_and_xla_on_cpu(tmp_path, capsys):
+    """--mixed-precision on takes bfloat16 on a CPU; the softmax stays float32."""
+    import keras
+
+    run_dir = tmp_path / "run"
+    status, _, err = run(["classify", "train", "--epochs", "1", "--mixed-precision", "on", "--jit-compile", "on",
+                          "--out", str(run_dir), "--no-export"], capsys)
+    assert status == 0, err
+    assert json.loads((run_dir / "config.json").read_text())["resolved"]["policy"] == "mixed_bfloat16"
+    model = keras.saving.load_model(run_dir / "model.keras")
+    assert model.get_layer("conv1").compute_dtype == "bfloat16"
+    assert model.output.dtype == "float32"
+    assert (run_dir / "tensorboard" / "train").is_dir()
+
+
 def make_folder(root, classes):
     for name in classes:
         (root / name).mkdir(parents=True)
@@ -238,3 +253,27 @@ def test_multi_worker_training_from_the_command_line(tmp_path):
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["test_accuracy"] > 0.5
     assert (tmp_path / "exports" / "lenet5_digits" / "1" / "saved_model.pb").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exports", "run"]
+
+
+def test_folder_dataset_skips_a_corrupt_file_and_strict_refuses_it(tmp_path, capsys):
+    from dlsuite.apps import shapes
+
+    images, labels, names = shapes.generate(classes=2, size=32, count=60, seed=0)
+    root = tmp_path / "photos"
+    for index, (image, label) in enumerate(zip(images, labels)):
+        folder = root / names[label]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(folder / f"{index}.{'png' if index % 2 else 'jpg'}")
+    (root / names[0] / "broken.jpg").write_bytes(b"not a jpeg at all")
+
+    status, out, err = run(["classify", "train", "--dataset", str(root), "--model", "lenet5", "--epochs", "1",
+                            "--out", str(tmp_path / "run"), "--no-export"], capsys)
+    assert status == 0, err
+    assert "skipped" in err and "broken.jpg" in err
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["resolved"]["class_names"] == sorted(names[:2])
+    assert sum(config["resolved"]["sizes"].values()) == 60
+
+    status, _, err = run(["classify", "train", "--dataset", str(root), "--strict", "--epochs", "1",
+                          "--out", str(tmp_path / "strict"), "--no-export"], capsys)
+    assert status == 2 and "broken.jpg" in err and not (tmp_path / "strict").exists()
