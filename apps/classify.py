@@ -79,7 +79,7 @@ def _positive_int(text):
 
 
 def _add_train_parser(subparsers):
-    from dlsuite.apps import optim
+    from dlsuite.apps import choices
 
     parser = subparsers.add_parser(
         "train", help="train, evaluate and export a classifier",
@@ -100,9 +100,9 @@ def _add_train_parser(subparsers):
     data.add_argument("--data-dir", help="tfds: where TensorFlow Datasets keeps its files")
 
     knobs = parser.add_argument_group("model knobs (default: the paper's configuration)")
-    knobs.add_argument("--activation", choices=("relu", "leaky_relu", "elu", "tanh", "sigmoid", "maxout"))
+    knobs.add_argument("--activation", choices=choices.ACTIVATIONS)
     knobs.add_argument("--init", dest="kernel_initializer",
-                       choices=("he_normal", "he_uniform", "glorot_uniform", "glorot_normal", "lecun_normal", "small_normal", "large_normal", "zeros"))
+                       choices=choices.INITIALIZERS)
     knobs.add_argument("--l1", type=float)
     knobs.add_argument("--l2", type=float)
     knobs.add_argument("--max-norm", type=float)
@@ -113,12 +113,12 @@ def _add_train_parser(subparsers):
     training = parser.add_argument_group("training")
     training.add_argument("--epochs", type=_positive_int, default=30, help="epochs (L-BFGS: iterations), default 30")
     training.add_argument("--batch-size", type=_positive_int, help="global batch size, split across replicas (default 32 on CPU, 128 on GPU)")
-    training.add_argument("--optimizer", choices=optim.OPTIMIZERS, default="adam")
+    training.add_argument("--optimizer", choices=choices.OPTIMIZERS, default="adam")
     training.add_argument("--lr", type=float, help="learning rate (default: 0.001 for adam/rmsprop, 0.01 for sgd family, 1 for lbfgs)")
     training.add_argument("--momentum", type=float, default=0.9)
     training.add_argument("--weight-decay", type=float, default=0.0)
     training.add_argument("--clip-norm", type=float, help="clip the global gradient norm, e.g. 5")
-    training.add_argument("--lr-schedule", choices=optim.SCHEDULES, default="constant")
+    training.add_argument("--lr-schedule", choices=choices.SCHEDULES, default="constant")
     training.add_argument("--lr-drop", type=float, default=0.5, help="step/plateau factor (default 0.5)")
     training.add_argument("--lr-every", type=_positive_int, default=10, help="step decay period in epochs (default 10)")
     training.add_argument("--lr-decay", type=float, default=0.1, help="exponential: lr*(1-d)^epoch; 1/t: lr/(1+d*epoch) (default 0.1)")
@@ -129,8 +129,8 @@ def _add_train_parser(subparsers):
 
     hardware = parser.add_argument_group("hardware")
     hardware.add_argument("--strategy", default="auto", help="auto, default, one-device, mirrored, multi-worker (reads TF_CONFIG) or tpu")
-    hardware.add_argument("--mixed-precision", choices=("auto", "on", "off"), default="auto")
-    hardware.add_argument("--jit-compile", choices=("auto", "on", "off"), default="auto")
+    hardware.add_argument("--mixed-precision", choices=choices.SWITCHES, default="auto")
+    hardware.add_argument("--jit-compile", choices=choices.SWITCHES, default="auto")
 
     output = parser.add_argument_group("output")
     output.add_argument("--out", help="run directory (default runs/classify/<timestamp>)")

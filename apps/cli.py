@@ -90,12 +90,12 @@ def main(argv=None):
     # Before any app module imports TensorFlow, so its C++ start-up INFO and
     # WARNING lines stay off the terminal; a value the user set wins.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    _quiet_tensorflow_start()
-    parser = build_parser()
+    parser = build_parser()  # imports no TensorFlow: --help stays instant
     try:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # --help (0) or an argparse error (2)
         return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
+    _quiet_tensorflow_start()
     try:
         status = args.func(args)
     except ValueError as error:  # UsageError included

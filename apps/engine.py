@@ -16,8 +16,7 @@ import tensorflow as tf
 
 from dlsuite import callbacks as dl_callbacks
 from dlsuite.apps import distribute, lbfgs, optim, rundir
-
-SWITCHES = ("auto", "on", "off")
+from dlsuite.apps.choices import SWITCHES
 
 
 @dataclasses.dataclass

@@ -9,9 +9,8 @@ memory for a batch size and an optimizer.
 import argparse
 import json
 
-from dlsuite import models
+from dlsuite.apps import choices
 from dlsuite.apps.cli import UsageError
-from dlsuite.models import summary
 
 # Time steps assumed when a sequence model's default input leaves the length
 # open; FLOPs and activations grow linearly with it.
@@ -86,7 +85,7 @@ def add_parser(subparsers):
         "--batch-size", type=int, default=32, help="examples per step for memory (default 32)"
     )
     show_parser.add_argument(
-        "--optimizer", choices=summary.OPTIMIZERS, default="adam",
+        "--optimizer", choices=choices.OPTIMIZERS, default="adam",
         help="sets the optimizer slots counted in memory (default adam)",
     )
     show_parser.add_argument("--json", action="store_true", help="print one JSON object")
@@ -94,6 +93,8 @@ def add_parser(subparsers):
 
 
 def _specs(family=None, kind=None):
+    from dlsuite import models
+
     specs = [models.get(name) for name in models.names(family=family, kind=kind)]
     if not specs:
         raise UsageError(
@@ -104,6 +105,8 @@ def _specs(family=None, kind=None):
 
 
 def _count_params(spec):
+    from dlsuite.models import summary
+
     # Shapes only: counting needs no weight values, and skipping the
     # initializers lists all models in seconds rather than a minute.
     with summary.shapes_only():
@@ -165,6 +168,9 @@ def _check_positive(option, value):
 
 def run_show(args):
     """`dlsuite models show NAME`."""
+    from dlsuite import models
+    from dlsuite.models import summary
+
     spec = models.get(args.name)
     _check_positive("--classes", args.classes)
     _check_positive("--batch-size", args.batch_size)
@@ -191,6 +197,8 @@ def run_show(args):
 
 
 def _print_show(info, note=None):
+    from dlsuite.models import summary
+
     print(
         f"{info['name']} ({info['family']}, {info['kind']}): input "
         f"{_shape_text(info['input_shape'])} -> output {_shape_text(info['output_shape'])}"

@@ -11,10 +11,8 @@ import dataclasses
 
 import keras
 
+from dlsuite.apps.choices import OPTIMIZERS, SCHEDULES  # noqa: F401 (re-exported)
 from dlsuite.callbacks import StepDecay
-
-OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam", "lbfgs")
-SCHEDULES = ("constant", "step", "exponential", "inverse_time", "cosine", "warmup", "plateau")
 
 # Rates that train the registry's models on the bundled data from a cold start.
 DEFAULT_LR = {

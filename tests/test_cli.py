@@ -10,6 +10,7 @@ import pytest
 
 from dlsuite import models
 from dlsuite.apps import cli
+from dlsuite.models import summary
 
 
 def run(capsys, *argv):
@@ -145,3 +146,23 @@ def test_installed_console_script():
     assert result.returncode == 0, result.stderr
     assert "61,706" in result.stdout
     assert "Traceback" not in result.stderr
+
+
+def test_parsers_import_no_tensorflow():
+    """`dlsuite --help` and every app's --help answer without loading TensorFlow."""
+    import subprocess
+
+    code = ("import sys; from dlsuite.apps import cli; cli.build_parser(); "
+            "print(sorted(m for m in ('tensorflow', 'keras') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.stdout.strip() == "[]", result.stderr
+
+
+def test_command_line_choices_match_the_libraries():
+    from dlsuite.apps import choices, optim
+    from dlsuite.models import common
+
+    assert choices.ACTIVATIONS == common.ACTIVATIONS
+    assert choices.INITIALIZERS == tuple(common.INITIALIZERS)
+    assert set(choices.OPTIMIZERS) <= set(summary.OPTIMIZERS)
+    assert optim.OPTIMIZERS == choices.OPTIMIZERS

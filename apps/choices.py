@@ -1,0 +1,9 @@
+"""The names command-line options offer, importable without TensorFlow, so
+building the parsers (and `dlsuite --help`) stays fast."""
+
+OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam", "lbfgs")
+SCHEDULES = ("constant", "step", "exponential", "inverse_time", "cosine", "warmup", "plateau")
+ACTIVATIONS = ("relu", "leaky_relu", "elu", "tanh", "sigmoid", "maxout")
+INITIALIZERS = ("he_normal", "he_uniform", "glorot_uniform", "glorot_normal", "lecun_normal",
+                "small_normal", "large_normal", "zeros")
+SWITCHES = ("auto", "on", "off")
