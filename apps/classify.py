@@ -15,6 +15,7 @@ import re
 import shutil
 import sys
 
+from dlsuite.apps import choices, train_args
 from dlsuite.apps.cli import UsageError
 
 EPILOG_TRAIN = """examples:
@@ -68,19 +69,7 @@ class TrainConfig:
     no_export: bool = False
 
 
-def _positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, received {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, received {text!r}")
-    return value
-
-
 def _add_train_parser(subparsers):
-    from dlsuite.apps import choices
-
     parser = subparsers.add_parser(
         "train", help="train, evaluate and export a classifier",
         epilog=EPILOG_TRAIN, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -89,14 +78,14 @@ def _add_train_parser(subparsers):
     data.add_argument("--model", default="lenet5", help="registry name, see `dlsuite models list` (default lenet5)")
     data.add_argument("--dataset", default="digits",
                       help="digits (bundled, default), shapes (generated), a folder with one subfolder per class, or tfds:NAME")
-    data.add_argument("--image-size", type=_positive_int, help="side the model sees (default: the data's own size if the model accepts it, else the model's input)")
+    data.add_argument("--image-size", type=train_args.positive_int, help="side the model sees (default: the data's own size if the model accepts it, else the model's input)")
     data.add_argument("--augment", action="store_true", help="random flips, rotation, zoom, translation and contrast")
     data.add_argument("--strict", action="store_true", help="stop at an unreadable image instead of skipping it")
     data.add_argument("--validation-fraction", type=float, default=0.15)
     data.add_argument("--test-fraction", type=float, default=0.15)
-    data.add_argument("--shapes-classes", type=_positive_int, default=4, help="shapes: number of classes")
-    data.add_argument("--shapes-size", type=_positive_int, default=64, help="shapes: image side in pixels")
-    data.add_argument("--shapes-count", type=_positive_int, default=1200, help="shapes: number of images")
+    data.add_argument("--shapes-classes", type=train_args.positive_int, default=4, help="shapes: number of classes")
+    data.add_argument("--shapes-size", type=train_args.positive_int, default=64, help="shapes: image side in pixels")
+    data.add_argument("--shapes-count", type=train_args.positive_int, default=1200, help="shapes: number of images")
     data.add_argument("--data-dir", help="tfds: where TensorFlow Datasets keeps its files")
 
     knobs = parser.add_argument_group("model knobs (default: the paper's configuration)")
@@ -110,34 +99,7 @@ def _add_train_parser(subparsers):
     knobs.add_argument("--batch-norm", action=argparse.BooleanOptionalAction, default=True,
                        help="batch normalization after each conv/dense layer (default on; --no-batch-norm for the paper's exact network)")
 
-    training = parser.add_argument_group("training")
-    training.add_argument("--epochs", type=_positive_int, default=30, help="epochs (L-BFGS: iterations), default 30")
-    training.add_argument("--batch-size", type=_positive_int, help="global batch size, split across replicas (default 32 on CPU, 128 on GPU)")
-    training.add_argument("--optimizer", choices=choices.OPTIMIZERS, default="adam")
-    training.add_argument("--lr", type=float, help="learning rate (default: 0.001 for adam/rmsprop, 0.01 for sgd family, 1 for lbfgs)")
-    training.add_argument("--momentum", type=float, default=0.9)
-    training.add_argument("--weight-decay", type=float, default=0.0)
-    training.add_argument("--clip-norm", type=float, help="clip the global gradient norm, e.g. 5")
-    training.add_argument("--lr-schedule", choices=choices.SCHEDULES, default="constant")
-    training.add_argument("--lr-drop", type=float, default=0.5, help="step/plateau factor (default 0.5)")
-    training.add_argument("--lr-every", type=_positive_int, default=10, help="step decay period in epochs (default 10)")
-    training.add_argument("--lr-decay", type=float, default=0.1, help="exponential: lr*(1-d)^epoch; 1/t: lr/(1+d*epoch) (default 0.1)")
-    training.add_argument("--warmup-epochs", type=int, default=0)
-    training.add_argument("--lr-patience", type=_positive_int, default=3, help="plateau: epochs without improvement")
-    training.add_argument("--early-stopping", type=int, default=0, metavar="PATIENCE", help="stop after PATIENCE epochs without val_loss improvement (0: off)")
-    training.add_argument("--seed", type=int, default=0, help="seeds data splits, initialization and shuffling; on CPU the run is reproducible")
-
-    hardware = parser.add_argument_group("hardware")
-    hardware.add_argument("--strategy", default="auto", help="auto, default, one-device, mirrored, multi-worker (reads TF_CONFIG) or tpu")
-    hardware.add_argument("--mixed-precision", choices=choices.SWITCHES, default="auto")
-    hardware.add_argument("--jit-compile", choices=choices.SWITCHES, default="auto")
-
-    output = parser.add_argument_group("output")
-    output.add_argument("--out", help="run directory (default runs/classify/<timestamp>)")
-    output.add_argument("--export", help="SavedModel name under --export-dir (default <model>_<dataset>)")
-    output.add_argument("--export-dir", default="saved_models")
-    output.add_argument("--no-export", action="store_true")
-    output.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its directory")
+    train_args.add_training_arguments(parser, app="classify", epochs=30, export_default="<model>_<dataset>")
     parser.set_defaults(func=run_train)
 
 
@@ -169,22 +131,9 @@ def add_parser(subparsers):
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     predict.add_argument("saved_model")
     predict.add_argument("images", nargs="+", metavar="IMAGE")
-    predict.add_argument("--top-k", type=_positive_int, default=3)
+    predict.add_argument("--top-k", type=train_args.positive_int, default=3)
     predict.add_argument("--json", action="store_true", help="one JSON object per line")
     predict.set_defaults(func=run_predict)
-
-
-def _config_from_args(args):
-    from dlsuite.apps import optim
-
-    optimizer = optim.OptimizerConfig(
-        optimizer=args.optimizer, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
-        clip_norm=args.clip_norm, lr_schedule=args.lr_schedule, lr_drop=args.lr_drop, lr_every=args.lr_every,
-        lr_decay=args.lr_decay, warmup_epochs=args.warmup_epochs, lr_patience=args.lr_patience,
-    )
-    fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"optimizer"}
-    values = {name: getattr(args, name) for name in fields if hasattr(args, name)}
-    return TrainConfig(optimizer=dataclasses.asdict(optimizer), **values)
 
 
 def _slug(text):
@@ -224,19 +173,10 @@ def _image_size(config, spec, data):
 
 
 def run_train(args):
-    from dlsuite.apps import rundir
-
     if args.resume:
-        run_dir = pathlib.Path(args.resume)
-        if not (run_dir / "config.json").exists():
-            raise UsageError(f"--resume {args.resume!r}: no config.json there; pass the directory of an interrupted run")
-        saved = rundir.read_json(run_dir / "config.json")["config"]
-        config = TrainConfig(**{k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(TrainConfig)}})
-        if not (run_dir / "checkpoints" / "backup").exists():
-            raise UsageError(f"--resume {args.resume!r}: that run finished (no backup left); start a new run instead")
+        config, run_dir = train_args.load_resumed_config(TrainConfig, args.resume), pathlib.Path(args.resume)
     else:
-        config = _config_from_args(args)
-        run_dir = None
+        config, run_dir = train_args.config_from_args(TrainConfig, args), None
     return train(config, run_dir=run_dir, resume=bool(args.resume))
 
 

@@ -122,6 +122,7 @@ def fit(
         run_dir: the run directory (`rundir.create`).
         early_stopping: patience in epochs on val_loss; 0 disables it.
         jit_compile: "auto", True or False (`jit_setting`).
+        metrics: Keras metric names, or one list per output.
         resume: continue from the backup an interrupted run left in run_dir.
 
     Returns:
@@ -140,6 +141,7 @@ def fit(
 
     with strategy.scope():
         optimizer = optim.make_optimizer(optimizer_config, steps_per_epoch=steps_per_epoch, epochs=epochs)
+        # A list of lists gives each output of a multi-output model its own.
         model.compile(optimizer=optimizer, loss=loss, metrics=list(metrics), jit_compile=jit_compile)
 
     best_value = None

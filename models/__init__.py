@@ -10,6 +10,6 @@ from dlsuite.models import layers
 from dlsuite.models.registry import ModelSpec, build, get, names, register
 
 # Importing each family registers its variants.
-from dlsuite.models import alexnet, googlenet, lenet, resnet, rnn, vgg  # noqa: E402,F401
+from dlsuite.models import alexnet, bilm, googlenet, lenet, resnet, rnn, vgg  # noqa: E402,F401
 
 __all__ = ["ModelSpec", "build", "get", "layers", "names", "register"]

@@ -122,3 +122,19 @@ class Maxout(keras.layers.Layer):
             "units": self.units,
             "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
         }
+
+
+@keras.saving.register_keras_serializable(package="dlsuite")
+class ReverseSequence(keras.layers.Layer):
+    """Reverses the time axis (axis 1) of a (batch, time, ...) tensor.
+
+    The backward half of a bidirectional language model reads the sequence
+    right to left: reverse, run a forward recurrent stack, reverse back, so
+    position t of the result has seen tokens t..T only.
+    """
+
+    def call(self, inputs):
+        return ops.flip(inputs, axis=1)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
