@@ -24,12 +24,14 @@ import sys
 SUBCOMMANDS = (
     "dlsuite.apps.models_cli",
     "dlsuite.apps.classify",
+    "dlsuite.apps.lm",
 )
 
 EXIT_USAGE = 2
 
 EPILOG = """examples:
   dlsuite classify train
+  dlsuite lm train
   dlsuite models list
   dlsuite models show resnet50 --batch-size 64 --optimizer sgd
   dlsuite <command> --help

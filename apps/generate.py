@@ -24,7 +24,6 @@ The vocabulary is duck-typed (`dlsuite.apps.text.Vocabulary`): `level`
 
 import sys
 
-import keras
 import numpy as np
 import tensorflow as tf
 
@@ -38,8 +37,6 @@ FIRST_TEXT_ID = 2
 # has it: a char model has seen text start after a line break far more often
 # than after nothing at all.
 START_TOKEN = "\n"
-
-_RECURRENT_LAYERS = (keras.layers.LSTM, keras.layers.GRU, keras.layers.SimpleRNN)
 
 
 class Stepper:
@@ -61,16 +58,19 @@ class Stepper:
     """
 
     def __init__(self, model):
+        import keras  # here, not at the top: lm_export's readers need TensorFlow alone
+
         self.model = model
         self._embedding, self._recurrent, self._predictions = _check_language_model(model)
         self.vocab_size = int(self._predictions.units)
+        self._softmax_head = self._predictions.activation is keras.activations.softmax
         # One trace serves every batch size: the signature leaves it open.
         state_signature = [
             [tf.TensorSpec((None, size), layer.cell.compute_dtype) for size in _state_sizes(layer)]
             for layer in self._recurrent
         ]
         self._compiled_step = tf.function(
-            self._step,
+            self.raw_step,
             input_signature=[tf.TensorSpec((None,), tf.int32), state_signature],
             reduce_retracing=True,
         )
@@ -102,8 +102,8 @@ class Stepper:
         """
         return self._compiled_step(tf.cast(token_ids, tf.int32), state)
 
-    def _step(self, token_ids, state):
-        """The uncompiled step; also traced inside the exported SavedModel."""
+    def raw_step(self, token_ids, state):
+        """`step` uncompiled, for tracing inside another graph (the SavedModel export)."""
         x = self._embedding(token_ids)  # (batch, embedding_dim)
         new_state = []
         for layer, layer_state in zip(self._recurrent, state):
@@ -131,11 +131,11 @@ class Stepper:
         for layer, layer_state in zip(self._recurrent, state):
             # The stack's layers do not return their final state; asking for it
             # for this one call keeps the layer (and its fused kernel) as is.
-            layer.return_state = True
+            returned_state, layer.return_state = layer.return_state, True
             try:
                 x, *cell_state = layer(x, initial_state=list(layer_state), training=False)
             finally:
-                layer.return_state = False
+                layer.return_state = returned_state
             new_state.append(cell_state)  # x: (batch, time, units)
         return self._logits(x), new_state  # (batch, time, V)
 
@@ -146,7 +146,7 @@ class Stepper:
     def outputs_to_logits(self, outputs):
         """The model's outputs (..., V) as float32 logits."""
         outputs = tf.cast(outputs, tf.float32)
-        if self._predictions.activation is keras.activations.softmax:
+        if self._softmax_head:
             # log p differs from the logits by a constant per row: same softmax.
             return tf.math.log(tf.maximum(outputs, np.finfo(np.float32).tiny))
         return outputs
@@ -160,6 +160,9 @@ def _state_sizes(layer):
 
 def _check_language_model(model):
     """Returns (embedding, [rnn_1..rnn_N], predictions) or raises UsageError."""
+    import keras
+
+    recurrent_types = (keras.layers.LSTM, keras.layers.GRU, keras.layers.SimpleRNN)
     layers = {layer.name: layer for layer in getattr(model, "layers", [])}
     recurrent = []
     while f"rnn_{len(recurrent) + 1}" in layers:
@@ -181,7 +184,7 @@ def _check_language_model(model):
         problem = "it has no Dense layer named 'predictions'"
     else:
         for layer in recurrent:
-            if not isinstance(layer, _RECURRENT_LAYERS):
+            if not isinstance(layer, recurrent_types):
                 problem = (
                     f"{layer.name} is a {type(layer).__name__}, not a unidirectional "
                     "LSTM, GRU or SimpleRNN (a bidirectional layer reads the future)"
@@ -190,8 +193,10 @@ def _check_language_model(model):
             if layer.go_backwards or not layer.return_sequences:
                 problem = f"{layer.name} does not return its steps in order"
                 break
-    if problem is None and len(model.outputs[0].shape) != 3:
-        problem = f"its output {tuple(model.outputs[0].shape)} is not (batch, time, V)"
+    outputs = getattr(model, "outputs", None) or []
+    if problem is None and (len(outputs) != 1 or len(outputs[0].shape) != 3):
+        shapes = [tuple(output.shape) for output in outputs]
+        problem = f"its outputs {shapes} are not one (batch, time, V) tensor"
     if problem:
         raise UsageError(
             f"Cannot generate text with {model.name!r}: {problem}. Use a next-token "
@@ -253,7 +258,8 @@ def encode_prompt(vocabulary, prompt):
     return ids
 
 
-def _check_vocabulary(model_vocab_size, vocabulary):
+def check_vocabulary(model_vocab_size, vocabulary):
+    """Raises UsageError unless the vocabulary has the model's V tokens, some of them text."""
     size = len(vocabulary.tokens)
     if size != model_vocab_size:
         raise UsageError(
@@ -326,7 +332,7 @@ def generate(model, vocabulary, *, prompt="", length=500, temperature=0.8, top_k
     """
     check_sampling(length=length, temperature=temperature, top_k=top_k)
     stepper = Stepper(model)
-    _check_vocabulary(stepper.vocab_size, vocabulary)
+    check_vocabulary(stepper.vocab_size, vocabulary)
     ids = encode_prompt(vocabulary, prompt)  # (n,)
     return _generate_stateful(
         stepper, vocabulary, ids, length=length, temperature=temperature, top_k=top_k, seed=seed
@@ -355,7 +361,7 @@ def prefix_generate(
     """
     check_sampling(length=length, temperature=temperature, top_k=top_k)
     stepper = Stepper(model)  # for its checks and its logits conversion
-    _check_vocabulary(stepper.vocab_size, vocabulary)
+    check_vocabulary(stepper.vocab_size, vocabulary)
     ids = encode_prompt(vocabulary, prompt)
     return _generate_prefix(
         stepper, vocabulary, ids, length=length, temperature=temperature, top_k=top_k, seed=seed

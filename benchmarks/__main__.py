@@ -97,10 +97,11 @@ def markdown(results):
         "",
         "Written by `python -m benchmarks`; do not edit by hand. Each row is the latest figure for its",
         "result and mode, the median of at least 5 timed repeats after warm-up, the two sides",
-        "interleaved; ratio = ours / reference. Rerun a row with its command.",
+        "interleaved; ratio = ours / reference (of the medians); paired = the median of the",
+        "per-repeat quotients, which cancels slow swings of machine speed. Rerun a row with its command.",
         "",
-        "| Result | Mode | Ours | Reference | Ratio | Bar | Details | Command | Date | Machine | Versions |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| Result | Mode | Ours | Reference | Ratio | Paired | Bar | Details | Command | Date | Machine | Versions |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         bar = "" if r.get("bar") is None else f"≥ {r['bar']} {'met' if r.get('meets_bar') else '**missed**'}"
@@ -111,6 +112,7 @@ def markdown(results):
             f"{_number(r['ours'])} {r.get('unit', '')}",
             f"{_number(r['reference'])} {r.get('unit', '')}",
             f"{r['ratio']:.3f}",
+            "" if r.get("paired_ratio") is None else f"{r['paired_ratio']:.3f}",
             bar,
             r.get("details", ""),
             f"`{r.get('command', '')}`",

@@ -108,12 +108,13 @@ def interleaved(runs, *, warmup, repeats):
     return rates
 
 
-def matmul_peak(*, n=2048, chain=4, warmup=1, repeats=MIN_REPEATS):
-    """FLOP/s of large float32 matrix products: the machine's practical peak.
+def matmul_rates(*, n=2048, chain=4, warmup=1, repeats=MIN_REPEATS):
+    """FLOP/s of large float32 matrix products, one figure per repeat.
 
     Runs `chain` dependent (n, n) @ (n, n) products in one tf.function (so
-    nothing can be deduplicated), 2 n^3 FLOPs each, and returns the median
-    FLOP/s over `repeats` calls.
+    nothing can be deduplicated), 2 n^3 FLOPs each. The best of these, taken
+    over calls spread through a run, is the machine's practical peak: on a
+    shared machine a single call can run at half speed.
     """
     import tensorflow as tf
 
@@ -130,7 +131,7 @@ def matmul_peak(*, n=2048, chain=4, warmup=1, repeats=MIN_REPEATS):
         products(matrix).numpy()
         return chain * 2 * n**3
 
-    return statistics.median(interleaved({"matmul": run}, warmup=warmup, repeats=repeats)["matmul"])
+    return interleaved({"matmul": run}, warmup=warmup, repeats=repeats)["matmul"]
 
 
 def command():
@@ -157,8 +158,10 @@ def report(name, *, ours, reference, mode, config, unit="images/s", bar=None, **
 
     Args:
         name: the result's name, unique within its benchmark, e.g. "train_resnet50".
-        ours, reference: per-repeat rates (at least MIN_REPEATS each); the
-            figures are their medians and the ratio is ours / reference.
+        ours, reference: per-repeat rates (at least MIN_REPEATS each), repeat
+            i of both taken back to back; the figures are their medians, the
+            ratio is ours / reference and the paired ratio is the median of
+            the per-repeat quotients.
         mode: "full" or "quick".
         config: what was measured (sizes, steps, repeats, ...), JSON-able.
         unit: the rates' unit.
@@ -177,6 +180,9 @@ def report(name, *, ours, reference, mode, config, unit="images/s", bar=None, **
         "ours": _significant(ours_median),
         "reference": _significant(reference_median),
         "ratio": _significant(ours_median / reference_median),
+        # Repeat i of each side ran back to back, so their quotient cancels
+        # slow swings of machine speed that the medians still carry.
+        "paired_ratio": _significant(statistics.median(o / r for o, r in zip(ours, reference))),
         "unit": unit,
         "bar": bar,
         "meets_bar": None if bar is None else ours_median / reference_median >= bar,

@@ -120,9 +120,9 @@ def _load(folder):
     return datasets.load(folder, validation_fraction=HELD_OUT_FRACTION, test_fraction=HELD_OUT_FRACTION)
 
 
-def _train_in_memory(dataset, batch_size):
-    """The training split's decoded images as in-memory tensors, batched."""
-    images, labels = next(iter(dataset.batch(1_000_000)))
+def _train_in_memory(dataset, *, count, batch_size):
+    """The training split's `count` decoded images as in-memory tensors, batched."""
+    images, labels = next(iter(dataset.batch(count)))
     memory = tf.data.Dataset.from_tensor_slices((tf.cast(images, tf.float32), labels))
     return memory.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
@@ -138,7 +138,7 @@ def measure(setting, *, mode, folder):
     data = _load(folder)
     if data.sizes["train"] != setting.train_images:
         raise RuntimeError(f"Expected {setting.train_images} training images, the split gave {data.sizes}.")
-    memory = _train_in_memory(data.train, setting.batch_size)
+    memory = _train_in_memory(data.train, count=setting.train_images, batch_size=setting.batch_size)
 
     keras.utils.set_random_seed(0)
     mean, variance = classifier.channel_statistics(memory)

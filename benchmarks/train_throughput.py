@@ -11,7 +11,8 @@ images/s) over the FLOP/s of a large float32 matmul measured in the same run.
 
 Full size is ImageNet's: 224x224, batch 32, 1000 classes. On a 2-core CPU a
 ResNet-50 step takes about 11 s and a VGG-16 step about 25 s, so each repeat is
-one step: 2 warm-up steps (the first traces the step), then 5 timed repeats.
+one step: 1 warm-up step (it traces the step; the next one already runs at
+full speed), then 5 timed repeats per model.
 
     python -m benchmarks.train_throughput [--quick]
 """
@@ -45,7 +46,7 @@ class Setting:
     steps_per_repeat: int
 
 
-FULL = Setting(image_size=224, batch_size=32, classes=1000, warmup_repeats=2, repeats=5, steps_per_repeat=1)
+FULL = Setting(image_size=224, batch_size=32, classes=1000, warmup_repeats=1, repeats=5, steps_per_repeat=1)
 QUICK = Setting(image_size=64, batch_size=4, classes=10, warmup_repeats=1, repeats=5, steps_per_repeat=1)
 MATMUL_SIZE = {"full": 2048, "quick": 1024}
 
@@ -84,8 +85,12 @@ def _utilisation(forward_flops, images_per_second, peak):
     return TRAINING_FLOPS_PER_FORWARD * forward_flops * images_per_second / peak
 
 
-def measure(name, setting, *, mode, peak):
-    """Trains registry `name` and its Keras reference, interleaved; reports the result."""
+def measure(name, setting, *, mode, matmul):
+    """Trains registry `name` and its Keras reference, interleaved; reports the result.
+
+    `matmul` holds the matmul FLOP/s measured so far in the run; this adds
+    samples taken after the training, and the peak is the best of them all.
+    """
     input_shape = (setting.image_size, setting.image_size, 3)
     keras.utils.set_random_seed(0)
     ours = _compile(models.build(name, input_shape=input_shape, classes=setting.classes, weights=None))
@@ -95,6 +100,8 @@ def measure(name, setting, *, mode, peak):
         warmup=setting.warmup_repeats,
         repeats=setting.repeats,
     )
+    matmul += common.matmul_rates(n=MATMUL_SIZE[mode])
+    peak = max(matmul)
     flops = {"ours": summary.flops(ours), "reference": summary.flops(reference)}
     medians = {side: statistics.median(samples) for side, samples in rates.items()}
     utilisation = {side: _utilisation(flops[side], medians[side], peak) for side in rates}
@@ -116,10 +123,11 @@ def measure(name, setting, *, mode, peak):
         reference_label=f"keras.applications.{REFERENCES[name].__name__}(weights=None)",
         forward_gflops_per_image={side: value / 1e9 for side, value in flops.items()},
         matmul_peak_gflops=peak / 1e9,
+        matmul_samples=len(matmul),
         utilisation=utilisation,
         details=(
             f"FLOP/s utilisation: ours {utilisation['ours']:.0%}, Keras {utilisation['reference']:.0%} "
-            f"of a {peak / 1e9:.0f} GFLOP/s float32 matmul peak"
+            f"of a {peak / 1e9:.0f} GFLOP/s float32 matmul peak (best of {len(matmul)} in the run)"
         ),
     )
     del ours, reference
@@ -132,9 +140,9 @@ def main(argv=None):
     args = common.parse_args(__doc__.splitlines()[0], argv)
     mode = "quick" if args.quick else "full"
     setting = QUICK if args.quick else FULL
-    peak = common.matmul_peak(n=MATMUL_SIZE[mode])
+    matmul = common.matmul_rates(n=MATMUL_SIZE[mode])
     for name in REFERENCES:
-        measure(name, setting, mode=mode, peak=peak)
+        measure(name, setting, mode=mode, matmul=matmul)
 
 
 if __name__ == "__main__":
