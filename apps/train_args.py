@@ -20,7 +20,7 @@ def positive_int(text):
     return value
 
 
-def add_training_arguments(parser, *, app, epochs, optimizer="adam", clip_norm=None, export_default):
+def add_training_arguments(parser, *, app, epochs, optimizer="adam", clip_norm=None, batch_size=None, lr=None, export_default):
     """Adds the training, hardware and output option groups to `parser`.
 
     Args:
@@ -28,13 +28,17 @@ def add_training_arguments(parser, *, app, epochs, optimizer="adam", clip_norm=N
         epochs: default --epochs.
         optimizer: default --optimizer.
         clip_norm: default --clip-norm (None: off).
+        batch_size: default --batch-size (None: the device's default).
+        lr: default --lr (None: the optimizer's default).
         export_default: how the default export name is made, for the help.
     """
     training = parser.add_argument_group("training")
     training.add_argument("--epochs", type=positive_int, default=epochs, help=f"epochs (L-BFGS: iterations), default {epochs}")
-    training.add_argument("--batch-size", type=positive_int, help="global batch size, split across replicas (default 32 on CPU, 128 on GPU)")
+    training.add_argument("--batch-size", type=positive_int, default=batch_size,
+                          help=f"global batch size, split across replicas (default {batch_size or '32 on CPU, 128 on GPU'})")
     training.add_argument("--optimizer", choices=choices.OPTIMIZERS, default=optimizer)
-    training.add_argument("--lr", type=float, help="learning rate (default: 0.001 for adam/rmsprop, 0.01 for the sgd family, 1 for lbfgs)")
+    training.add_argument("--lr", type=float, default=lr,
+                          help=f"learning rate (default {lr or '0.001 for adam/rmsprop, 0.01 for the sgd family, 1 for lbfgs'})")
     training.add_argument("--momentum", type=float, default=0.9)
     training.add_argument("--weight-decay", type=float, default=0.0)
     training.add_argument("--clip-norm", type=float, default=clip_norm,
