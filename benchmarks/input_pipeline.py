@@ -15,6 +15,15 @@ second (`pipeline_<size>_steady`), then one in-memory epoch, which both
 ratios divide by. Files come from the page cache after the first read: "cold"
 means not yet decoded, not "on disk".
 
+An epoch is timed from the `fit` call to the end of its last training step.
+What comes after, the shutdown of the epoch's tf.data iterator, is left out
+and reported apart (`epoch_end_stall_seconds`): with autotuning on, TF 2.21
+often holds that shutdown until its autotuning thread next wakes, and that
+thread sleeps in doubling periods (wake-ups 2.55, 5.11, 10.23, 20.47 s ...
+after the iterator starts), so an epoch's wall time jumps to the next of
+these marks. That stall hits any AUTOTUNE pipeline, the in-memory one
+too, at random; inside the ratios it would only add noise.
+
 A secondary figure, `decode_<size>`, is decoding alone: tf.data's parallel
 decode (the ops `datasets.load` maps over the files) against a PIL loop.
 
@@ -24,7 +33,9 @@ decode (the ops `datasets.load` maps over the files) against a PIL loop.
 import dataclasses
 import gc
 import os
+import statistics
 import tempfile
+import time
 
 import keras
 import numpy as np
@@ -42,6 +53,8 @@ HELD_OUT_FRACTION = 0.1
 # photos do, which would make decoding look cheaper than it is.
 NOISE_STDDEV = 8.0
 JPEG_QUALITY = 90
+# Decoded images per batch pulled from tf.data: few Python calls per pass.
+DECODE_BATCH = 16
 LEARNING_RATE = 0.01
 MOMENTUM = 0.9
 
@@ -58,7 +71,7 @@ class Setting:
 
 # On 2 CPU cores resnet18 trains about 65 images/s at 64x64 and 7 at 224x224.
 FULL = (
-    Setting(image_size=64, train_images=256, batch_size=32, model="resnet18"),
+    Setting(image_size=64, train_images=256, batch_size=32, model="resnet18", repeats=7),
     Setting(image_size=224, train_images=64, batch_size=32, model="resnet18"),
 )
 QUICK = (Setting(image_size=64, train_images=64, batch_size=16, model="lenet5"),)
@@ -101,19 +114,25 @@ def decode_rates(paths, *, repeats):
         return len(paths)
 
     decoded = tf.data.Dataset.from_tensor_slices(paths).map(
-        _decode_file, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-
-    @tf.function  # traced once, in the warm-up
-    def decode_all():
-        # Reduced in the graph, so no Python runs per image; the sum reads
-        # every image, so no decode can be skipped.
-        return decoded.reduce(np.int64(0), lambda total, image: total + tf.cast(image[0, 0, 0], tf.int64))
+        _decode_file, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).batch(DECODE_BATCH)
 
     def tf_data():
-        decode_all().numpy()
-        return len(paths)
+        # Timed to the last batch: the iterator's shutdown is left out (see the module doc).
+        start = time.perf_counter()
+        for _ in decoded:
+            done = time.perf_counter()
+        return len(paths), done - start
 
     return common.interleaved({"tf_data": tf_data, "pil": pil_loop}, warmup=1, repeats=repeats)
+
+
+class _LastStep(keras.callbacks.Callback):
+    """Records when the latest training step ended (its loss read back)."""
+
+    time = None
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.time = time.perf_counter()
 
 
 def _load(folder):
@@ -151,9 +170,14 @@ def measure(setting, *, mode, folder):
         loss=keras.losses.SparseCategoricalCrossentropy(),
     )
 
-    def epoch(dataset):
-        model.fit(dataset, epochs=1, shuffle=False, verbose=0)  # the pipeline shuffles, as in the app
-        return setting.train_images
+    last_step = _LastStep()
+    stalls = {"folder_first": [], "folder_steady": [], "memory": []}
+
+    def epoch(dataset, label):
+        start = time.perf_counter()
+        model.fit(dataset, epochs=1, shuffle=False, verbose=0, callbacks=[last_step])  # the pipeline shuffles
+        stalls[label].append(time.perf_counter() - last_step.time)
+        return setting.train_images, last_step.time - start
 
     folder_batches = {}
 
@@ -163,26 +187,28 @@ def measure(setting, *, mode, folder):
             data.train, image_size=(size, size), channels=data.channels,
             batch_size=setting.batch_size, training=True, seed=0,
         )
-        return epoch(folder_batches["current"])
+        return epoch(folder_batches["current"], "folder_first")
 
     rates = common.interleaved(
         {
             "folder_first": folder_first_epoch,
-            "folder_steady": lambda: epoch(folder_batches["current"]),
-            "memory": lambda: epoch(memory),
+            "folder_steady": lambda: epoch(folder_batches["current"], "folder_steady"),
+            "memory": lambda: epoch(memory, "memory"),
         },
         warmup=setting.warmup_repeats,
         repeats=setting.repeats,
     )
+    stall = {label: {"median": statistics.median(values), "max": max(values)}
+             for label, values in stalls.items()}
 
-    load_speed = float(np.median(load_rates))
+    load_speed = statistics.median(load_rates)
     config = {
         **dataclasses.asdict(setting),
         "files": count,
         "formats": f"PNG and JPEG (quality {JPEG_QUALITY}) alternating, {size}x{size} RGB",
         "classes": CLASSES,
         "optimizer": f"SGD(learning_rate={LEARNING_RATE}, momentum={MOMENTUM})",
-        "step": "model.fit, one epoch per repeat",
+        "step": "model.fit, one epoch per repeat, timed to the end of its last step",
     }
     ours_label = "datasets.load(folder) + pipeline.batches(training=True) -> model.fit"
     reference_label = "Dataset.from_tensor_slices(decoded float32 images).batch().prefetch() -> model.fit"
@@ -191,6 +217,7 @@ def measure(setting, *, mode, folder):
         mode=mode, bar=BAR, config=config, ours_label=ours_label + ", first epoch (decodes, fills cache)",
         reference_label=reference_label,
         load_images_per_second=load_speed,
+        epoch_end_stall_seconds=stall,
         details=(
             f"{setting.model} {size}x{size}: first epoch decodes every file; before it, datasets.load "
             f"checks every file with PIL at {load_speed:.0f} images/s (not in the ratio)"
@@ -200,7 +227,11 @@ def measure(setting, *, mode, folder):
         f"pipeline_{size}_steady", ours=rates["folder_steady"], reference=rates["memory"],
         mode=mode, bar=BAR, config=config, ours_label=ours_label + ", second epoch (reads its cache)",
         reference_label=reference_label,
-        details=f"{setting.model} {size}x{size}: cached epochs; the folder side also shuffles",
+        epoch_end_stall_seconds=stall,
+        details=(
+            f"{setting.model} {size}x{size}: cached epochs; the folder side also shuffles. Left out: "
+            f"iterator shutdown after the last step, up to {max(v['max'] for v in stall.values()):.1f} s"
+        ),
     )
 
     decode = decode_rates(paths, repeats=setting.repeats)

@@ -18,6 +18,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 EXPECTED = {
     "train_throughput": {"train_resnet50", "train_vgg16"},
     "input_pipeline": {"pipeline_64_first_epoch", "pipeline_64_steady", "decode_64"},
+    "lm_speed": {"generate_stateful_vs_prefix", "generate_export_vs_stateful", "train_lstm_2x32", "train_gru_2x32"},
 }
 KEYS = {
     "name", "benchmark", "mode", "ours", "reference", "ratio", "unit", "ours_samples",
