@@ -118,7 +118,34 @@ def export_classifier(model, *, class_names, name, base_dir="saved_models", vers
     check_export_name(name)
     input_size, channels, classes = _check_model(model)
     class_names = _check_class_names(class_names, classes)
-    model_dir = pathlib.Path(base_dir) / name
+
+    def write(folder):
+        _write_saved_model(model, folder, class_names=class_names, input_size=input_size, channels=channels)
+        _write_metadata(folder, class_names=class_names, input_size=input_size, channels=channels, model_name=model.name)
+
+    return write_version_atomically(pathlib.Path(base_dir) / name, version, write)
+
+
+def write_version_atomically(model_dir, version, write):
+    """Creates `model_dir/<version>/` by `write(temporary_folder)` and one rename.
+
+    The temporary folder is hidden inside `model_dir` (same file system, and
+    a name TF Serving ignores because it is not an integer), so a reader never
+    sees a half-written version; on any failure it is removed, and so is
+    `model_dir` if this call created it. Every app's export writes this way.
+
+    Args:
+        model_dir: `base_dir/NAME`, the folder holding the versions.
+        version: a positive int, or None for `next_version(model_dir)`.
+        write: a callable that fills the folder it is given.
+
+    Returns:
+        The `pathlib.Path` of the version folder.
+
+    Raises:
+        UsageError: a bad or existing version, or an unwritable folder.
+    """
+    model_dir = pathlib.Path(model_dir)
     if version is None:
         version = next_version(model_dir)
     elif isinstance(version, bool) or not isinstance(version, int) or version < 1:
@@ -129,7 +156,6 @@ def export_classifier(model, *, class_names, name, base_dir="saved_models", vers
             f"{target} already exists; pick another version or leave it out "
             f"to get the next one ({next_version(model_dir)})."
         )
-
     created_model_dir = not model_dir.exists()
     try:
         model_dir.mkdir(parents=True, exist_ok=True)
@@ -139,19 +165,11 @@ def export_classifier(model, *, class_names, name, base_dir="saved_models", vers
         temporary.mkdir()
     except OSError as error:
         raise UsageError(
-            f"Cannot write exports to {base_dir}: {error.strerror or error}. "
+            f"Cannot write exports to {model_dir.parent}: {error.strerror or error}. "
             "Pick a folder you can write to."
         ) from None
-
     try:
-        _write_saved_model(
-            model, temporary, class_names=class_names, input_size=input_size,
-            channels=channels,
-        )
-        _write_metadata(
-            temporary, class_names=class_names, input_size=input_size,
-            channels=channels, model_name=model.name,
-        )
+        write(temporary)
         try:
             os.rename(temporary, target)
         except OSError:
@@ -162,16 +180,12 @@ def export_classifier(model, *, class_names, name, base_dir="saved_models", vers
         # KeyboardInterrupt included: nothing half-written may stay behind.
         shutil.rmtree(temporary, ignore_errors=True)
         if created_model_dir:
-            _remove_if_empty(model_dir)
+            try:
+                model_dir.rmdir()
+            except OSError:
+                pass  # not empty: another export put something there meanwhile
         raise
     return target
-
-
-def _remove_if_empty(folder):
-    try:
-        folder.rmdir()
-    except OSError:
-        pass  # not empty: another export put something there meanwhile
 
 
 def _check_model(model):

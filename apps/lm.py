@@ -178,7 +178,6 @@ def train(config, *, run_dir=None, resume=False):
     strategy = distribute.make_strategy(config.strategy)  # before any other TensorFlow op
 
     import keras
-    import numpy as np
 
     from dlsuite.apps import engine, lm_export, optim, rundir, text
 

@@ -55,17 +55,14 @@ running the graph. Loading needs TensorFlow alone.
 
 import collections
 import json
-import os
 import pathlib
-import secrets
-import shutil
 
 import numpy as np
 import tensorflow as tf
 
 from dlsuite.apps import generate as generation
 from dlsuite.apps.cli import UsageError
-from dlsuite.apps.export import check_export_name, next_version, resolve_version_dir
+from dlsuite.apps.export import check_export_name, resolve_version_dir, write_version_atomically
 from dlsuite.apps.text import Vocabulary, tf_word_tokens
 
 METADATA_FILE = "dlsuite.json"
@@ -170,69 +167,6 @@ def _check_bilm(model):
             f"token ids in, forward and backward logits (batch, time, V) out; it returns {shapes}."
         )
     return int(shapes[0][-1])
-
-
-def write_version_atomically(model_dir, version, write):
-    """Creates `model_dir/<version>/` by `write(temporary_folder)` and one rename.
-
-    The temporary folder is hidden inside `model_dir` (same file system, and
-    a name TF Serving ignores because it is not an integer), so a reader never
-    sees a half-written version; on any failure it is removed, and so is
-    `model_dir` if this call created it. The same steps as
-    `export.export_classifier`, for any writer.
-
-    Args:
-        model_dir: `base_dir/NAME`, the folder holding the versions.
-        version: a positive int, or None for `export.next_version(model_dir)`.
-        write: a callable that fills the folder it is given.
-
-    Returns:
-        The `pathlib.Path` of the version folder.
-
-    Raises:
-        UsageError: a bad or existing version, or an unwritable folder.
-    """
-    model_dir = pathlib.Path(model_dir)
-    if version is None:
-        version = next_version(model_dir)
-    elif isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise UsageError(f"Export version must be a positive integer, received {version!r}.")
-    target = model_dir / str(version)
-    if target.exists():
-        raise UsageError(
-            f"{target} already exists; pick another version or leave it out "
-            f"to get the next one ({next_version(model_dir)})."
-        )
-    created_model_dir = not model_dir.exists()
-    try:
-        model_dir.mkdir(parents=True, exist_ok=True)
-        # mkdir, not tempfile.mkdtemp: mkdtemp's 0700 mode would survive the
-        # rename and lock out a TF Serving process running as another user.
-        temporary = model_dir / f".tmp-{version}-{secrets.token_hex(4)}"
-        temporary.mkdir()
-    except OSError as error:
-        raise UsageError(
-            f"Cannot write exports to {model_dir.parent}: {error.strerror or error}. "
-            "Pick a folder you can write to."
-        ) from None
-    try:
-        write(temporary)
-        try:
-            os.rename(temporary, target)
-        except OSError:
-            if target.exists():  # a concurrent export took the same version
-                raise UsageError(f"{target} appeared during the export; run it again.") from None
-            raise
-    except BaseException:
-        # KeyboardInterrupt included: nothing half-written may stay behind.
-        shutil.rmtree(temporary, ignore_errors=True)
-        if created_model_dir:
-            try:
-                model_dir.rmdir()
-            except OSError:
-                pass  # not empty: another export put something there meanwhile
-        raise
-    return target
 
 
 def _check_vocabulary(vocabulary, vocab_size):

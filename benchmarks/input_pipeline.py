@@ -242,9 +242,6 @@ def measure(setting, *, mode, folder):
         reference_label="PIL loop: Image.open + convert('RGB') + np.asarray, one file at a time",
         details=f"decoding alone, {count} files of {size}x{size}, no training",
     )
-    del model, memory, folder_batches
-    keras.backend.clear_session()
-    gc.collect()
 
 
 def main(argv=None):
@@ -253,6 +250,9 @@ def main(argv=None):
     for setting in QUICK if args.quick else FULL:
         with tempfile.TemporaryDirectory(prefix=f"dlsuite-bench-{setting.image_size}-") as folder:
             measure(setting, mode=mode, folder=folder)
+        # The model and the cached images are garbage now; free them before the next size.
+        keras.backend.clear_session()
+        gc.collect()
 
 
 if __name__ == "__main__":

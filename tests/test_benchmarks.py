@@ -14,7 +14,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
-# benchmark module -> the results its quick run prints.
+# benchmark module -> results its quick run must print (it may print more).
 EXPECTED = {
     "train_throughput": {"train_resnet50", "train_vgg16"},
     "input_pipeline": {"pipeline_64_first_epoch", "pipeline_64_steady", "decode_64"},
@@ -54,7 +54,8 @@ def test_quick_run_prints_every_result_with_its_fields(quick_run):
         assert len(result["ours_samples"]) >= 5 and len(result["reference_samples"]) >= 5
         assert result["command"].startswith(f"python -m benchmarks.{result['benchmark']}")
         assert "--quick" in result["command"]
-    assert names == EXPECTED
+    for benchmark, expected in EXPECTED.items():
+        assert expected <= names.get(benchmark, set()), f"{benchmark} printed {names.get(benchmark)}"
 
 
 def test_quick_run_reports_flop_utilisation(quick_run):
