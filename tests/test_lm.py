@@ -116,3 +116,19 @@ def test_bad_generation_options(trained, extra, message, capsys):
 def test_irnn_needs_the_simple_rnn(corpus, tmp_path, capsys):
     status, _, err = run(["lm", "train", "--text", str(corpus), "--irnn", "--out", str(tmp_path / "never")], capsys)
     assert status == 2 and "--irnn applies to --cell rnn" in err
+
+
+def test_word_level_model_trains_generates_and_scores(corpus, tmp_path, capsys):
+    status, _, err = run(["lm", "train", "--text", str(corpus), "--level", "word", "--epochs", "3", "--units", "32",
+                          "--layers", "1", "--embedding", "8", "--seq-len", "10", "--batch-size", "8", "--lr", "0.01",
+                          "--out", str(tmp_path / "run"), "--export-dir", str(tmp_path / "exports"), "--export", "words"], capsys)
+    assert status == 0, err
+    vocabulary = json.loads((tmp_path / "run" / "vocabulary.json").read_text())
+    assert vocabulary["level"] == "word" and vocabulary["tokens"][:2] == ["", "[UNK]"]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["validation_perplexity"] < metrics["unigram_perplexity"]
+    status, out, _ = run(["lm", "generate", str(tmp_path / "exports" / "words"), "--prompt", "the quick", "--length", "6",
+                          "--seed", "2"], capsys)
+    words = out.strip().split()
+    assert status == 0 and words[:2] == ["the", "quick"] and len(words) == 8
+    assert set(words[2:]) <= set(TEXT.replace(".", "").split())
