@@ -7,3 +7,4 @@ ACTIVATIONS = ("relu", "leaky_relu", "elu", "tanh", "sigmoid", "maxout")
 INITIALIZERS = ("he_normal", "he_uniform", "glorot_uniform", "glorot_normal", "lecun_normal",
                 "small_normal", "large_normal", "zeros")
 SWITCHES = ("auto", "on", "off")
+AUGMENTATIONS = ("flip", "rotation", "zoom", "translation", "contrast")

@@ -11,20 +11,30 @@ import numpy as np
 from keras import layers
 
 from dlsuite import models
+from dlsuite.apps.choices import AUGMENTATIONS
 
 
-def augmentation(seed=None):
-    """--augment: flips, small rotations, zooms, shifts and contrast changes.
+def augmentation(kinds=AUGMENTATIONS, seed=None):
+    """--augment: random flips, small rotations, zooms, shifts and contrast.
 
     Active in training only; at inference the layers pass images through.
+    `kinds` picks among AUGMENTATIONS: a mirrored digit or letter is another
+    symbol, so `--augment rotation,zoom,translation` leaves flips out.
     """
-    return [
-        layers.RandomFlip("horizontal", seed=seed, name="augment_flip"),
-        layers.RandomRotation(0.05, seed=seed, name="augment_rotation"),
-        layers.RandomZoom(0.1, seed=seed, name="augment_zoom"),
-        layers.RandomTranslation(0.1, 0.1, seed=seed, name="augment_translation"),
-        layers.RandomContrast(0.2, seed=seed, name="augment_contrast"),
-    ]
+    unknown = [kind for kind in kinds if kind not in AUGMENTATIONS]
+    if unknown or not kinds:
+        raise ValueError(
+            f"--augment takes a comma-separated list of {', '.join(AUGMENTATIONS)}, received {','.join(kinds)!r}; "
+            "for example --augment rotation,zoom,translation"
+        )
+    makers = {
+        "flip": lambda: layers.RandomFlip("horizontal", seed=seed, name="augment_flip"),
+        "rotation": lambda: layers.RandomRotation(0.05, seed=seed, name="augment_rotation"),
+        "zoom": lambda: layers.RandomZoom(0.1, seed=seed, name="augment_zoom"),
+        "translation": lambda: layers.RandomTranslation(0.1, 0.1, seed=seed, name="augment_translation"),
+        "contrast": lambda: layers.RandomContrast(0.2, seed=seed, name="augment_contrast"),
+    }
+    return [makers[kind]() for kind in AUGMENTATIONS if kind in kinds]
 
 
 def channel_statistics(dataset, max_batches=50):
@@ -54,7 +64,7 @@ def build_classifier(model_name, *, classes, image_size, channels, mean, varianc
         image_size: (height, width) the backbone sees.
         channels: 1 or 3.
         mean, variance: per-channel statistics of the training pixels / 255.
-        augment: add the augmentation layers.
+        augment: a list of AUGMENTATIONS to apply (empty or None: none).
         **knobs: the builder's knobs (activation, kernel_initializer, l1, l2,
             max_norm, dropout, batch_norm); None values take the builder's
             defaults.
@@ -62,7 +72,7 @@ def build_classifier(model_name, *, classes, image_size, channels, mean, varianc
     pixels = keras.Input((*image_size, channels), name="pixels")
     x = pixels
     if augment:
-        for layer in augmentation(seed):
+        for layer in augmentation(augment, seed):
             x = layer(x)
     x = layers.Rescaling(1.0 / 255, name="rescale")(x)
     x = layers.Normalization(mean=mean, variance=variance, name="normalize")(x)

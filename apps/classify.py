@@ -22,6 +22,7 @@ EPILOG_TRAIN = """examples:
   dlsuite classify train                                   # LeNet-5 on the bundled digits
   dlsuite classify train --model resnet18 --dataset shapes --epochs 10
   dlsuite classify train --model vgg11 --dataset ./photos --image-size 64 --augment
+  dlsuite classify train --augment rotation,zoom,translation   # no flips: a mirrored digit is another symbol
   dlsuite classify train --dataset tfds:mnist --optimizer momentum --lr 0.01 --lr-schedule step --lr-drop 0.5 --lr-every 5
   dlsuite classify train --optimizer lbfgs --epochs 50     # full-batch L-BFGS
   dlsuite classify train --resume runs/classify/20261126-120000
@@ -38,7 +39,7 @@ class TrainConfig:
     epochs: int = 30
     batch_size: int | None = None  # None: the device default (32 on CPU)
     image_size: int | None = None  # None: native size if the model takes it, else the model's
-    augment: bool = False
+    augment: list | None = None  # kinds of augmentation, see classifier.AUGMENTATIONS
     strict: bool = False
     seed: int = 0
     validation_fraction: float = 0.15
@@ -69,6 +70,17 @@ class TrainConfig:
     no_export: bool = False
 
 
+def _augment_kinds(text):
+    """--augment KINDS: a comma-separated subset of choices.AUGMENTATIONS."""
+    kinds = [kind.strip() for kind in text.split(",") if kind.strip()]
+    if not kinds or any(kind not in choices.AUGMENTATIONS for kind in kinds):
+        raise argparse.ArgumentTypeError(
+            f"expected a comma-separated list of {', '.join(choices.AUGMENTATIONS)}, received {text!r}; "
+            "for example --augment rotation,zoom,translation"
+        )
+    return kinds
+
+
 def _add_train_parser(subparsers):
     parser = subparsers.add_parser(
         "train", help="train, evaluate and export a classifier",
@@ -79,7 +91,9 @@ def _add_train_parser(subparsers):
     data.add_argument("--dataset", default="digits",
                       help="digits (bundled, default), shapes (generated), a folder with one subfolder per class, or tfds:NAME")
     data.add_argument("--image-size", type=train_args.positive_int, help="side the model sees (default: the data's own size if the model accepts it, else the model's input)")
-    data.add_argument("--augment", action="store_true", help="random flips, rotation, zoom, translation and contrast")
+    data.add_argument("--augment", nargs="?", const=list(choices.AUGMENTATIONS), type=_augment_kinds,
+                      metavar="KINDS", help="random flip, rotation, zoom, translation, contrast (bare --augment: all; "
+                                            "e.g. --augment rotation,zoom,translation for digits, which flips would change)")
     data.add_argument("--strict", action="store_true", help="stop at an unreadable image instead of skipping it")
     data.add_argument("--validation-fraction", type=float, default=0.15)
     data.add_argument("--test-fraction", type=float, default=0.15)

@@ -277,3 +277,16 @@ def test_folder_dataset_skips_a_corrupt_file_and_strict_refuses_it(tmp_path, cap
     status, _, err = run(["classify", "train", "--dataset", str(root), "--strict", "--epochs", "1",
                           "--out", str(tmp_path / "strict"), "--no-export"], capsys)
     assert status == 2 and "broken.jpg" in err and not (tmp_path / "strict").exists()
+
+
+def test_augment_picks_the_kinds_asked_for(tmp_path, capsys):
+    import keras
+
+    status, _, err = run(["classify", "train", "--epochs", "1", "--augment", "rotation,zoom,translation",
+                          "--out", str(tmp_path / "run"), "--no-export"], capsys)
+    assert status == 0, err
+    model = keras.saving.load_model(tmp_path / "run" / "model.keras")
+    assert [l.name for l in model.layers if l.name.startswith("augment_")] == [
+        "augment_rotation", "augment_zoom", "augment_translation"]
+    status, _, err = run(["classify", "train", "--augment", "spin", "--out", str(tmp_path / "never")], capsys)
+    assert status == 2 and "received 'spin'" in err and not (tmp_path / "never").exists()
