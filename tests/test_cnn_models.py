@@ -25,8 +25,10 @@ CNN_NAMES = models.names(kind="cnn")
 # - resnet18/34: torchvision's counts without conv biases (11,689,512 and
 #   21,797,672) plus one bias and two moving statistics per conv channel
 #   (4,800 and 8,512 channels): 11,703,912 and 21,823,208.
-# - googlenet: the count commonly quoted for Keras Inception-v1 ports with conv
-#   biases and no auxiliary heads; 6.8M in the paper without biases.
+# - googlenet: stem 9,472 + 4,160 + 110,784, then each inception module's six
+#   convolutions (1x1, 3x3 reduce, 3x3, 5x5 reduce, 5x5, pool projection) with
+#   Table 1's widths, then 1024*1000+1000: 6,998,552 (summed by hand in Python;
+#   no auxiliary heads, LRN has no weights).
 # - lenet5_caffe: 520 + 25,050 + 800*500+500 + 5,010 = 431,080 at 28x28.
 PINNED_PARAMS = {
     "alexnet": 62_378_344,
