@@ -6,13 +6,9 @@ directory, export a SavedModel for TensorFlow Serving.
 """
 
 import argparse
-import contextlib
 import dataclasses
 import json
-import os
 import pathlib
-import re
-import shutil
 import sys
 
 from dlsuite.apps import choices, train_args
@@ -150,10 +146,6 @@ def add_parser(subparsers):
     predict.set_defaults(func=run_predict)
 
 
-def _slug(text):
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text.replace("tfds:", "")).strip("_.") or "data"
-
-
 def _check_config(config):
     from dlsuite import models
 
@@ -266,38 +258,24 @@ def train(config, *, run_dir=None, resume=False):
         global_batch_size=batch_size, run_dir=run_dir, early_stopping=config.early_stopping,
         jit_compile=engine.jit_setting(config.jit_compile), resume=resume,
     )
-    if not chief:  # the chief evaluates and exports; drop this worker's scratch copy
-        shutil.rmtree(run_dir, ignore_errors=True)
-        with contextlib.suppress(OSError):
-            run_dir.parent.rmdir()  # workertemp_<id>, when now empty
+    if not chief:  # the chief evaluates and exports
+        engine.release_worker_dir(run_dir)
         return 0
     if result.history:
         rundir.plot_curves(result.history, run_dir / "curves.png", title=f"{config.model} on {data.name}")
     if result.stopped_reason:
-        rundir.write_json(run_dir / "metrics.json", {"status": "stopped", "reason": result.stopped_reason,
-                                                     "best_checkpoint": result.best_checkpoint})
-        kept = f"; the last good model is {result.best_checkpoint}" if result.best_checkpoint else ""
-        print(f"dlsuite: training stopped: {result.stopped_reason}{kept}", file=sys.stderr)
-        return 1
+        return engine.report_stop(result, run_dir)
 
-    # Evaluate and ship the model that validated best, loaded outside the
-    # strategy: a multi-worker model would need every worker for predict().
-    if result.best_checkpoint:
-        model = keras.saving.load_model(result.best_checkpoint)
-    else:
-        weights, model = model.get_weights(), keras.models.clone_model(model)
-        model.set_weights(weights)
+    model = engine.final_model(result, model)
     labels, probabilities = _predict(model, test_batches)
     report = metrics.classification_report(probabilities, labels, data.class_names)
     rundir.plot_confusion(report["confusion_matrix"], data.class_names, run_dir / "confusion.png")
     summary = {f"test_{key}": report[key] for key in ("accuracy", "loss", "top5_accuracy") if key in report}
-    temporary = run_dir / "model.tmp.keras"
-    model.save(temporary)
-    os.replace(temporary, run_dir / "model.keras")
+    engine.save_model(model, run_dir / "model.keras")
 
     export_path = None
     if not config.no_export:
-        name = config.export or f"{config.model}_{_slug(data.name)}"
+        name = config.export or f"{config.model}_{rundir.slug(data.name)}"
         export_path = export.export_classifier(model, class_names=data.class_names, name=name, base_dir=config.export_dir)
     rundir.write_json(run_dir / "metrics.json", {
         "status": "finished", **summary, "epochs_run": result.epochs_run, "export": export_path,

@@ -7,8 +7,11 @@ engine compiles, trains with checkpoints, resume, logs and NaN guard, and
 returns what happened.
 """
 
+import contextlib
 import dataclasses
 import os
+import pathlib
+import shutil
 import sys
 
 import keras
@@ -238,3 +241,42 @@ def _fit_lbfgs(model, train, validation, *, optimizer_config, loss, epochs, path
     if losses and not all(map(lambda v: v == v and abs(v) != float("inf"), losses)):
         reason = dl_callbacks.nan_guard.NAN_ADVICE.format(value=losses[-1], epoch=len(losses), batch="all")
     return FitResult(history, reason, paths["best"] if os.path.exists(paths["best"]) else None, len(losses))
+
+
+def release_worker_dir(run_dir):
+    """A non-chief worker's scratch run directory, and its empty
+    `workertemp_<id>` parent, removed once training is over."""
+    run_dir = pathlib.Path(run_dir)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        run_dir.parent.rmdir()
+
+
+def report_stop(result, run_dir):
+    """Records and prints why training stopped early (a NaN loss); returns
+    the exit status 1. The best checkpoint written so far stays."""
+    rundir.write_json(pathlib.Path(run_dir) / "metrics.json", {
+        "status": "stopped", "reason": result.stopped_reason, "best_checkpoint": result.best_checkpoint,
+    })
+    kept = f"; the last good model is {result.best_checkpoint}" if result.best_checkpoint else ""
+    print(f"dlsuite: training stopped: {result.stopped_reason}{kept}", file=sys.stderr)
+    return 1
+
+
+def final_model(result, model):
+    """The model that validated best, loaded outside the strategy (a
+    multi-worker model would need every worker for predict()); without a
+    checkpoint, a plain copy of the trained one."""
+    if result.best_checkpoint:
+        return keras.saving.load_model(result.best_checkpoint)
+    weights, copy = model.get_weights(), keras.models.clone_model(model)
+    copy.set_weights(weights)
+    return copy
+
+
+def save_model(model, path):
+    """Saves a `.keras` file beside `path` and renames it into place."""
+    path = pathlib.Path(path)
+    temporary = path.with_name(f"{path.stem}.tmp.keras")
+    model.save(temporary)
+    os.replace(temporary, path)

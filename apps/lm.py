@@ -229,18 +229,14 @@ def train(config, *, run_dir=None, resume=False):
         early_stopping=config.early_stopping, jit_compile=engine.jit_setting(config.jit_compile), resume=resume,
     )
     if not chief:
-        import shutil
-
-        shutil.rmtree(run_dir, ignore_errors=True)
+        engine.release_worker_dir(run_dir)
         return 0
     if result.history:
         rundir.plot_curves(result.history, run_dir / "curves.png", title=f"{config.cell} on {name}")
     if result.stopped_reason:
-        rundir.write_json(run_dir / "metrics.json", {"status": "stopped", "reason": result.stopped_reason})
-        print(f"dlsuite: training stopped: {result.stopped_reason}", file=sys.stderr)
-        return 1
+        return engine.report_stop(result, run_dir)
 
-    model = keras.saving.load_model(result.best_checkpoint) if result.best_checkpoint else model
+    model = engine.final_model(result, model)
     model.compile(loss=[loss, loss] if bidirectional else loss)
     evaluation = model.evaluate(validation_batches, verbose=0, return_dict=True)
     if bidirectional:
@@ -256,11 +252,9 @@ def train(config, *, run_dir=None, resume=False):
     }
     if backward_nats is not None:
         metrics["backward_perplexity"] = math.exp(backward_nats)
-    temporary = run_dir / "model.tmp.keras"
-    model.save(temporary)
-    os.replace(temporary, run_dir / "model.keras")
+    engine.save_model(model, run_dir / "model.keras")
     if not config.no_export:
-        export_name = config.export or f"{'bilstm' if bidirectional else ('irnn' if config.irnn else config.cell)}_{_slug(name)}"
+        export_name = config.export or f"{'bilstm' if bidirectional else ('irnn' if config.irnn else config.cell)}_{rundir.slug(name)}"
         metrics["export"] = str(lm_export.export_language_model(
             model, vocabulary, name=export_name, base_dir=config.export_dir,
             metadata={"cell": config.cell, "layers": config.layers, "units": config.units, "seq_len": config.seq_len,
@@ -281,12 +275,6 @@ def perplexity_figures(nats_per_token, *, tokens, characters):
         "bits_per_character": float(nats_per_token * tokens / max(1, characters) / math.log(2)),
         "validation_loss_per_character": float(nats_per_token * tokens / max(1, characters)),
     }
-
-
-def _slug(text):
-    import re
-
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text.replace("tfds:", "")).strip("_.") or "text"
 
 
 def run_generate(args):

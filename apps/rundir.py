@@ -11,6 +11,7 @@ import datetime
 import json
 import os
 import pathlib
+import re
 import tempfile
 
 import numpy as np
@@ -39,6 +40,11 @@ def create(out, app):
             "pass --out with a writable folder"
         ) from None
     return path
+
+
+def slug(text):
+    """`text` as a safe folder-name piece: "tfds:mnist" -> "mnist"."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text.replace("tfds:", "")).strip("_.") or "data"
 
 
 def _default(value):

@@ -248,16 +248,11 @@ def _string_feature(features, tfds):
 
 def _load_tfds(name, *, data_dir):
     """The train split's string feature, example texts joined by newlines."""
-    # Imported here: it takes seconds and only this source needs it.
     import tensorflow_datasets as tfds
 
-    try:
-        builder = tfds.builder(name, data_dir=data_dir)
-    except tfds.core.registered.DatasetNotFoundError:
-        raise UsageError(
-            f"Unknown TensorFlow Datasets name {name!r} in 'tfds:{name}': see "
-            "https://www.tensorflow.org/datasets/catalog for text sets, e.g. tfds:tiny_shakespeare."
-        ) from None
+    from dlsuite.apps.datasets import tfds_builder
+
+    builder = tfds_builder(name, data_dir=data_dir, kind="text sets, e.g. tfds:tiny_shakespeare")
     features = builder.info.features
     key = _string_feature(features, tfds)
     if key is None:
