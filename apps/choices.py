@@ -8,3 +8,5 @@ INITIALIZERS = ("he_normal", "he_uniform", "glorot_uniform", "glorot_normal", "l
                 "small_normal", "large_normal", "zeros")
 SWITCHES = ("auto", "on", "off")
 AUGMENTATIONS = ("flip", "rotation", "zoom", "translation", "contrast")
+# Pixel preprocessing a transfer backbone applies (backbones.PREPROCESSING).
+TRANSFER_PREPROCESSING = ("auto", "standardize", "caffe", "tf", "torch", "raw")

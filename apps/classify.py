@@ -66,15 +66,21 @@ class TrainConfig:
     no_export: bool = False
 
 
-def _augment_kinds(text):
-    """--augment KINDS: a comma-separated subset of choices.AUGMENTATIONS."""
-    kinds = [kind.strip() for kind in text.split(",") if kind.strip()]
-    if not kinds or any(kind not in choices.AUGMENTATIONS for kind in kinds):
-        raise argparse.ArgumentTypeError(
-            f"expected a comma-separated list of {', '.join(choices.AUGMENTATIONS)}, received {text!r}; "
-            "for example --augment rotation,zoom,translation"
-        )
-    return kinds
+def add_data_arguments(group):
+    """Adds the options that choose and split the images to `group` (`classify train`, `tune classify`)."""
+    group.add_argument("--dataset", default="digits",
+                       help="digits (bundled, default), shapes (generated), a folder with one subfolder per class, or tfds:NAME")
+    group.add_argument("--image-size", type=train_args.positive_int, help="side the model sees (default: the data's own size if the model accepts it, else the model's input)")
+    group.add_argument("--augment", nargs="?", const=list(choices.AUGMENTATIONS), type=train_args.augment_kinds,
+                       metavar="KINDS", help="random flip, rotation, zoom, translation, contrast (bare --augment: all; "
+                                             "e.g. --augment rotation,zoom,translation for digits, which flips would change)")
+    group.add_argument("--strict", action="store_true", help="stop at an unreadable image instead of skipping it")
+    group.add_argument("--validation-fraction", type=float, default=0.15)
+    group.add_argument("--test-fraction", type=float, default=0.15)
+    group.add_argument("--shapes-classes", type=train_args.positive_int, default=4, help="shapes: number of classes")
+    group.add_argument("--shapes-size", type=train_args.positive_int, default=64, help="shapes: image side in pixels")
+    group.add_argument("--shapes-count", type=train_args.positive_int, default=1200, help="shapes: number of images")
+    group.add_argument("--data-dir", help="tfds: where TensorFlow Datasets keeps its files")
 
 
 def _add_train_parser(subparsers):
@@ -84,19 +90,7 @@ def _add_train_parser(subparsers):
     )
     data = parser.add_argument_group("data")
     data.add_argument("--model", default="lenet5", help="registry name, see `dlsuite models list` (default lenet5)")
-    data.add_argument("--dataset", default="digits",
-                      help="digits (bundled, default), shapes (generated), a folder with one subfolder per class, or tfds:NAME")
-    data.add_argument("--image-size", type=train_args.positive_int, help="side the model sees (default: the data's own size if the model accepts it, else the model's input)")
-    data.add_argument("--augment", nargs="?", const=list(choices.AUGMENTATIONS), type=_augment_kinds,
-                      metavar="KINDS", help="random flip, rotation, zoom, translation, contrast (bare --augment: all; "
-                                            "e.g. --augment rotation,zoom,translation for digits, which flips would change)")
-    data.add_argument("--strict", action="store_true", help="stop at an unreadable image instead of skipping it")
-    data.add_argument("--validation-fraction", type=float, default=0.15)
-    data.add_argument("--test-fraction", type=float, default=0.15)
-    data.add_argument("--shapes-classes", type=train_args.positive_int, default=4, help="shapes: number of classes")
-    data.add_argument("--shapes-size", type=train_args.positive_int, default=64, help="shapes: image side in pixels")
-    data.add_argument("--shapes-count", type=train_args.positive_int, default=1200, help="shapes: number of images")
-    data.add_argument("--data-dir", help="tfds: where TensorFlow Datasets keeps its files")
+    add_data_arguments(data)
 
     knobs = parser.add_argument_group("model knobs (default: the paper's configuration)")
     knobs.add_argument("--activation", choices=choices.ACTIVATIONS)
@@ -161,7 +155,22 @@ def _check_config(config):
     return spec
 
 
-def _image_size(config, spec, data):
+def load_data(config):
+    """The dataset `config` names, split by its seed and fractions; files left
+    out as unreadable are reported on stderr."""
+    from dlsuite.apps import datasets
+
+    data = datasets.load(
+        config.dataset, seed=config.seed, validation_fraction=config.validation_fraction,
+        test_fraction=config.test_fraction, strict=config.strict, shapes_classes=config.shapes_classes,
+        shapes_size=config.shapes_size, shapes_count=config.shapes_count, data_dir=config.data_dir,
+    )
+    for path, reason in data.skipped:
+        print(f"skipped {path}: {reason}", file=sys.stderr)
+    return data
+
+
+def image_size(config, spec, data):
     """The side the model sees: --image-size, else the data's own size when the
     architecture accepts it (fast on CPU), else the model's default input."""
     if config.image_size is not None:
@@ -196,7 +205,7 @@ def train(config, *, run_dir=None, resume=False):
 
     import keras
 
-    from dlsuite.apps import classifier, datasets, engine, export, metrics, optim, pipeline, rundir
+    from dlsuite.apps import classifier, engine, export, metrics, optim, pipeline, rundir
 
     optimizer_config = optim.OptimizerConfig(**config.optimizer)
     chief = distribute.is_chief(strategy)
@@ -206,19 +215,13 @@ def train(config, *, run_dir=None, resume=False):
     policy = engine.set_precision(config.mixed_precision, device)
     batch_size = config.batch_size or engine.default_batch_size(device)
 
-    data = datasets.load(
-        config.dataset, seed=config.seed, validation_fraction=config.validation_fraction,
-        test_fraction=config.test_fraction, strict=config.strict, shapes_classes=config.shapes_classes,
-        shapes_size=config.shapes_size, shapes_count=config.shapes_count, data_dir=config.data_dir,
-    )
-    for path, reason in data.skipped:
-        print(f"skipped {path}: {reason}", file=sys.stderr)
+    data = load_data(config)
     if batch_size > data.sizes["train"]:
         raise UsageError(
             f"--batch-size {batch_size} is larger than the {data.sizes['train']} training images; "
             f"pass --batch-size {data.sizes['train']} (full batch) or less"
         )
-    size = _image_size(config, spec, data)
+    size = image_size(config, spec, data)
     # The run directory comes after every check, so bad input leaves nothing.
     if run_dir is None:
         run_dir = rundir.create(config.out, "classify") if chief else None
@@ -276,7 +279,9 @@ def train(config, *, run_dir=None, resume=False):
     export_path = None
     if not config.no_export:
         name = config.export or f"{config.model}_{rundir.slug(data.name)}"
-        export_path = export.export_classifier(model, class_names=data.class_names, name=name, base_dir=config.export_dir)
+        export_path = export.export_classifier(
+            model, class_names=data.class_names, name=name, base_dir=config.export_dir,
+            architecture=_architecture(config, mean, variance))
     rundir.write_json(run_dir / "metrics.json", {
         "status": "finished", **summary, "epochs_run": result.epochs_run, "export": export_path,
         "per_class": report["per_class"], "confusion_matrix": report["confusion_matrix"],
@@ -285,6 +290,17 @@ def train(config, *, run_dir=None, resume=False):
           + (f", top-5 {report['top5_accuracy']:.4f}" if "top5_accuracy" in report else "")
           + f"; run dir {run_dir}" + (f"; export {export_path}" if export_path else ""))
     return 0
+
+
+def _architecture(config, mean, variance):
+    """What rebuilds the backbone from the export, for `dlsuite transfer --weights EXPORT`."""
+    knobs = ("activation", "kernel_initializer", "l1", "l2", "max_norm", "dropout", "batch_norm")
+    return {
+        "backbone": config.model,
+        "knobs": {knob: getattr(config, knob) for knob in knobs},
+        "preprocessing": "standardize",
+        "statistics": {"mean": [float(v) for v in mean], "variance": [float(v) for v in variance]},
+    }
 
 
 def _predict(model, batches):

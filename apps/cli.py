@@ -25,6 +25,8 @@ SUBCOMMANDS = (
     "dlsuite.apps.models_cli",
     "dlsuite.apps.classify",
     "dlsuite.apps.lm",
+    "dlsuite.apps.transfer",
+    "dlsuite.apps.tune",
 )
 
 EXIT_USAGE = 2
@@ -32,6 +34,8 @@ EXIT_USAGE = 2
 EPILOG = """examples:
   dlsuite classify train
   dlsuite lm train
+  dlsuite transfer finetune --backbone resnet50 --weights imagenet --dataset ./photos
+  dlsuite tune classify --max-trials 10
   dlsuite models list
   dlsuite models show resnet50 --batch-size 64 --optimizer sgd
   dlsuite <command> --help

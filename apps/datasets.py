@@ -320,7 +320,7 @@ def _check_image(path):
     return _FileCheck(path, shape=(height, width, 3 if colour else 1), colour=colour)
 
 
-def _list_class_files(root):
+def list_class_files(root):
     """Returns the sorted class names and, per class, its sorted image files (recursive)."""
     entries = sorted(os.scandir(root), key=lambda entry: entry.name)
     class_dirs = [e for e in entries if e.is_dir() and not e.name.startswith(".")]
@@ -337,7 +337,7 @@ def _list_class_files(root):
     return [e.name for e in class_dirs], files
 
 
-def _check_all(paths, *, strict):
+def check_images(paths, *, strict):
     """Checks every file in a thread pool (PIL decodes without the GIL); keeps the order."""
     workers = min(32, (os.cpu_count() or 1) + 4)
     with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
@@ -351,7 +351,7 @@ def _check_all(paths, *, strict):
     return checks
 
 
-def _decoder(channels, image_shape):
+def decoder(channels, image_shape):
     """Returns the tf.data map function: (path, label) -> (uint8 image, label)."""
 
     def decode(path, label):
@@ -368,7 +368,7 @@ def _decoder(channels, image_shape):
 
 def _load_folder(spec, root, *, seed, strict, validation_fraction, test_fraction):
     """A folder with one subfolder per class; images are decoded by tf.data when read."""
-    class_names, files = _list_class_files(root)
+    class_names, files = list_class_files(root)
     if not class_names:
         problem = "is empty" if not os.listdir(root) else "has no class subfolders"
         raise UsageError(
@@ -382,7 +382,7 @@ def _load_folder(spec, root, *, seed, strict, validation_fraction, test_fraction
 
     paths = [path for name in class_names for path in files[name]]
     labels = np.array([i for i, name in enumerate(class_names) for _ in files[name]], dtype=np.int32)
-    checks = _check_all(paths, strict=strict)
+    checks = check_images(paths, strict=strict)
     good = np.array([check.reason is None for check in checks], dtype=bool)
     for i, name in enumerate(class_names):
         if not good[labels == i].any():
@@ -402,7 +402,7 @@ def _load_folder(spec, root, *, seed, strict, validation_fraction, test_fraction
     labels = labels[good]
     split = _stratified_split(labels, seed=seed, validation_fraction=validation_fraction,
                               test_fraction=test_fraction, name=spec)
-    decode = _decoder(channels, image_shape)
+    decode = decoder(channels, image_shape)
     datasets = {
         key: tf.data.Dataset.from_tensor_slices((paths[indices], labels[indices])).map(
             decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)

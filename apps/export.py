@@ -90,7 +90,7 @@ def _versions(model_dir):
     ]
 
 
-def export_classifier(model, *, class_names, name, base_dir="saved_models", version=None):
+def export_classifier(model, *, class_names, name, base_dir="saved_models", version=None, architecture=None):
     """Exports `model` to `base_dir/name/<version>/` as a serving SavedModel.
 
     The SavedModel is written to a hidden temporary folder inside
@@ -106,6 +106,9 @@ def export_classifier(model, *, class_names, name, base_dir="saved_models", vers
         name: the model's name under `base_dir`, see `check_export_name`.
         base_dir: the folder holding every exported model; created if missing.
         version: the version number; defaults to `next_version`.
+        architecture: what rebuilds the backbone (registry name, knobs,
+            preprocessing statistics), stored in the metadata so the export
+            can seed a transfer-learning run; None: not recorded.
 
     Returns:
         The `pathlib.Path` of the new version folder.
@@ -121,7 +124,8 @@ def export_classifier(model, *, class_names, name, base_dir="saved_models", vers
 
     def write(folder):
         _write_saved_model(model, folder, class_names=class_names, input_size=input_size, channels=channels)
-        _write_metadata(folder, class_names=class_names, input_size=input_size, channels=channels, model_name=model.name)
+        _write_metadata(folder, class_names=class_names, input_size=input_size, channels=channels, model_name=model.name,
+                        architecture=architecture)
 
     return write_version_atomically(pathlib.Path(base_dir) / name, version, write)
 
@@ -313,7 +317,7 @@ def _to_channels(images, channels):
     )
 
 
-def _write_metadata(path, *, class_names, input_size, channels, model_name):
+def _write_metadata(path, *, class_names, input_size, channels, model_name, architecture=None):
     """Writes assets/labels.txt and assets/dlsuite.json next to the graph."""
     assets = pathlib.Path(path) / "assets"
     assets.mkdir(exist_ok=True)
@@ -327,6 +331,8 @@ def _write_metadata(path, *, class_names, input_size, channels, model_name):
         "channels": channels,
         "signatures": list(SIGNATURES),
     }
+    if architecture is not None:
+        metadata["architecture"] = architecture
     (assets / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
 
 

@@ -65,6 +65,18 @@ class LMConfig:
     no_export: bool = False
 
 
+def add_data_arguments(group, *, max_chars=1_000_000):
+    """Adds the options that choose the text to `group` (`lm train`, `tune lm`)."""
+    source = group.add_mutually_exclusive_group()
+    source.add_argument("--text", help="a UTF-8 text file (default: the Python standard library's docstrings, gathered offline)")
+    source.add_argument("--dataset", help="tfds:NAME, a TensorFlow Datasets text set, e.g. tfds:tiny_shakespeare")
+    group.add_argument("--data-dir", help="tfds: where TensorFlow Datasets keeps its files")
+    group.add_argument("--max-chars", type=train_args.positive_int, default=max_chars, help=f"use at most this many characters (default {max_chars:,})")
+    group.add_argument("--level", choices=LEVELS, default="char")
+    group.add_argument("--max-tokens", type=train_args.positive_int, help="vocabulary size cap (word default 20000)")
+    group.add_argument("--validation-fraction", type=float, default=0.1, help="the last part of the text, by position (default 0.1)")
+
+
 def add_parser(subparsers):
     parser = subparsers.add_parser(
         "lm", help="language modeling: train, generate, evaluate, embed",
@@ -77,15 +89,7 @@ def add_parser(subparsers):
 
     train = commands.add_parser("train", help="train a language model, report perplexity, export",
                                 epilog=EPILOG_TRAIN, formatter_class=argparse.RawDescriptionHelpFormatter)
-    data = train.add_argument_group("data")
-    source = data.add_mutually_exclusive_group()
-    source.add_argument("--text", help="a UTF-8 text file (default: the Python standard library's docstrings, gathered offline)")
-    source.add_argument("--dataset", help="tfds:NAME, a TensorFlow Datasets text set, e.g. tfds:tiny_shakespeare")
-    data.add_argument("--data-dir", help="tfds: where TensorFlow Datasets keeps its files")
-    data.add_argument("--max-chars", type=train_args.positive_int, default=1_000_000, help="use at most this many characters (default 1,000,000)")
-    data.add_argument("--level", choices=LEVELS, default="char")
-    data.add_argument("--max-tokens", type=train_args.positive_int, help="vocabulary size cap (word default 20000)")
-    data.add_argument("--validation-fraction", type=float, default=0.1, help="the last part of the text, by position (default 0.1)")
+    add_data_arguments(train.add_argument_group("data"))
     model = train.add_argument_group("model")
     model.add_argument("--cell", choices=CELLS, default="lstm", help="lstm (forget-gate bias 1), gru, rnn, or bilstm (ELMo-style biLM)")
     model.add_argument("--layers", type=train_args.positive_int, default=2)
@@ -156,6 +160,16 @@ def build_language_model(config, vocab_size):
                         embedding_dim=config.embedding, dropout=config.dropout, classifier_activation=None)
 
 
+def load_corpus(config):
+    """(name, text, vocabulary, token ids) of the text `config` names, cut to --max-chars."""
+    from dlsuite.apps import text
+
+    name, corpus = text.load_text(config.text or config.dataset, data_dir=config.data_dir)
+    corpus = corpus[: config.max_chars]
+    vocabulary = text.build_vocabulary(corpus, level=config.level, max_tokens=config.max_tokens)
+    return name, corpus, vocabulary, vocabulary.encode(corpus)
+
+
 def _bilm_pairs(x, y):
     """(w[0:T+1], w[1:T+2]) windows -> input w[1:T+1], forward targets w[2:T+2]
     and backward targets w[0:T]."""
@@ -187,10 +201,7 @@ def train(config, *, run_dir=None, resume=False):
     policy = engine.set_precision(config.mixed_precision, device)
     batch_size = config.batch_size or engine.default_batch_size(device)
 
-    name, corpus = text.load_text(config.text or config.dataset, data_dir=config.data_dir)
-    corpus = corpus[: config.max_chars]
-    vocabulary = text.build_vocabulary(corpus, level=config.level, max_tokens=config.max_tokens)
-    ids = vocabulary.encode(corpus)
+    name, corpus, vocabulary, ids = load_corpus(config)
     bidirectional = config.cell == "bilstm"
     window = config.seq_len + (1 if bidirectional else 0)  # the biLM needs one token of context each side
     train_ids, validation_ids = text.split_by_position(ids, validation_fraction=config.validation_fraction, min_tokens=window + 1)

@@ -20,20 +20,34 @@ def positive_int(text):
     return value
 
 
-def add_training_arguments(parser, *, app, epochs, optimizer="adam", clip_norm=None, batch_size=None, lr=None, export_default):
+def augment_kinds(text):
+    """--augment KINDS: a comma-separated subset of choices.AUGMENTATIONS."""
+    kinds = [kind.strip() for kind in text.split(",") if kind.strip()]
+    if not kinds or any(kind not in choices.AUGMENTATIONS for kind in kinds):
+        raise argparse.ArgumentTypeError(
+            f"expected a comma-separated list of {', '.join(choices.AUGMENTATIONS)}, received {text!r}; "
+            "for example --augment rotation,zoom,translation"
+        )
+    return kinds
+
+
+def add_training_arguments(parser, *, app, epochs, optimizer="adam", clip_norm=None, batch_size=None, lr=None, export_default,
+                           resumable=True):
     """Adds the training, hardware and output option groups to `parser`.
 
     Args:
         app: the app's name, for the default run directory in the help.
-        epochs: default --epochs.
+        epochs: default --epochs; None: the app counts epochs its own way.
         optimizer: default --optimizer.
         clip_norm: default --clip-norm (None: off).
         batch_size: default --batch-size (None: the device's default).
         lr: default --lr (None: the optimizer's default).
         export_default: how the default export name is made, for the help.
+        resumable: offer --resume.
     """
     training = parser.add_argument_group("training")
-    training.add_argument("--epochs", type=positive_int, default=epochs, help=f"epochs (L-BFGS: iterations), default {epochs}")
+    if epochs is not None:
+        training.add_argument("--epochs", type=positive_int, default=epochs, help=f"epochs (L-BFGS: iterations), default {epochs}")
     training.add_argument("--batch-size", type=positive_int, default=batch_size,
                           help=f"global batch size, split across replicas (default {batch_size or '32 on CPU, 128 on GPU'})")
     training.add_argument("--optimizer", choices=choices.OPTIMIZERS, default=optimizer)
@@ -63,7 +77,8 @@ def add_training_arguments(parser, *, app, epochs, optimizer="adam", clip_norm=N
     output.add_argument("--export", help=f"SavedModel name under --export-dir (default {export_default})")
     output.add_argument("--export-dir", default="saved_models")
     output.add_argument("--no-export", action="store_true")
-    output.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its directory")
+    if resumable:
+        output.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its directory")
 
 
 def optimizer_config(args):

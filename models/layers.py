@@ -1,6 +1,6 @@
 """Layers the classic architectures need and Keras does not ship.
 
-Both are registered as serializable under the "dlsuite" package, so a model
+All are registered as serializable under the "dlsuite" package, so a model
 that uses them saves to `.keras` and loads back with `safe_mode=True` and no
 `custom_objects` once `dlsuite.models` is imported.
 """
@@ -138,3 +138,48 @@ class ReverseSequence(keras.layers.Layer):
 
     def compute_output_shape(self, input_shape):
         return input_shape
+
+
+# Per-channel constants of the ImageNet preprocessing modes, as
+# keras.applications.imagenet_utils applies them.
+_CAFFE_BGR_MEAN = (103.939, 116.779, 123.68)
+_TORCH_MEAN = (0.485, 0.456, 0.406)
+_TORCH_STD = (0.229, 0.224, 0.225)
+
+
+@keras.saving.register_keras_serializable(package="dlsuite")
+class ImagePreprocessing(keras.layers.Layer):
+    """Raw RGB pixels (0..255) -> what a pretrained network was trained on.
+
+    The modes of `keras.applications.imagenet_utils.preprocess_input`, as a
+    layer so the preprocessing travels inside a saved or exported model:
+
+    * "caffe" (VGG, ResNet): RGB -> BGR, minus the ImageNet mean pixel;
+    * "tf" (MobileNet, Inception, Xception, ResNetV2): scaled to -1..1;
+    * "torch" (DenseNet): scaled to 0..1, then ImageNet mean and std;
+    * "raw": unchanged (EfficientNet and ConvNeXt preprocess inside).
+    """
+
+    MODES = ("caffe", "tf", "torch", "raw")
+
+    def __init__(self, mode, **kwargs):
+        super().__init__(**kwargs)
+        if mode not in self.MODES:
+            raise ValueError(f"mode must be one of {', '.join(self.MODES)}, received {mode!r}.")
+        self.mode = mode
+
+    def call(self, inputs):
+        x = ops.cast(inputs, self.compute_dtype)
+        if self.mode == "tf":
+            return x / 127.5 - 1.0
+        if self.mode == "torch":
+            return (x / 255.0 - ops.convert_to_tensor(_TORCH_MEAN, x.dtype)) / ops.convert_to_tensor(_TORCH_STD, x.dtype)
+        if self.mode == "caffe":
+            return ops.flip(x, axis=-1) - ops.convert_to_tensor(_CAFFE_BGR_MEAN, x.dtype)
+        return x
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "mode": self.mode}
