@@ -78,7 +78,7 @@ class Base:
     architecture: dict | None = None
 
     def weighted_layers(self):
-        """The layers with weights, bottom to top: what --unfreeze counts."""
+        """The layers with weights, bottom to top."""
         return [layer for layer in self.model.layers if layer.weights]
 
     def feature_layers(self):

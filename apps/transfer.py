@@ -162,7 +162,7 @@ def add_parser(subparsers):
     phases.add_argument("--finetune-epochs", type=int, default=5, metavar="E",
                         help="phase 2: epochs with the top layers unfrozen (default 5; 0 skips phase 2)")
     phases.add_argument("--unfreeze", type=_unfreeze, default="all", metavar="N|all",
-                        help="phase 2 trains the top N layers that have weights, or all of them (default all)")
+                        help="phase 2 trains the top N layers that have weights (batch norm stays frozen), or all (default all)")
     phases.add_argument("--finetune-lr-factor", type=float, default=0.1,
                         help="phase 2 learning rate = --lr x this (default 0.1)")
     phases.add_argument("--head-dropout", type=float, default=0.2, help="dropout before the new classifier (default 0.2)")
@@ -266,6 +266,7 @@ def run_extract(args):
     collected = [[] for _ in extractor.outputs]
     for batch, _ in batches:
         outputs = extractor(batch, training=False)
+        outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]  # Keras unwraps a single output
         for store, output in zip(collected, outputs):
             store.append(np.asarray(output, dtype="float32"))
         progress.add(int(batch.shape[0]))
@@ -344,9 +345,10 @@ def few_labels(dataset, per_class, *, seed):
 def build_transfer_model(base, *, classes, augment=None, seed=None, head_dropout=0.2):
     """pixels -> [augmentation] -> backbone(training=False) -> pooling -> dropout -> softmax.
 
-    The backbone is called in inference mode for good: its batch-norm layers
-    keep their statistics in both phases, as the keras transfer guide advises
-    (updating them from a few images would undo what the backbone learned).
+    The backbone is called in inference mode and its batch-norm layers stay
+    frozen (`set_trainable`): they keep their statistics in both phases, as
+    the keras transfer guide advises (updating them from a few images would
+    undo what the backbone learned).
     """
     import keras
     from keras import layers
@@ -367,19 +369,29 @@ def build_transfer_model(base, *, classes, augment=None, seed=None, head_dropout
 
 
 def set_trainable(model, unfreeze):
-    """Freezes the backbone, then unfreezes its top `unfreeze` weighted layers ("all", a count, or 0)."""
+    """Freezes the backbone, then unfreezes its top `unfreeze` layers ("all", a count, or 0).
+
+    Counted are the layers with weights other than batch normalization, which
+    stays frozen in every phase: a frozen BatchNormalization runs in inference
+    mode in Keras 3, whereas the `training=False` the backbone is called with
+    is overridden by fit's `training=True` (keras functional.operation_fn
+    passes the outer value down), so freezing is what keeps the statistics.
+    """
+    import keras
+
     from dlsuite.apps import backbones
 
     base = model.get_layer(backbones.BACKBONE_LAYER)
-    weighted = [layer for layer in base.layers if layer.weights]
-    count = len(weighted) if unfreeze == "all" else int(unfreeze)
-    if count > len(weighted):
-        raise UsageError(f"--unfreeze {count} is more than the {len(weighted)} layers with weights in the backbone; "
-                         f"pass --unfreeze {len(weighted)} or --unfreeze all")
+    tunable = [layer for layer in base.layers
+               if layer.weights and not isinstance(layer, keras.layers.BatchNormalization)]
+    count = len(tunable) if unfreeze == "all" else int(unfreeze)
+    if count > len(tunable):
+        raise UsageError(f"--unfreeze {count} is more than the {len(tunable)} layers with weights in the backbone "
+                         f"(batch norm excluded); pass --unfreeze {len(tunable)} or --unfreeze all")
     base.trainable = count > 0
     for layer in base.layers:
         layer.trainable = False
-    for layer in weighted[len(weighted) - count:]:
+    for layer in tunable[len(tunable) - count:]:
         layer.trainable = True
     return count
 
