@@ -10,3 +10,11 @@ SWITCHES = ("auto", "on", "off")
 AUGMENTATIONS = ("flip", "rotation", "zoom", "translation", "contrast")
 # Pixel preprocessing a transfer backbone applies (backbones.PREPROCESSING).
 TRANSFER_PREPROCESSING = ("auto", "standardize", "caffe", "tf", "torch", "raw")
+# Captioning decoders (apps/caption_model.py) and how the plain decoder turns a feature map into v.
+CAPTION_CELLS = ("lstm", "gru")
+CAPTION_POOLING = ("flatten", "avg", "max")
+# `dlsuite diagnose init`: the seed's initializations and the stack's activations;
+# `--monitor` on every app's train (callbacks/monitors.py).
+INIT_STUDY = ("zeros", "small", "large", "xavier", "he")
+INIT_STUDY_ACTIVATIONS = ("sigmoid", "tanh", "relu", "leaky_relu")
+MONITORS = ("updates", "gradients", "dead-relu")

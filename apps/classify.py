@@ -57,6 +57,7 @@ class TrainConfig:
     batch_norm: bool | None = True
     optimizer: dict = dataclasses.field(default_factory=dict)  # optim.OptimizerConfig fields
     early_stopping: int = 0
+    monitor: list | None = None  # --monitor: names of callbacks.monitors.MONITORS
     strategy: str = "auto"
     mixed_precision: str = "auto"
     jit_compile: str = "auto"
@@ -259,7 +260,7 @@ def train(config, *, run_dir=None, resume=False):
         model, train_batches, validation_batches, strategy=strategy, optimizer_config=optimizer_config,
         loss=keras.losses.SparseCategoricalCrossentropy(), epochs=config.epochs, steps_per_epoch=steps_per_epoch,
         global_batch_size=batch_size, run_dir=run_dir, early_stopping=config.early_stopping,
-        jit_compile=engine.jit_setting(config.jit_compile), resume=resume,
+        jit_compile=engine.jit_setting(config.jit_compile), resume=resume, monitors=config.monitor or (),
     )
     if not chief:  # the chief evaluates and exports
         engine.release_worker_dir(run_dir)

@@ -27,6 +27,8 @@ SUBCOMMANDS = (
     "dlsuite.apps.lm",
     "dlsuite.apps.transfer",
     "dlsuite.apps.tune",
+    "dlsuite.apps.caption",
+    "dlsuite.apps.diagnose",
 )
 
 EXIT_USAGE = 2
@@ -36,8 +38,10 @@ EPILOG = """examples:
   dlsuite lm train
   dlsuite transfer finetune --backbone resnet50 --weights imagenet --dataset ./photos
   dlsuite tune classify --max-trials 10
+  dlsuite caption train
   dlsuite models list
   dlsuite models show resnet50 --batch-size 64 --optimizer sgd
+  dlsuite diagnose run runs/classify/<time>          # or init, overfit, lr-range, memory
   dlsuite <command> --help
 """
 

@@ -109,7 +109,7 @@ def _tensorboard(path):
 def fit(
     model, train, validation, *, strategy, optimizer_config, loss, epochs, steps_per_epoch,
     global_batch_size, run_dir, early_stopping=0, jit_compile="auto", resume=False,
-    metrics=("accuracy",),
+    metrics=("accuracy",), monitors=(),
 ):
     """Compiles and trains `model`, writing checkpoints and logs into `run_dir`.
 
@@ -126,6 +126,8 @@ def fit(
         early_stopping: patience in epochs on val_loss; 0 disables it.
         jit_compile: "auto", True or False (`jit_setting`).
         metrics: Keras metric names, or one list per output.
+        monitors: names of `dlsuite.callbacks.monitors.MONITORS` ("updates",
+            "gradients", "dead-relu") to watch while training (model.fit only).
         resume: continue from the backup an interrupted run left in run_dir.
 
     Returns:
@@ -134,6 +136,9 @@ def fit(
     """
     paths = run_paths(run_dir)
     os.makedirs(os.path.dirname(paths["best"]), exist_ok=True)
+    if monitors and (optimizer_config.optimizer == "lbfgs" or distribute.needs_custom_loop(strategy)):
+        path = "L-BFGS" if optimizer_config.optimizer == "lbfgs" else "the multi-worker loop"
+        print(f"dlsuite: --monitor watches model.fit training; {path} trains without it", file=sys.stderr)
     if optimizer_config.optimizer == "lbfgs":
         return _fit_lbfgs(model, train, validation, optimizer_config=optimizer_config, loss=loss, epochs=epochs, paths=paths)
     if distribute.needs_custom_loop(strategy):
@@ -168,6 +173,8 @@ def fit(
     ]
     if early_stopping:
         callbacks.append(keras.callbacks.EarlyStopping(monitor="val_loss", patience=early_stopping))
+    if monitors:
+        callbacks += _monitor_callbacks(monitors, train, paths, run_dir, steps_per_epoch)
 
     history = model.fit(
         train, validation_data=validation, epochs=epochs, callbacks=callbacks, shuffle=False,  # tf.data shuffles
@@ -180,6 +187,17 @@ def fit(
         stopped_reason=nan_guard.message,
         best_checkpoint=paths["best"] if os.path.exists(paths["best"]) else None,
         epochs_run=len(history.history.get("loss", [])),
+    )
+
+
+def _monitor_callbacks(names, train, paths, run_dir, steps_per_epoch):
+    """--monitor: the monitors, measuring about 4 times an epoch (at most
+    every 100 batches) on the first training batch, held."""
+    sample = next(iter(train))
+    every = max(1, min(100, steps_per_epoch // 4))
+    return dl_callbacks.make_monitors(
+        names, sample=sample, log_dir=os.path.join(paths["tensorboard"], "monitors"), every=every,
+        summary_path=os.path.join(os.fspath(run_dir), "monitors.json"),
     )
 
 

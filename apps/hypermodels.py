@@ -41,16 +41,14 @@ class AppHyperModel(keras_tuner.HyperModel):
         objective: (name, direction) of the metric the tuner optimizes.
         seed: every trial starts from this seed, so trials differ by their
             hyperparameters only.
-        optimizer_defaults: OptimizerConfig fields for what the space leaves out.
         verbose: passed to `model.fit`.
     """
 
-    def __init__(self, *, space, objective, seed=0, optimizer_defaults=None, verbose=0):
+    def __init__(self, *, space, objective, seed=0, verbose=0):
         super().__init__(name=space.app)
         self.space = space
         self.objective, self.direction = objective
         self.seed = seed
-        self.optimizer_defaults = dict(optimizer_defaults or {})
         self.verbose = verbose
 
     # keras-tuner calls this once before the first trial: the whole space is
@@ -59,8 +57,8 @@ class AppHyperModel(keras_tuner.HyperModel):
         self.space.declare(hp)
 
     def optimizer_config(self, values):
-        fields = {**self.optimizer_defaults, **{k: v for k, v in values.items() if k in _OPTIMIZER_FIELDS}}
-        return optim.OptimizerConfig(**fields)
+        """The trial's optimizer and schedule; fields the space leaves out keep OptimizerConfig's defaults."""
+        return optim.OptimizerConfig(**{k: v for k, v in values.items() if k in _OPTIMIZER_FIELDS})
 
     def build(self, hp):
         values = self.space.declare(hp)
@@ -69,6 +67,10 @@ class AppHyperModel(keras_tuner.HyperModel):
         optimizer = optim.make_optimizer(
             self.optimizer_config(values), steps_per_epoch=self.steps_per_epoch(values), epochs=values["epochs"])
         model.compile(optimizer=optimizer, loss=self.loss(), metrics=["accuracy"])
+        # Its slots exist before any weights load, so a checkpoint (Hyperband
+        # continuing a trial, the best model restored) brings the optimizer's
+        # state too, without Keras's optimizer-mismatch warning.
+        optimizer.build(model.trainable_variables)
         return model
 
     def fit(self, hp, model, *args, callbacks=(), epochs=None, initial_epoch=0, **kwargs):
@@ -187,11 +189,18 @@ class ClassifierHyperModel(AppHyperModel):
     def _split(self, split, size, batch_size, training):
         from dlsuite.apps import pipeline
 
-        key = (split, size, batch_size, training)
-        if key not in self._batches:  # cached: trials that share a batch size share the decoded images
-            self._batches[key] = pipeline.batches(
-                getattr(self.data, split), image_size=(size, size), channels=self.data.channels,
-                batch_size=batch_size, training=training, seed=self.config.seed)
+        def make():
+            return pipeline.batches(getattr(self.data, split), image_size=(size, size), channels=self.data.channels,
+                                    batch_size=batch_size, training=training, seed=self.config.seed)
+
+        if training:
+            # A new dataset each trial: its shuffle order then depends on the
+            # seed alone, not on the trials before, so a trial retrained from
+            # its hyperparameters is the same model.
+            return make()
+        key = (split, size, batch_size)
+        if key not in self._batches:  # kept: evaluation batches are the same for every trial
+            self._batches[key] = make()
         return self._batches[key]
 
     def statistics(self, size):
@@ -342,7 +351,6 @@ class LanguageModelHyperModel(AppHyperModel):
 
         config = self.model_config(values)
         test = text.windows(self.corpus.test_ids, seq_len=config.seq_len, batch_size=values["batch_size"], shuffle=False)
-        model.compile(loss=self.loss())
         nats = model.evaluate(test, verbose=0, return_dict=True)["loss"]
         characters = len(self.corpus.vocabulary.decode(self.corpus.test_ids))
         figures = lm.perplexity_figures(nats, tokens=len(self.corpus.test_ids), characters=characters)

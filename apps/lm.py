@@ -55,6 +55,7 @@ class LMConfig:
     epochs: int = 1
     batch_size: int | None = 64
     early_stopping: int = 0
+    monitor: list | None = None  # --monitor: names of callbacks.monitors.MONITORS
     seed: int = 0
     strategy: str = "auto"
     mixed_precision: str = "auto"
@@ -238,6 +239,7 @@ def train(config, *, run_dir=None, resume=False):
         metrics=[["accuracy"], ["accuracy"]] if bidirectional else ("accuracy",),
         epochs=config.epochs, steps_per_epoch=steps_per_epoch, global_batch_size=batch_size, run_dir=run_dir,
         early_stopping=config.early_stopping, jit_compile=engine.jit_setting(config.jit_compile), resume=resume,
+        monitors=config.monitor or (),
     )
     if not chief:
         engine.release_worker_dir(run_dir)

@@ -233,10 +233,12 @@ def _print_show(info, note=None):
     print(f"Training memory, batch {info['batch_size']}, {info['optimizer']}:")
     explanations = {
         "weights": "all parameters",
-        "gradients": "one per trainable parameter",
+        "gradients": "weight gradients alive at the peak (those of the last 3 layers backprop passed)",
         "optimizer": f"{slots} slot(s) per trainable parameter",
-        "activations": f"layer outputs kept for backprop x batch {info['batch_size']}",
-        "total": "",
+        "activations": f"layer outputs backprop still needs at the peak x batch {info['batch_size']}",
+        "workspace": "gradients flowing between layers, update temporaries",
+        "framework": "Keras/TensorFlow bookkeeping, about 44 KiB per variable",
+        "total": "peak of a training step",
     }
     for key, explanation in explanations.items():
         print(f"  {key:<12} {_bytes_text(memory[key]):>10}  {explanation}".rstrip())

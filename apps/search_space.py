@@ -124,17 +124,21 @@ DEFAULTS = {
         "dropout": {"min": 0.0, "max": 0.5},
         "l2": {"min": 1e-6, "max": 1e-2, "sampling": "log"},
     },
+    # Measured on 200k characters, 2 shared CPU cores: a 2x128 GRU at batch
+    # 16, sequences of 50 and lr 0.005 reaches validation loss 1.86
+    # (perplexity 6.4, unigram 23) in 2 epochs, about 50 s. Short sequences
+    # and small batches give a short search many updates.
     "lm": {
         "cell": ["lstm", "gru"],
         "layers": {"min": 1, "max": 2},
         "units": [64, 128, 256],
         "embedding": [32, 64],
-        "batch_size": [32, 64],
-        "lr": {"min": 3e-4, "max": 1e-2, "sampling": "log"},
+        "batch_size": [16, 32],
+        "lr": {"min": 1e-3, "max": 1e-2, "sampling": "log"},
         "optimizer": ["adam", "rmsprop"],
         "lr_schedule": ["constant", "cosine"],
-        "dropout": {"min": 0.0, "max": 0.3},
-        "seq_len": 100,
+        "dropout": {"min": 0.0, "max": 0.2},
+        "seq_len": 50,
         # The seed's fix for exploding RNN gradients, as `lm train` defaults.
         "clip_norm": 5.0,
     },
@@ -179,9 +183,9 @@ class SearchSpace:
         values = {}
         for name, spec in self.entries.items():
             kind = PARAMS[self.app][name].kind
-            if "fixed" in spec:
-                values[name] = hp.Fixed(name, spec["fixed"])
-            elif "choice" in spec and kind == "bool" and len(spec["choice"]) == 2:
+            if "fixed" in spec or ("choice" in spec and len(spec["choice"]) == 1):
+                values[name] = hp.Fixed(name, spec["fixed"] if "fixed" in spec else spec["choice"][0])
+            elif "choice" in spec and kind == "bool":
                 # A Choice of booleans travels to distributed workers as 0/1.
                 values[name] = hp.Boolean(name, default=spec["choice"][0])
             elif "choice" in spec:
@@ -280,6 +284,8 @@ def _check_entry(name, spec, param, source):
             return {"fixed": _check_value(spec["fixed"], param, where)}
         if keys == {"choice"}:
             spec = spec["choice"]
+            if not isinstance(spec, list):
+                raise UsageError(f"{where}: choice takes a list of values, received {spec!r}")
         elif keys <= set(RANGE_KEYS) and {"min", "max"} <= keys:
             return _check_range(spec, param, where)
         else:

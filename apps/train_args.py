@@ -31,6 +31,18 @@ def augment_kinds(text):
     return kinds
 
 
+def monitor_names(text):
+    """argparse type for --monitor: a comma-separated subset of choices.MONITORS, or all."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if names == ["all"]:
+        return list(choices.MONITORS)
+    if not names or any(name not in choices.MONITORS for name in names):
+        raise argparse.ArgumentTypeError(
+            f"expected a comma-separated list of {', '.join(choices.MONITORS)} (or all), received {text!r}"
+        )
+    return list(dict.fromkeys(names))
+
+
 def add_training_arguments(parser, *, app, epochs, optimizer="adam", clip_norm=None, batch_size=None, lr=None, export_default,
                            resumable=True):
     """Adds the training, hardware and output option groups to `parser`.
@@ -66,6 +78,10 @@ def add_training_arguments(parser, *, app, epochs, optimizer="adam", clip_norm=N
     training.add_argument("--early-stopping", type=int, default=0, metavar="PATIENCE",
                           help="stop after PATIENCE epochs without val_loss improvement (0: off)")
     training.add_argument("--seed", type=int, default=0, help="seeds splits, initialization and shuffling; on CPU the run is reproducible")
+    training.add_argument("--monitor", type=monitor_names, metavar="NAMES",
+                          help="watch training: updates (update/weight ratio per layer, the seed's ~1e-3), gradients "
+                               "(gradient norm per layer), dead-relu, or all; comma-separated, to TensorBoard and "
+                               "monitors.json (e.g. --monitor updates,gradients)")
 
     hardware = parser.add_argument_group("hardware")
     hardware.add_argument("--strategy", default="auto", help="auto, default, one-device, mirrored, multi-worker (reads TF_CONFIG) or tpu")

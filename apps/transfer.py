@@ -65,6 +65,7 @@ class TransferConfig:
     data_dir: str | None = None
     optimizer: dict = dataclasses.field(default_factory=dict)
     early_stopping: int = 0
+    monitor: list | None = None  # --monitor: names of callbacks.monitors.MONITORS
     strategy: str = "auto"
     mixed_precision: str = "auto"
     jit_compile: str = "auto"
@@ -462,7 +463,7 @@ def finetune(config):
     optimizer_config = optim.OptimizerConfig(**config.optimizer)
     fit = dict(strategy=strategy, loss=keras.losses.SparseCategoricalCrossentropy(), steps_per_epoch=steps_per_epoch,
                global_batch_size=batch_size, early_stopping=config.early_stopping,
-               jit_compile=engine.jit_setting(config.jit_compile))
+               jit_compile=engine.jit_setting(config.jit_compile), monitors=config.monitor or ())
     if scratch:
         # Random features are not worth freezing: train every layer at the full rate.
         phases = [("scratch", "all", config.freeze_epochs + config.finetune_epochs, optimizer_config)]

@@ -44,7 +44,6 @@ import pathlib
 import shutil
 import sys
 import time
-import warnings
 
 from dlsuite.apps import search_space, train_args
 from dlsuite.apps.cli import UsageError
@@ -115,7 +114,7 @@ APPS = {
     "lm": TuneApp(
         module="dlsuite.apps.lm", config_class="LMConfig", hypermodel="LanguageModelHyperModel",
         objectives={"val_loss": "min", "val_perplexity": "min", "val_accuracy": "max"}, objective="val_loss",
-        epochs=1, max_trials=8, data_name=lambda args: args.text or args.dataset or "stdlib-docstrings",
+        epochs=2, max_trials=8, data_name=lambda args: args.text or args.dataset or "stdlib-docstrings",
         # The seed: use a subset of the data for hyperparameter tuning.
         data_defaults={"max_chars": 200_000},
         extra_options=(("test_fraction", "--test-fraction", {
@@ -253,7 +252,7 @@ def run(args):
                         strategy=strategy, epochs=args.epochs, role=role, address=address)
     done = sum(1 for trial in tuner.oracle.trials.values() if trial.status in ("COMPLETED", "FAILED")) if role != "worker" else 0
     print(f"{args.tuner} search over {args.app} ({hypermodel.describe()}), objective {objective} "
-          f"({app.objectives[objective]}), {max_trials or 'hyperband'} trials"
+          f"({app.objectives[objective]}), {max_trials or 'as many'} trial{'s' if max_trials != 1 else ''}"
           + (f", {done} done before" if done else "") + f"; dir {directory}", flush=True)
     print(f"space: {space.describe()}", flush=True)
     if role == "worker":
@@ -262,16 +261,16 @@ def run(args):
     stopped = None
     try:
         tuner.search(verbose=0)
-    except _TooManyFailures as failures:
+    except _TooManyFailures as failures:  # seen by the chief
         stopped = str(failures)
-    except RuntimeError as error:
-        if "consecutive failures" not in str(error):
+    except RuntimeError:
+        # keras-tuner's own limit (max_consecutive_failed_trials), raised by the oracle.
+        if _failure_streak(tuner.oracle) < args.max_failures:
             raise
-        stopped = f"{args.max_failures} trials in a row failed (--max-failures {args.max_failures})"
-    except Exception as error:  # grpc.RpcError on a worker: the chief stopped or went away
-        if role != "worker" or type(error).__module__.split(".")[0] != "grpc":
-            raise
-        print(f"dlsuite: error: the chief at {address} stopped answering ({_last_line(str(error))}); "
+        stopped = _failures_text(args.max_failures)
+    except _rpc_errors(role) as error:  # on a worker: the chief stopped or went away
+        details = error.details() if hasattr(error, "details") else str(error)
+        print(f"dlsuite: error: the chief at {address} stopped answering ({_last_line(details)}); "
               "see its output for why", file=sys.stderr)
         return 1
     if role == "worker":
@@ -279,6 +278,14 @@ def run(args):
         return 0
     return _report(tuner, hypermodel, space, directory=directory, objective=objective,
                    direction=app.objectives[objective], stopped=stopped, args=args)
+
+
+def _rpc_errors(role):
+    if role != "worker":
+        return ()
+    import grpc
+
+    return grpc.RpcError
 
 
 def _slug(text):
@@ -314,7 +321,8 @@ def _search_role():
 def _check_resumable(directory, settings, *, overwrite):
     saved_path = directory / "tune.json"
     if overwrite or not saved_path.exists():
-        if not overwrite and (directory / PROJECT).exists():
+        # oracle.json: a search ran here (workers of a starting search write only their tuner files).
+        if not overwrite and (directory / PROJECT / "oracle.json").exists():
             raise UsageError(f"{directory} holds trials but no tune.json; pass --overwrite to start over or another --dir")
         return
     try:
@@ -347,6 +355,10 @@ def _write_json(path, data):
     from dlsuite.apps import rundir
 
     rundir.write_json(path, data)
+
+
+def _failures_text(count):
+    return f"{count} trial{'s' if count > 1 else ''} in a row failed (--max-failures {count})"
 
 
 def _last_line(text):
@@ -392,7 +404,7 @@ class _Search:
         shown = ", ".join(f"{name}={_value_text(values[name])}" for name in self.hypermodel.space.searched() if name in values)
         if "tuner/epochs" in values:
             shown += f", epochs {values['tuner/initial_epoch']}-{values['tuner/epochs']}"
-        print(f"trial {trial.trial_id} on {self.tuner_id}: {shown}", flush=True)
+        print(f"trial {trial.trial_id} on {self.tuner_id}: {shown or 'nothing searched'}", flush=True)
         super().on_trial_begin(trial)
 
     def on_trial_end(self, trial):
@@ -486,7 +498,7 @@ def _serve(oracle, *, address, max_failures, poll_s=1.0):
                 print(f"chief: trial {trial_id} done: {result}", flush=True)
             reported = len(ended)
             if _failure_streak(oracle) >= max_failures:
-                raise _TooManyFailures(f"{max_failures} trials in a row failed (--max-failures {max_failures})")
+                raise _TooManyFailures(_failures_text(max_failures))
             if servicer.stop_triggered and oracle_chief.exit_chief(oracle):
                 return
     finally:
@@ -533,7 +545,7 @@ def _trial_rows(tuner, directory):
 
 
 def _table(rows, columns, objective, best_id):
-    header = ["trial", "status", *columns, objective, "epochs", "seconds", "worker"]
+    header = ["trial", "status", *columns, objective, "best/epochs", "seconds", "worker"]
     lines = []
     for row in rows:
         mark = "*" if row.trial_id == best_id else " "
@@ -587,9 +599,13 @@ def _plot(path, rows, space, objective, best_id):
             labels = [str(v) for v in spec["choice"]]
             xs = [labels.index(str(x)) if str(x) in labels else -1 for x in xs]
             axis.set_xticks(range(len(labels)), labels=labels, rotation=30 if len(labels) > 3 else 0)
-        elif spec.get("sampling") in ("log", "reverse_log") or (
-                "choice" in spec and min(spec["choice"]) > 0 and max(spec["choice"]) / min(spec["choice"]) >= 8):
-            axis.set_xscale("log")
+        else:
+            if spec.get("sampling") in ("log", "reverse_log") or (
+                    "choice" in spec and min(spec["choice"]) > 0 and max(spec["choice"]) / min(spec["choice"]) >= 8):
+                axis.set_xscale("log")
+            if "choice" in spec:  # the values themselves as ticks: 16, 32, 64, 128
+                axis.set_xticks(spec["choice"], labels=[_value_text(v) for v in spec["choice"]])
+                axis.minorticks_off()
         ys = [row.score for row in done]
         axis.scatter(xs, ys, color="tab:blue", alpha=0.8)
         best = [(x, row.score) for x, row in zip(xs, done) if row.trial_id == best_id]
@@ -631,10 +647,12 @@ def _report(tuner, hypermodel, space, *, directory, objective, direction, stoppe
         })
         print(f"\nbest: trial {best_id}, {objective} {best.score:.4f}: {json.dumps(values)}")
     failed = sum(1 for row in rows if row.status == "FAILED")
-    print(f"{len(rows)} trials ({len(completed)} completed, {failed} failed); trials.csv, best_hyperparameters.json"
-          + (", objective.png" if completed else "") + f" in {directory}", flush=True)
+    written = "trials.csv, best_hyperparameters.json, objective.png" if completed else "trials.csv"
+    print(f"{len(rows)} trial{'s' if len(rows) != 1 else ''} ({len(completed)} completed, {failed} failed); "
+          f"{written} in {directory}", flush=True)
     if stopped:
-        print(f"dlsuite: search stopped: {stopped}; the last error: {rows[-1].error if rows else ''}. Fix the space "
+        errors = [row.error for row in rows if row.error]
+        print(f"dlsuite: search stopped: {stopped}; the last error: {errors[-1] if errors else 'see above'}. Fix the space "
               "or raise --max-failures, then run the same command to resume", file=sys.stderr)
         return 1
     if best is None:
@@ -660,11 +678,7 @@ def _finish(tuner, hypermodel, best, *, directory, objective, args):
     trial = tuner.oracle.get_trial(best.trial_id)
     checkpoint = pathlib.Path(tuner.get_trial_dir(best.trial_id)) / CHECKPOINT
     if checkpoint.exists():
-        with warnings.catch_warnings():
-            # The checkpoint holds the optimizer's slots too; scoring and
-            # exporting need the weights only.
-            warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
-            model, how = tuner.load_model(trial), "restored from its best epoch"
+        model, how = _restore(tuner, trial, checkpoint), "restored from its best epoch"
     else:  # another machine ran it: train again with its hyperparameters
         model, how = _retrain(tuner, hypermodel, trial, directory), "retrained"
     values = hypermodel.space.declare(trial.hyperparameters.copy())
@@ -672,11 +686,26 @@ def _finish(tuner, hypermodel, best, *, directory, objective, args):
                                 no_export=args.no_export)
     _write_json(metrics_path, {"status": "finished", "best_trial": best.trial_id, "how": how,
                                f"best_{objective}": best.score, **summary})
-    figures = ", ".join(f"{key[5:]} {value:.4f}" for key, value in summary.items()
-                        if key.startswith("test_") and isinstance(value, float))
+    figures = ", ".join(f"{key.removeprefix('test_')} {value:.4f}" for key, value in summary.items() if isinstance(value, float))
     print(f"best model ({how}): test {figures}; metrics.json, model.keras in {directory}"
           + (f"; export {summary['export']}" if summary.get("export") else ""), flush=True)
     return 0
+
+
+def _build(tuner, hp):
+    import keras
+
+    keras.backend.clear_session()
+    strategy = tuner.distribution_strategy
+    with strategy.scope() if strategy is not None else contextlib.nullcontext():
+        return tuner.hypermodel.build(hp)
+
+
+def _restore(tuner, trial, checkpoint):
+    """The best trial's model at its best epoch (keras-tuner's checkpoint)."""
+    model = _build(tuner, trial.hyperparameters.copy())
+    model.load_weights(str(checkpoint))
+    return model
 
 
 def _retrain(tuner, hypermodel, trial, directory):
@@ -684,9 +713,7 @@ def _retrain(tuner, hypermodel, trial, directory):
 
     hp = trial.hyperparameters.copy()
     path = directory / "retrain.weights.h5"
-    strategy = tuner.distribution_strategy
-    with strategy.scope() if strategy is not None else contextlib.nullcontext():
-        model = tuner.hypermodel.build(hp)
+    model = _build(tuner, hp)
     checkpoint = keras.callbacks.ModelCheckpoint(str(path), monitor=hypermodel.objective, mode=hypermodel.direction,
                                                  save_best_only=True, save_weights_only=True)
     hypermodel.fit(hp, model, callbacks=[checkpoint], epochs=hp.values.get("tuner/epochs"))

@@ -16,7 +16,7 @@ import subprocess
 import sys
 
 # Benchmark modules in this package, run in this order; a new one is one entry.
-BENCHMARKS = ("train_throughput", "input_pipeline", "lm_speed")
+BENCHMARKS = ("train_throughput", "input_pipeline", "lm_speed", "lstm_tuning", "serving_latency", "startup")
 
 PACKAGE = pathlib.Path(__file__).resolve().parent
 DEFAULT_RESULTS = PACKAGE / "RESULTS.md"
@@ -100,7 +100,9 @@ def markdown(results):
         "interleaved. Ratio = ours / reference, of the medians; paired = the median of the per-repeat",
         "quotients, which cancels slow swings of machine speed; best = of the fastest repeats, the",
         "least disturbed figure when other processes share the cores (load above the core count).",
-        "Rerun a row with its command.",
+        "Machine: the 5-minute load average during the row; \"(shared)\" marks a load above the core",
+        "count: other work shared the cores, so the absolute figures are low and the spread wide",
+        "(compare the paired ratio). Rerun a row with its command.",
         "",
         "| Result | Mode | Ours | Reference | Ratio | Paired | Best | Bar | Details | Command | Date | Machine | Versions |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -121,7 +123,8 @@ def markdown(results):
             f"`{r.get('command', '')}`",
             r.get("date", ""),
             f"{r.get('cores')} cores, {r.get('cpu', '')}" + (
-                f", load {r['load_average'][1]:.1f}" if r.get("load_average") else ""),
+                f", load {r['load_average'][1]:.1f}" if r.get("load_average") else "") + (
+                " (shared)" if r.get("load_average") and r["load_average"][1] > (r.get("cores") or 0) else ""),
             f"TF {versions.get('tensorflow')}, Keras {versions.get('keras')}, Python {versions.get('python')}",
         ]) + " |")
     lines += ["", "## What each row compares", ""]

@@ -1,10 +1,21 @@
 """Custom training callbacks: learning-rate step decay, learning-rate logging,
-the NaN guard, an atomic best-model checkpoint and a per-epoch log."""
+the NaN guard, an atomic best-model checkpoint, a per-epoch log and the
+training monitors (update ratio, gradient norm, dead ReLUs)."""
 
 from dlsuite.callbacks.best_checkpoint import BestCheckpoint
 from dlsuite.callbacks.epoch_log import EpochLog
 from dlsuite.callbacks.lr_logger import LearningRateLogger
+from dlsuite.callbacks.monitors import (
+    DeadReluMonitor,
+    GradientNormMonitor,
+    MonitorReport,
+    UpdateRatioMonitor,
+    make_monitors,
+)
 from dlsuite.callbacks.nan_guard import NaNGuard
 from dlsuite.callbacks.step_decay import StepDecay
 
-__all__ = ["BestCheckpoint", "EpochLog", "LearningRateLogger", "NaNGuard", "StepDecay"]
+__all__ = [
+    "BestCheckpoint", "DeadReluMonitor", "EpochLog", "GradientNormMonitor", "LearningRateLogger", "MonitorReport",
+    "NaNGuard", "StepDecay", "UpdateRatioMonitor", "make_monitors",
+]

@@ -18,8 +18,11 @@ module gives, per layer and in total:
   Maxout units. Biases, activations, normalization, pooling, additions and
   embedding lookups are not counted, the same convention as the papers'
   numbers (ResNet-50: 3.86 GMACs, about 7.7 GFLOPs);
-* training memory: weights, gradients, optimizer slots and the activations
-  that backpropagation keeps, for a batch size and an optimizer.
+* training memory at the peak of a step: weights, optimizer slots, the
+  weight gradients and activations backpropagation holds at its fullest
+  moment, the temporaries and the framework's per-variable bookkeeping, for
+  a batch size and an optimizer (checked against measured peaks within 25%
+  for the CNN family, see `dlsuite diagnose memory`).
 
 None of it needs weight values, so `shapes_only()` builds a model for
 analysis without running its initializers.
@@ -32,7 +35,7 @@ import re
 import keras
 from keras.src.backend.common import global_state
 
-from dlsuite.models.layers import Maxout
+from dlsuite.models.layers import LocalResponseNormalization, Maxout
 
 # Slot variables each optimizer keeps per trainable parameter: momentum and
 # Nesterov keep a velocity; Adagrad and RMSprop a running square; Adam, AdamW,
@@ -303,12 +306,14 @@ def _dtype_bytes(dtype):
     return max(1, int(bits.group()) // 8)
 
 
-def _walk(model, fields, prefix, sequence_length, rows, seen_layers):
+def _walk(model, fields, prefix, sequence_length, rows, seen_layers, aliases):
     """Visits `model`'s nodes from the input; returns the output tensors' fields.
 
     `fields` maps id(input tensor) -> field for the model's inputs; rows are
     appended in execution order. Nested models are walked in place, their
-    layers named `outer/inner`.
+    layers named `outer/inner`. `aliases` maps id(tensor) -> id(tensor) for
+    tensors that are another's buffer under a new name (a nested model's
+    inputs and outputs, Flatten and Reshape outputs), for the memory count.
     """
     if isinstance(model, keras.Sequential):
         if getattr(model, "_functional", None) is None:
@@ -335,11 +340,16 @@ def _walk(model, fields, prefix, sequence_length, rows, seen_layers):
                 inner_fields = {
                     id(inner): fields.get(id(outer)) for inner, outer in zip(inner_inputs, inputs)
                 }
+                aliases.update({id(inner): id(outer) for inner, outer in zip(inner_inputs, inputs)})
                 inner_outputs = _walk(layer, inner_fields, f"{prefix}{layer.name}/",
-                                      sequence_length, rows, seen_layers)
-                for tensor, field in zip(node.outputs, inner_outputs):
+                                      sequence_length, rows, seen_layers, aliases)
+                functional = layer._functional if isinstance(layer, keras.Sequential) else layer
+                for tensor, inner, field in zip(node.outputs, functional.outputs, inner_outputs):
                     fields[id(tensor)] = field
+                    aliases[id(tensor)] = id(inner)
                 continue
+            if isinstance(layer, _VIEWS):
+                aliases[id(node.outputs[0])] = id(inputs[0])
             field = _output_field(layer, [fields.get(id(t)) for t in inputs], inputs, node.outputs)
             for tensor in node.outputs:
                 fields[id(tensor)] = field
@@ -362,15 +372,19 @@ def _row(layer, inputs, outputs, fields, prefix, macs, seen_layers, sequence_len
     field = fields.get(id(outputs[0]))
     shapes = [tuple(tensor.shape[1:]) for tensor in outputs]
     # A shared layer's weights are counted at its first call only.
-    params = 0 if id(layer) in seen_layers else layer.count_params()
+    first_call = id(layer) not in seen_layers
+    params = layer.count_params() if first_call else 0
     seen_layers.add(id(layer))
+
+    def sized(tensors):
+        return [(id(tensor), math.prod(_known(tensor.shape, layer.name, sequence_length))
+                 * _dtype_bytes(tensor.dtype)) for tensor in tensors]
+
     try:
-        elements = sum(
-            math.prod(_known(tensor.shape, layer.name, sequence_length))
-            * _dtype_bytes(tensor.dtype)
-            for tensor in outputs
-        )
+        inputs_sized, outputs_sized = sized(inputs), sized(outputs)
+        elements = sum(size for _, size in outputs_sized)
     except ValueError as unknown:
+        inputs_sized, outputs_sized = [], []
         elements, error = None, error or str(unknown)
     return {
         "name": prefix + layer.name,
@@ -382,12 +396,18 @@ def _row(layer, inputs, outputs, fields, prefix, macs, seen_layers, sequence_len
         "flops": None if macs is None else 2 * macs,
         "activation_bytes": elements,
         "_error": error,
+        # For the memory walk: the layer, its tensors as (id, bytes per
+        # example) and the bytes of each weight it trains (first call only).
+        "_layer": layer,
+        "_inputs": inputs_sized,
+        "_outputs": outputs_sized,
+        "_trainable": [_weight_bytes([w]) for w in layer.trainable_weights] if first_call else [],
     }
 
 
-def _rows(model, sequence_length=None):
+def _rows(model, sequence_length=None, aliases=None):
     rows = []
-    _walk(model, {}, "", sequence_length, rows, set())
+    _walk(model, {}, "", sequence_length, rows, set(), aliases if aliases is not None else {})
     return rows
 
 
@@ -464,13 +484,195 @@ def _check_memory_arguments(batch_size, optimizer):
         )
 
 
-def _memory(model, rows, batch_size, optimizer):
+# What backprop keeps of each layer, as TensorFlow's gradient functions need
+# it: a convolution or Dense layer its input (for the kernel gradient), ReLU,
+# tanh, sigmoid and softmax their output, batch norm its input, max pooling
+# both. Outputs that nothing needs (a batch norm feeding a ReLU, a residual
+# sum, a padding's source) are freed during the forward pass.
+_KEEPS_NOTHING = (
+    keras.layers.InputLayer, keras.layers.Add, keras.layers.Subtract, keras.layers.Average,
+    keras.layers.Concatenate, keras.layers.Flatten, keras.layers.Reshape, keras.layers.Permute,
+    keras.layers.RepeatVector, keras.layers.Rescaling, keras.layers.Normalization,
+    keras.layers.Identity, keras.layers.UpSampling1D, keras.layers.UpSampling2D, keras.layers.UpSampling3D,
+    *_GLOBAL_POOLING, *_PASS_THROUGH,
+    keras.layers.AveragePooling1D, keras.layers.AveragePooling2D, keras.layers.AveragePooling3D,
+)
+# Layers whose output is a view of their input's buffer, not a new one.
+_VIEWS = (keras.layers.Flatten, keras.layers.Reshape)
+_KEEPS_INPUT = (
+    *_CONV, *_DEPTHWISE_CONV, *_SEPARABLE_CONV, *_TRANSPOSED_CONV, keras.layers.Dense,
+    keras.layers.EinsumDense, keras.layers.BatchNormalization, keras.layers.LayerNormalization,
+    keras.layers.GroupNormalization, keras.layers.Embedding, keras.layers.Multiply, keras.layers.Dot,
+)
+# Activations whose gradient TensorFlow computes from the output, and those
+# it computes from the input.
+_FROM_OUTPUT = frozenset({"relu", "elu", "selu", "tanh", "sigmoid", "softmax", "log_softmax", "exponential"})
+_FROM_INPUT = frozenset({"leaky_relu", "relu6", "gelu", "silu", "swish", "softplus", "softsign", "mish",
+                         "hard_sigmoid", "hard_silu", "hard_swish"})
+
+# Temporaries of the update: plain SGD subtracts the scaled gradient in
+# place; the others compute their new slots and step through about one
+# temporary the size of the variable, and two updates run at once
+# (measured: VGG-11's and AlexNet's 64 MB and 16 MB fc layers add about
+# 80 MB to a step's peak with Adam or momentum, nothing with SGD).
+_UPDATE_TEMPORARIES = {name: (0 if name in ("sgd", "lbfgs") else 1) for name in OPTIMIZER_SLOTS}
+_CONCURRENT_UPDATES = 2
+
+# Weight gradients alive at once. With SGD, AdaGrad and Adam, TensorFlow
+# 2.21 runs each variable's update soon after its gradient is ready, so they
+# do not pile up: those of the last 3 layers with kernels were alive together
+# at the peaks measured (ResNet-18/34/50 at batch 1-32, VGG-11/13/16, AlexNet,
+# GoogLeNet, LeNet-5). With momentum, Nesterov and RMSprop the executor
+# measurably runs the updates after backprop instead: every gradient, and
+# the activations they are computed from, are alive at the peak (ResNet-18
+# at batch 1: 67-72 MB against 29-38 MB with SGD, AdaGrad or Adam). L-BFGS
+# flattens all gradients at once.
+GRADIENT_WINDOW = 3
+_ALL_GRADIENTS_AT_ONCE = frozenset({"momentum", "nesterov", "rmsprop", "lbfgs"})
+_NORMALIZATION = (keras.layers.BatchNormalization, keras.layers.LayerNormalization,
+                  keras.layers.GroupNormalization)
+
+# Process memory a Keras variable costs on TensorFlow beyond its values
+# (Python objects, resource handle, eager kernels): measured 40-48 KiB per
+# variable for weights and for optimizer slots alike (TensorFlow 2.21,
+# Keras 3.15, CPU). It dominates below a few MB of weights (LeNet-5).
+FRAMEWORK_BYTES_PER_VARIABLE = 44 * 1024
+
+
+def _activation_name(function):
+    name = getattr(function, "__name__", None) or str(function)
+    return name.lower()
+
+
+def _backprop_needs(layer):
+    """(keeps its inputs, keeps its outputs, extra kept buffers in outputs' size)."""
+    if isinstance(layer, keras.layers.Dropout):
+        return False, False, (1 if layer.rate > 0 else 0)  # the mask
+    if isinstance(layer, _KEEPS_NOTHING):
+        return False, False, 0
+    if isinstance(layer, (keras.layers.Activation, keras.layers.ReLU, keras.layers.LeakyReLU,
+                          keras.layers.ELU, keras.layers.Softmax)):
+        if isinstance(layer, keras.layers.Activation):
+            name = _activation_name(layer.activation)
+        else:
+            name = {"ReLU": "relu", "LeakyReLU": "leaky_relu", "ELU": "elu", "Softmax": "softmax"}[
+                type(layer).__name__]
+        if name == "linear":
+            return False, False, 0
+        return name in _FROM_INPUT, name not in _FROM_INPUT, 0
+    if isinstance(layer, _KEEPS_INPUT):
+        name = _activation_name(getattr(layer, "activation", None) or "linear")
+        if name in _FROM_OUTPUT:
+            return True, True, 0
+        return True, False, (1 if name in _FROM_INPUT else 0)  # the pre-activation
+    if isinstance(layer, _POOLING):  # max pooling; average pooling keeps nothing (above)
+        return True, True, 0
+    if isinstance(layer, LocalResponseNormalization):
+        # Built from primitive ops: keeps the input, the output and the
+        # window sum and scale (each input-sized) for their gradients.
+        return True, True, 2
+    return True, True, 0  # anything else (Maxout, recurrent layers): both, to be safe
+
+
+def _step_peak(model, rows, aliases, batch_size, optimizer):
+    """Walks backprop from the loss down to the first layer and returns the
+    bytes at the fullest moment: the activations still needed, the gradients
+    flowing through the layer at hand, the weight gradients of the last
+    GRADIENT_WINDOW layers with kernels and the update temporaries of the
+    largest of them; for the optimizers of _ALL_GRADIENTS_AT_ONCE, every
+    activation and every gradient. Returns {"activations", "gradients",
+    "workspace"}.
+    """
+
+    def buffer(tensor_id):
+        while tensor_id in aliases:
+            tensor_id = aliases[tensor_id]
+        return tensor_id
+
+    size, last_use, extra, carries_gradient = {}, {}, [], set()
+    positions = len(rows)  # rows 0..n-1, then the loss at n
+    for index, row in enumerate(rows):
+        inputs = [(buffer(t), b) for t, b in row["_inputs"]]
+        outputs = [(buffer(t), b) for t, b in row["_outputs"]]
+        size.update(inputs + outputs)
+        keeps_inputs, keeps_outputs, extras = _backprop_needs(row["_layer"])
+        kept = (inputs if keeps_inputs else []) + (outputs if keeps_outputs else [])
+        for tensor, _ in kept:
+            # Backprop runs from the last layer to the first: a buffer lives
+            # until the earliest layer that needs it has been passed.
+            last_use[tensor] = min(last_use.get(tensor, positions), index)
+        if extras:
+            extra.append((index, extras * sum(b for _, b in outputs)))
+        if row["_trainable"] or any(t in carries_gradient for t, _ in inputs):
+            carries_gradient.update(t for t, _ in outputs if t not in dict(inputs))
+    functional = model._functional if isinstance(model, keras.Sequential) else model
+    for tensor in functional.outputs:  # the loss needs the predictions
+        last_use.setdefault(buffer(id(tensor)), positions)
+
+    # live[i]: bytes per example still held while backprop is at position i.
+    live = [0] * (positions + 1)
+    for tensor, index in last_use.items():
+        live[index] += size[tensor]
+    for index, extra_bytes in extra:
+        live[index] += extra_bytes
+    for index in range(1, positions + 1):
+        live[index] += live[index - 1]
+
+    def flowing(row):
+        """Bytes per example of the gradients into and out of `row`."""
+        return sum(dict((buffer(t), b) for t, b in row["_inputs"] + row["_outputs"]
+                        if buffer(t) in carries_gradient).values())
+
+    def temporaries(weights):
+        largest = sorted(weights, reverse=True)[:_CONCURRENT_UPDATES]
+        return _UPDATE_TEMPORARIES[optimizer] * sum(largest)
+
+    if optimizer in _ALL_GRADIENTS_AT_ONCE:
+        weights = [size for row in rows for size in row["_trainable"]]
+        return {
+            "activations": batch_size * live[positions],
+            "gradients": sum(weights),
+            "workspace": batch_size * max((flowing(row) for row in rows), default=0) + temporaries(weights),
+        }
+    best = {"activations": batch_size * live[positions], "gradients": 0, "workspace": 0}
+    window = []  # weight bytes of the layers backprop passed last, newest first
+    for index in range(positions - 1, -1, -1):
+        row = rows[index]
+        if row["_trainable"]:
+            window.insert(0, (row["_trainable"], isinstance(row["_layer"], _NORMALIZATION)))
+            # Keep the last GRADIENT_WINDOW layers with kernels (and the small
+            # normalization layers between them).
+            majors = 0
+            for keep, (_, minor) in enumerate(window):
+                majors += not minor
+                if majors == GRADIENT_WINDOW:
+                    del window[keep + 1:]
+                    break
+        weights = [size for sizes, _ in window for size in sizes]
+        candidate = {
+            "activations": batch_size * live[index],
+            "gradients": sum(weights),
+            "workspace": batch_size * flowing(row) + temporaries(weights),
+        }
+        if sum(candidate.values()) > sum(best.values()):
+            best = candidate
+    return best
+
+
+def _memory(model, rows, aliases, batch_size, optimizer):
     trainable_bytes = _weight_bytes(model.trainable_weights)
+    peak = _step_peak(model, rows, aliases, batch_size, optimizer)
+    slots = OPTIMIZER_SLOTS[optimizer]
+    # Every weight and slot is a variable, plus the optimizer's step counter
+    # and learning rate.
+    variables = len(model.weights) + slots * len(model.trainable_weights) + 2
     memory = {
         "weights": _weight_bytes(model.weights),
-        "gradients": trainable_bytes,
-        "optimizer": OPTIMIZER_SLOTS[optimizer] * trainable_bytes,
-        "activations": batch_size * sum(row["activation_bytes"] for row in rows),
+        "gradients": peak["gradients"],
+        "optimizer": slots * trainable_bytes,
+        "activations": peak["activations"],
+        "workspace": peak["workspace"],
+        "framework": FRAMEWORK_BYTES_PER_VARIABLE * variables,
     }
     memory["total"] = sum(memory.values())
     return memory
@@ -486,21 +688,33 @@ def memory(model, batch_size=32, optimizer="adam", sequence_length=None):
             parameter (sgd 0, momentum 1, adam 2, lbfgs 2 x 10 history pairs).
         sequence_length: time steps to assume where the time axis is None.
 
+    The estimate follows TensorFlow's backprop from the loss down to the
+    first layer and reports the fullest moment: the activations still
+    needed there (each layer keeps what its gradient needs: a convolution
+    its input, a ReLU its output, batch norm its input; a residual sum or a
+    batch norm feeding a ReLU keeps nothing), the weight gradients of the
+    last few layers passed (each update runs as soon as its gradient is
+    ready), the gradients flowing between layers and the update's
+    temporaries. `dlsuite diagnose memory` measures the real peak beside it.
+
     Returns:
         A dict of bytes: `weights` (every parameter, at its dtype's size),
-        `gradients` (one per trainable parameter), `optimizer` (slots x
-        trainable parameters), `activations` (batch_size x the elements of the
-        model inputs and of every layer output, which backprop keeps) and
-        `total`, their sum.
+        `gradients` (weight gradients alive at the peak), `optimizer` (slots x
+        trainable parameters), `activations` (batch_size x the layer outputs
+        backprop still needs at the peak), `workspace` (gradients flowing
+        between layers and update temporaries at the peak), `framework`
+        (FRAMEWORK_BYTES_PER_VARIABLE per weight and slot variable) and
+        `total`, their sum: the peak of a training step.
 
     Raises:
         ValueError: for an unknown optimizer, batch_size < 1 or an unknown
             dimension.
     """
     _check_memory_arguments(batch_size, optimizer)
-    rows = _rows(model, sequence_length)
+    aliases = {}
+    rows = _rows(model, sequence_length, aliases)
     _raise_unknown(rows)
-    return _memory(model, rows, batch_size, optimizer)
+    return _memory(model, rows, aliases, batch_size, optimizer)
 
 
 def _shapes(tensors):
@@ -521,7 +735,8 @@ def describe(model, batch_size=32, optimizer="adam", sequence_length=None):
         ValueError: as `flops` and `memory` do.
     """
     _check_memory_arguments(batch_size, optimizer)
-    rows = _rows(model, sequence_length)
+    aliases = {}
+    rows = _rows(model, sequence_length, aliases)
     _raise_unknown(rows)
     trainable = _params(model.trainable_weights)
     params = _params(model.weights)
@@ -536,7 +751,7 @@ def describe(model, batch_size=32, optimizer="adam", sequence_length=None):
         "output_shape": _shapes(functional.outputs),
         "batch_size": batch_size,
         "optimizer": optimizer,
-        "memory": _memory(model, rows, batch_size, optimizer),
+        "memory": _memory(model, rows, aliases, batch_size, optimizer),
         "layers": [
             {key: value for key, value in row.items() if not key.startswith("_")}
             for row in rows

@@ -19,6 +19,11 @@ EXPECTED = {
     "train_throughput": {"train_resnet50", "train_vgg16"},
     "input_pipeline": {"pipeline_64_first_epoch", "pipeline_64_steady", "decode_64"},
     "lm_speed": {"generate_stateful_vs_prefix", "generate_export_vs_stateful", "train_lstm_2x32", "train_gru_2x32"},
+    "lstm_tuning": {"lstm_2x32_unroll_seq10", "lstm_2x32_batch32", "lstm_2x32_steps_per_execution4"},
+    "serving_latency": {"serving_lenet5_b1", "serving_lenet5_b4", "predict_files_lenet5_b1", "predict_files_lenet5_b4",
+                        "serving_lm_generate_2x32"},
+    # One row per app: a new app in apps/cli.py SUBCOMMANDS is measured without listing it here.
+    "startup": {"startup_help", "startup_classify_help", "startup_lm_help", "startup_models_help"},
 }
 KEYS = {
     "name", "benchmark", "mode", "ours", "reference", "ratio", "unit", "ours_samples",
@@ -36,7 +41,8 @@ def _benchmarks(*args, timeout):
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     results = tmp_path_factory.mktemp("benchmarks") / "RESULTS.md"
-    run = _benchmarks("--quick", "--results", str(results), timeout=300)
+    # About 4-5 minutes on 2 shared cores; the limit leaves room for a busy machine.
+    run = _benchmarks("--quick", "--results", str(results), timeout=900)
     assert run.returncode == 0, run.stderr[-4000:]
     printed = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
     return run, printed, results
@@ -82,3 +88,21 @@ def test_unknown_benchmark_is_refused_with_the_known_ones():
     run = _benchmarks("--only", "no_such_benchmark", timeout=60)
     assert run.returncode == 2
     assert "train_throughput" in run.stderr and "input_pipeline" in run.stderr
+
+
+def test_quick_startup_covers_every_app_without_importing_tensorflow(quick_run):
+    import argparse
+
+    from dlsuite.apps import cli
+
+    _, printed, _ = quick_run
+    startup = {result["name"]: result for result in printed if result["benchmark"] == "startup"}
+    apps = {
+        name
+        for action in cli.build_parser()._actions
+        if isinstance(action, argparse._SubParsersAction)
+        for name in action.choices
+    }
+    assert {"startup_help"} | {f"startup_{app}_help" for app in apps} <= set(startup)
+    for result in startup.values():
+        assert result["imports_tensorflow"] is False, f"{result['config']['command']} imports TensorFlow"

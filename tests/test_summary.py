@@ -206,13 +206,24 @@ def tiny_dense():
 
 @pytest.mark.parametrize("optimizer, slots", [("sgd", 0), ("momentum", 1), ("adam", 2)])
 def test_memory_exact_for_tiny_dense(optimizer, slots):
+    # The estimate is the peak of a step, checked against measured peaks by
+    # `dlsuite diagnose memory`: here while backprop is at the Dense layer.
     memory = summary.memory(tiny_dense(), batch_size=8, optimizer=optimizer)
     expected = {
         "weights": 15 * 4,
         "gradients": 15 * 4,
         "optimizer": slots * 15 * 4,
-        # The input (4) and the Dense output (3), float32, for 8 examples.
-        "activations": 8 * (4 + 3) * 4,
+        # Dense keeps its input (4 floats) for the kernel gradient; the
+        # output (3) is freed once the loss has its gradient, except with
+        # momentum, whose updates run after backprop (summary's
+        # _ALL_GRADIENTS_AT_ONCE): then the peak holds both.
+        "activations": 8 * (4 + 3) * 4 if optimizer == "momentum" else 8 * 4 * 4,
+        # The output gradient (3 floats per example) and, except for plain
+        # SGD, one update temporary the size of each of the two largest
+        # variables: the kernel (12) and the bias (3).
+        "workspace": 8 * 3 * 4 + (0 if optimizer == "sgd" else (12 + 3) * 4),
+        # Kernel, bias, their slots, the step counter and learning rate.
+        "framework": summary.FRAMEWORK_BYTES_PER_VARIABLE * (2 + 2 * slots + 2),
     }
     expected["total"] = sum(expected.values())
     assert memory == expected
@@ -241,7 +252,8 @@ def test_describe_keys_and_totals():
     for key in ("name", "params", "trainable_params", "non_trainable_params", "flops",
                 "input_shape", "output_shape", "memory", "layers"):
         assert key in info
-    assert set(info["memory"]) == {"weights", "optimizer", "activations", "gradients", "total"}
+    assert set(info["memory"]) == {"weights", "optimizer", "activations", "gradients", "workspace",
+                                   "framework", "total"}
     assert info["params"] == info["trainable_params"] == 61706
     assert info["non_trainable_params"] == 0
     assert info["flops"] == 833040
