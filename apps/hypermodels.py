@@ -363,3 +363,118 @@ class LanguageModelHyperModel(AppHyperModel):
                 metadata={"cell": config.cell, "layers": config.layers, "units": config.units, "seq_len": config.seq_len,
                           "test_perplexity": summary["test_perplexity"]}))
         return summary
+
+
+class TransferHyperModel(ClassifierHyperModel):
+    """`dlsuite transfer finetune` under search: the backbone and its weights
+    fixed by the options, the phases, head and training from the trial.
+
+    A trial trains like `transfer finetune`: the new head on the frozen
+    backbone for the first part of its epochs, then the top `unfreeze`
+    layers (batch norm stays frozen) at `lr x finetune_lr_factor` for the
+    share `finetune_share`. An `unfreeze` past the backbone's layer count
+    unfreezes all of them; `--weights none` trains every layer throughout.
+
+    Args:
+        config: a `transfer.TransferConfig` holding the backbone and data options.
+        data: the dataset with its training split cut to --train-per-class.
+        statistics: that split's per-channel statistics.
+    """
+
+    def __init__(self, *, config, data, statistics, **kwargs):
+        super().__init__(config=config, data=data, **kwargs)
+        self.fixed_statistics = statistics
+        self.scratch = config.weights is None or str(config.weights).lower() in ("none", "random")
+        self._finetuning = False
+
+    @classmethod
+    def prepare(cls, config, **kwargs):
+        from dlsuite.apps import backbones, transfer
+
+        transfer.check_config(config)
+        config = dataclasses.replace(config, weights=backbones.check_weights_argument(config.backbone, config.weights))
+        data, statistics = transfer.load_data(config)
+        return cls(config=config, data=data, statistics=statistics, **kwargs)
+
+    def optimizer_config(self, values):
+        config = super().optimizer_config(values)
+        if self._finetuning:
+            return dataclasses.replace(config, lr=config.learning_rate * values["finetune_lr_factor"])
+        return config
+
+    def build_model(self, values):
+        from dlsuite.apps import backbones, transfer
+
+        self._finetuning = False
+        base = backbones.build_base(
+            self.config.backbone, weights=self.config.weights, input_size=self.config.input_size,
+            channels=self.data.channels, statistics=self.fixed_statistics, preprocessing=self.config.preprocess,
+            batch_norm=self.config.batch_norm)
+        model = transfer.build_transfer_model(base, classes=len(self.data.class_names), augment=self.config.augment,
+                                              seed=self.config.seed, head_dropout=values["head_dropout"])
+        transfer.set_trainable(model, "all" if self.scratch else 0)
+        return model
+
+    def _split(self, split, size, batch_size, training):
+        from dlsuite.apps import pipeline
+
+        size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+        key = (split, size, batch_size)
+        if training or key not in self._batches:
+            batches = pipeline.batches(getattr(self.data, split), image_size=size, channels=self.data.channels,
+                                       batch_size=batch_size, training=training, seed=self.config.seed)
+            if training:
+                return batches
+            self._batches[key] = batches
+        return self._batches[key]
+
+    def batches(self, values, model):
+        size = tuple(int(d) for d in model.inputs[0].shape[1:3])
+        return (self._split("train", size, values["batch_size"], True),
+                self._split("validation", size, values["batch_size"], False))
+
+    def fit(self, hp, model, *args, callbacks=(), epochs=None, initial_epoch=0, **kwargs):
+        """Phase 1 then phase 2 in one trial; the best epoch of either counts."""
+        from dlsuite.apps import transfer
+
+        values = self.space.declare(hp)
+        total = epochs or values["epochs"]
+        self._finetuning = False
+        if self.scratch:
+            return super().fit(hp, model, callbacks=callbacks, epochs=total, initial_epoch=initial_epoch)
+        freeze = total - int(round(total * values["finetune_share"])) if total > 1 else total
+        results = []
+        if initial_epoch < freeze:
+            results.append(super().fit(hp, model, callbacks=callbacks, epochs=freeze, initial_epoch=initial_epoch))
+        if total > max(freeze, initial_epoch):
+            base = model.get_layer("backbone")
+            tunable = sum(1 for layer in base.layers
+                          if layer.weights and not isinstance(layer, keras.layers.BatchNormalization))
+            transfer.set_trainable(model, min(values["unfreeze"], tunable))
+            self._finetuning = True
+            optimizer = optim.make_optimizer(self.optimizer_config(values), steps_per_epoch=self.steps_per_epoch(values),
+                                             epochs=total - freeze)
+            model.compile(optimizer=optimizer, loss=self.loss(), metrics=["accuracy"])
+            results.append(super().fit(hp, model, callbacks=callbacks, epochs=total,
+                                       initial_epoch=max(freeze, initial_epoch)))
+            self._finetuning = False
+        pick = max if self.direction == "max" else min
+        best = pick(results, key=lambda result: result[self.objective])
+        return {**best, "epochs": float(total), "seconds": sum(result["seconds"] for result in results)}
+
+    def finish(self, model, values, *, out_dir, export_name, export_dir, no_export):
+        from dlsuite.apps import export, metrics
+
+        size = tuple(int(d) for d in model.inputs[0].shape[1:3])
+        test = self._split("test", size, 256, False)
+        labels = np.concatenate([np.asarray(y) for _, y in test])
+        report = metrics.classification_report(model.predict(test, verbose=0), labels, self.data.class_names)
+        rundir.plot_confusion(report["confusion_matrix"], self.data.class_names, out_dir / "confusion.png")
+        engine.save_model(model, out_dir / "model.keras")
+        summary = {f"test_{key}": report[key] for key in ("accuracy", "loss", "top5_accuracy") if key in report}
+        if not no_export:
+            summary["export"] = str(export.export_classifier(
+                model, class_names=self.data.class_names, base_dir=export_dir,
+                name=export_name or f"{model.name}_{rundir.slug(self.data.name)}"))
+        summary["per_class"], summary["confusion_matrix"] = report["per_class"], report["confusion_matrix"]
+        return summary

@@ -98,6 +98,14 @@ PARAMS = {
         "batch_norm": Param("bool"),
         **TRAINING_PARAMS,
     },
+    "transfer": {
+        # Past the backbone's count of weighted layers (batch norm aside): all of them.
+        "unfreeze": Param("int", 0, 100_000),
+        "finetune_lr_factor": Param("float", 0.0, 1.0, low_open=True),
+        "finetune_share": Param("float", 0.0, 1.0, high_open=True),
+        "head_dropout": Param("float", 0.0, 1.0, high_open=True),
+        **TRAINING_PARAMS,
+    },
     "lm": {
         # bilstm has two outputs and reports other metric names; tune it by hand.
         "cell": Param("choice", values=("lstm", "gru", "rnn")),
@@ -123,6 +131,17 @@ DEFAULTS = {
         "lr_schedule": ["constant", "cosine"],
         "dropout": {"min": 0.0, "max": 0.5},
         "l2": {"min": 1e-6, "max": 1e-2, "sampling": "log"},
+    },
+    # The seed's recipe: how much of the backbone to fine-tune and how much
+    # smaller its rate should be, with the head's dropout, batch size and rate.
+    "transfer": {
+        "unfreeze": [0, 1, 2, 4, 100],
+        "finetune_lr_factor": {"min": 0.01, "max": 1.0, "sampling": "log"},
+        "finetune_share": [0.0, 0.3, 0.5],
+        "head_dropout": {"min": 0.0, "max": 0.5},
+        "batch_size": [16, 32],
+        "lr": {"min": 3e-4, "max": 1e-2, "sampling": "log"},
+        "optimizer": ["adam", "nesterov"],
     },
     # Measured on 200k characters, 2 shared CPU cores: a 2x128 GRU at batch
     # 16, sequences of 50 and lr 0.005 reaches validation loss 1.86

@@ -99,8 +99,7 @@ def _unfreeze(text):
         raise argparse.ArgumentTypeError(f"expected a positive number of layers or 'all', received {text!r}") from None
 
 
-def _add_backbone_arguments(parser, *, weights_default):
-    group = parser.add_argument_group("backbone")
+def _add_backbone_arguments(group, *, weights_default):
     group.add_argument("--backbone", help="registry CNN or keras.applications model, e.g. resnet50, vgg16, lenet5, "
                                           "MobileNetV2, EfficientNetB0 (optional when --weights is a trained model)")
     group.add_argument("--weights", default=weights_default,
@@ -116,6 +115,24 @@ def _add_backbone_arguments(parser, *, weights_default):
                             "(default: on for random weights, as classify trains; off for a weights file)")
 
 
+def add_data_arguments(group):
+    """The backbone and the data it is fine-tuned on (`transfer finetune`, `tune transfer`)."""
+    _add_backbone_arguments(group, weights_default="imagenet")
+    group.add_argument("--dataset", default="shapes",
+                       help="digits, shapes (generated, default), a folder with one subfolder per class, or tfds:NAME")
+    group.add_argument("--train-per-class", type=train_args.positive_int, metavar="N",
+                       help="keep N training images per class (few-label transfer); validation and test stay whole")
+    group.add_argument("--augment", nargs="?", const=list(choices.AUGMENTATIONS), type=train_args.augment_kinds,
+                       metavar="KINDS", help="random flip, rotation, zoom, translation, contrast (bare --augment: all)")
+    group.add_argument("--strict", action="store_true", help="stop at an unreadable image instead of skipping it")
+    group.add_argument("--validation-fraction", type=float, default=0.15)
+    group.add_argument("--test-fraction", type=float, default=0.15)
+    group.add_argument("--shapes-classes", type=train_args.positive_int, default=4, help="shapes: number of classes")
+    group.add_argument("--shapes-size", type=train_args.positive_int, default=64, help="shapes: image side in pixels")
+    group.add_argument("--shapes-count", type=train_args.positive_int, default=1200, help="shapes: number of images")
+    group.add_argument("--data-dir", help="tfds: where TensorFlow Datasets keeps its files")
+
+
 def add_parser(subparsers):
     parser = subparsers.add_parser(
         "transfer", help="transfer learning: extract features, fine-tune a pretrained backbone",
@@ -128,7 +145,7 @@ def add_parser(subparsers):
 
     extract = commands.add_parser("extract", help="embeddings of every image in a folder, to a .npz",
                                   epilog=EPILOG_EXTRACT, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_backbone_arguments(extract, weights_default="imagenet")
+    _add_backbone_arguments(extract.add_argument_group("backbone"), weights_default="imagenet")
     extract.add_argument("--images", required=True, metavar="DIR",
                          help="a folder of images, or of class subfolders (then labels are saved too)")
     extract.add_argument("--out", default="features.npz", help="the .npz to write (default features.npz)")
@@ -141,21 +158,7 @@ def add_parser(subparsers):
 
     finetune = commands.add_parser("finetune", help="new head on a frozen backbone, then fine-tune its top layers",
                                    epilog=EPILOG_FINETUNE, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_backbone_arguments(finetune, weights_default="imagenet")
-    data = finetune.add_argument_group("data")
-    data.add_argument("--dataset", default="shapes",
-                      help="digits, shapes (generated, default), a folder with one subfolder per class, or tfds:NAME")
-    data.add_argument("--train-per-class", type=train_args.positive_int, metavar="N",
-                      help="keep N training images per class (few-label transfer); validation and test stay whole")
-    data.add_argument("--augment", nargs="?", const=list(choices.AUGMENTATIONS), type=train_args.augment_kinds,
-                      metavar="KINDS", help="random flip, rotation, zoom, translation, contrast (bare --augment: all)")
-    data.add_argument("--strict", action="store_true", help="stop at an unreadable image instead of skipping it")
-    data.add_argument("--validation-fraction", type=float, default=0.15)
-    data.add_argument("--test-fraction", type=float, default=0.15)
-    data.add_argument("--shapes-classes", type=train_args.positive_int, default=4, help="shapes: number of classes")
-    data.add_argument("--shapes-size", type=train_args.positive_int, default=64, help="shapes: image side in pixels")
-    data.add_argument("--shapes-count", type=train_args.positive_int, default=1200, help="shapes: number of images")
-    data.add_argument("--data-dir", help="tfds: where TensorFlow Datasets keeps its files")
+    add_data_arguments(finetune.add_argument_group("backbone and data"))
 
     phases = finetune.add_argument_group("phases")
     phases.add_argument("--freeze-epochs", type=int, default=5, metavar="E",
@@ -293,7 +296,7 @@ def run_extract(args):
 # --- finetune ---------------------------------------------------------------------
 
 
-def _check_config(config):
+def check_config(config):
     from dlsuite.apps import backbones
 
     if config.backbone is None and not backbones.is_model_file(config.weights):
@@ -401,23 +404,11 @@ def run_finetune(args):
     return finetune(train_args.config_from_args(TransferConfig, args))
 
 
-def finetune(config):
-    """Runs both phases for `config`; returns the exit status."""
-    from dlsuite.apps import distribute
+def load_data(config):
+    """The dataset with its training split cut to --train-per-class, and the
+    per-channel statistics of that split (for backbones that standardize)."""
+    from dlsuite.apps import classifier, datasets, pipeline
 
-    _check_config(config)
-    strategy = distribute.make_strategy(config.strategy)
-
-    import keras
-
-    from dlsuite.apps import backbones, classifier, datasets, engine, export, metrics, optim, pipeline, rundir
-
-    weights = backbones.check_weights_argument(config.backbone, config.weights)
-    scratch = weights is None
-    device = engine.device_kind()
-    engine.set_seed(config.seed, deterministic=device == "cpu")
-    policy = engine.set_precision(config.mixed_precision, device)
-    batch_size = config.batch_size or engine.default_batch_size(device)
     data = datasets.load(
         config.dataset, seed=config.seed, validation_fraction=config.validation_fraction,
         test_fraction=config.test_fraction, strict=config.strict, shapes_classes=config.shapes_classes,
@@ -425,16 +416,36 @@ def finetune(config):
     )
     for path, reason in data.skipped:
         print(f"skipped {path}: {reason}", file=sys.stderr)
-    train_split, train_size = data.train, data.sizes["train"]
     if config.train_per_class:
-        train_split, train_size = few_labels(data.train, config.train_per_class, seed=config.seed)
-    batch_size = min(batch_size, train_size)
-
-    # The statistics of the new data, for backbones that standardize pixels.
+        train, size = few_labels(data.train, config.train_per_class, seed=config.seed)
+        data = dataclasses.replace(data, train=train, sizes={**data.sizes, "train": size})
     probe_size = tuple(config.input_size) if config.input_size else (
         data.image_shape[:2] if data.image_shape else (64, 64))
     statistics = classifier.channel_statistics(
-        pipeline.batches(train_split, image_size=probe_size, channels=data.channels, batch_size=64, training=False))
+        pipeline.batches(data.train, image_size=probe_size, channels=data.channels, batch_size=64, training=False))
+    return data, statistics
+
+
+def finetune(config):
+    """Runs both phases for `config`; returns the exit status."""
+    from dlsuite.apps import distribute
+
+    check_config(config)
+    strategy = distribute.make_strategy(config.strategy)
+
+    import keras
+
+    from dlsuite.apps import backbones, engine, export, metrics, optim, pipeline, rundir
+
+    weights = backbones.check_weights_argument(config.backbone, config.weights)
+    scratch = weights is None
+    device = engine.device_kind()
+    engine.set_seed(config.seed, deterministic=device == "cpu")
+    policy = engine.set_precision(config.mixed_precision, device)
+    batch_size = config.batch_size or engine.default_batch_size(device)
+    data, statistics = load_data(config)
+    train_split, train_size = data.train, data.sizes["train"]
+    batch_size = min(batch_size, train_size)
     with strategy.scope():
         base = backbones.build_base(config.backbone, weights=weights, input_size=config.input_size,
                                     channels=data.channels, statistics=statistics, preprocessing=config.preprocess,

@@ -278,3 +278,20 @@ def test_an_empty_images_folder_is_an_error(tmp_path, capsys):
     status, _, stderr = run_cli(["transfer", "extract", "--backbone", "lenet5", "--weights", "none",
                                  "--images", tmp_path / "empty", "--out", tmp_path / "f.npz"], capsys)
     assert status == 2 and "has no images" in stderr
+
+
+def test_tune_searches_how_to_finetune(source, tmp_path, capsys):
+    status, stdout, stderr = run_cli([
+        "tune", "transfer", "--weights", source["export"], "--dataset", "shapes", "--shapes-size", "32",
+        "--shapes-classes", "8", "--shapes-count", "400", "--train-per-class", "10", "--max-trials", "2",
+        "--epochs", "4", "--dir", tmp_path / "search", "--export-dir", tmp_path / "saved_models",
+    ], capsys)
+    assert status == 0, stderr
+    best = json.loads((tmp_path / "search" / "best_hyperparameters.json").read_text())["hyperparameters"]
+    assert {"unfreeze", "finetune_lr_factor", "finetune_share", "head_dropout", "lr", "batch_size"} <= set(best)
+    assert len((tmp_path / "search" / "trials.csv").read_text().splitlines()) == 3
+    metrics = json.loads((tmp_path / "search" / "metrics.json").read_text())
+    assert 0 <= metrics["test_accuracy"] <= 1
+    from dlsuite.apps import export
+
+    assert export.ExportedClassifier.load(metrics["export"]).class_names == list(shapes.SHAPES)
