@@ -270,4 +270,4 @@ def plot(history, findings, path, *, title):
     axis.legend(fontsize=8)
     axis.set_title(f"{title}\n{'; '.join(f.name for f in findings)}", fontsize=9)
     figure.tight_layout()
-    rundir._save_figure(figure, path)
+    rundir.save_figure(figure, path)

@@ -267,7 +267,10 @@ def run_overfit(args):
 
     setup = diagnose_setup.prepare(args.model, args.dataset, seed=args.seed, image_size_override=args.image_size,
                                    **_knobs(args))
-    out = rundir.create(args.out, "diagnose")
+    if args.samples > setup.data.sizes["train"]:
+        raise UsageError(f"--samples {args.samples} is more than the {setup.data.sizes['train']} training images of "
+                         f"{setup.data.name}; pass --samples {setup.data.sizes['train']} or less")
+    out = rundir.create(args.out, "diagnose")  # after every check: bad input leaves nothing
     _status(args, f"{args.model} on {args.samples} images of {setup.data.name} ({setup.image_size}x{setup.image_size}), "
                   f"{args.optimizer}, lr {'default' if args.lr is None else f'{args.lr:g}'}, up to {args.max_steps} steps")
 
@@ -396,6 +399,8 @@ def run_memory(args):
         print(json.dumps({"name": args.name, "input_shape": list(shape), "batch_size": args.batch_size,
                           "optimizer": args.optimizer, "estimate": estimate, "measured": measured, "rows": rows}))
         return 0
+    shape_option = (f" --input-shape {args.input_shape}" if args.input_shape else "") + (
+        f" --classes {args.classes}" if args.classes else "")
     print(f"{'':<34} {'estimate':>11} {'measured':>11} {'difference':>10}")
     for row in rows:
         print(f"{row['what']:<34} {_mib(row['estimate']):>11} {_mib(row['measured']):>11} {row['difference']:>+10.0%}")
@@ -404,7 +409,7 @@ def run_memory(args):
     print(f"estimate: weights {_mib(estimate['weights'])}, optimizer {_mib(estimate['optimizer'])}, framework "
           f"{_mib(estimate['framework'])}; at the peak gradients {_mib(estimate['gradients'])}, activations "
           f"{_mib(estimate['activations'])}, workspace {_mib(estimate['workspace'])} "
-          f"(`dlsuite models show {args.name} --batch-size {args.batch_size} --optimizer {args.optimizer}`)")
+          f"(`dlsuite models show {args.name}{shape_option} --batch-size {args.batch_size} --optimizer {args.optimizer}`)")
     return 0
 
 

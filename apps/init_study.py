@@ -219,15 +219,16 @@ def study_model(name, *, init=None, activation=None, inputs, seed=0):
     if not chosen:
         raise ValueError(f"{name} has no layer with a nonlinearity to study.")
     probe = keras.Model(model.inputs[0], [layer.output for layer in chosen])
-    outputs = probe(inputs, training=False)
+    # Training mode: what the first training step sees (batch norm
+    # normalizes with the batch's statistics, not its untrained moving ones).
+    outputs = probe(inputs, training=True)
     outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
     stats, values = [], []
     for layer, value in zip(chosen, outputs):
         value = np.asarray(value)
         stats.append(layer_stats(layer.name, value, _nonlinearity(layer)))
         values.append(value.ravel())
-    used = activation or _nonlinearity(chosen[-1]) if chosen else activation
-    sentence, flags = verdict(stats, used)
+    sentence, flags = verdict(stats, activation or _nonlinearity(chosen[-1]))
     return Study(activation or "model default", init or "model default", stats, values, sentence, flags)
 
 
@@ -294,7 +295,7 @@ def plot_histograms(study, path, *, title, max_panels=24):
         _histogram(axis, study.values[index], study.layers[index], value_range=value_range)
     figure.suptitle(title, fontsize=10)
     figure.tight_layout()
-    rundir._save_figure(figure, path)
+    rundir.save_figure(figure, path)
 
 
 def plot_grid(studies, path, *, title, max_columns=8):
@@ -317,4 +318,4 @@ def plot_grid(studies, path, *, title, max_columns=8):
                 axis.set_ylabel(label, fontsize=8)
     figure.suptitle(title, fontsize=10)
     figure.tight_layout()
-    rundir._save_figure(figure, path)
+    rundir.save_figure(figure, path)

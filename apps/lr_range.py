@@ -155,7 +155,7 @@ def plot(result, path, *, title):
     axis.legend(fontsize=8)
     axis.set_title(title)
     figure.tight_layout()
-    rundir._save_figure(figure, path)
+    rundir.save_figure(figure, path)
 
 
 def write_csv(result, path):

@@ -168,4 +168,4 @@ def plot(result, path, *, title):
     right.grid(alpha=0.3)
     figure.suptitle(title)
     figure.tight_layout()
-    rundir._save_figure(figure, path)
+    rundir.save_figure(figure, path)

@@ -113,7 +113,7 @@ def plot_curves(history, path, *, title=""):
         axis.legend()
     figure.suptitle(title)
     figure.tight_layout()
-    _save_figure(figure, path)
+    save_figure(figure, path)
 
 
 def plot_confusion(matrix, class_names, path, *, title="Confusion matrix (test)"):
@@ -141,10 +141,10 @@ def plot_confusion(matrix, class_names, path, *, title="Confusion matrix (test)"
                           color="white" if matrix[i, j] > threshold else "black")
     axis.set_title(title)
     figure.tight_layout()
-    _save_figure(figure, path)
+    save_figure(figure, path)
 
 
-def _save_figure(figure, path):
+def save_figure(figure, path):
     import matplotlib.pyplot as plt
 
     path = pathlib.Path(path)

@@ -7,7 +7,6 @@ import json
 import math
 
 import keras
-import numpy as np
 import pytest
 
 from dlsuite.apps import choices, cli, curve_doctor, diagnose_setup, init_study, lr_range, rundir
@@ -266,11 +265,13 @@ def test_memory_estimate_within_25_percent_of_the_measured_peak(name, shape, bat
     (["memory", "resnet18", "--input-shape", "16,16,3"], "too small for resnet18"),
     (["memory", "lenet5", "--input-shape", "32,32"], "--input-shape '32,32' must be H,W,C"),
 ])
-def test_bad_input_is_one_line_exit_2(argv, message, capsys):
+def test_bad_input_is_one_line_exit_2(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # where the default runs/diagnose/<time> would appear
     status, _, err = run(capsys, "diagnose", *argv)
     assert status == 2
     assert len(err.strip().splitlines()) == 1 and err.startswith("dlsuite: error: ")
     assert message in err
+    assert not (tmp_path / "runs").exists()
 
 
 def test_bad_histories_are_one_line_exit_2(tmp_path, capsys):

@@ -102,7 +102,7 @@ def test_update_ratio_warns_far_from_the_seeds_rule(lr, direction, capsys):
     _fit(_model(batch_norm=False), callbacks, lr=lr, optimizer=keras.optimizers.SGD)
     warnings = _warnings(callbacks)
     assert warnings and all(direction in w for w in warnings)
-    assert f"monitor: update/weight ratio" in capsys.readouterr().out
+    assert "monitor: update/weight ratio" in capsys.readouterr().out
 
 
 def test_dead_relus_are_counted_and_warned():
