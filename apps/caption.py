@@ -21,11 +21,15 @@ import sys
 from dlsuite.apps import choices, train_args
 from dlsuite.apps.cli import UsageError
 
-# Measured on 2 CPU cores (see the module's tests and the README): a randomly
-# initialized VGG-11 frozen at 64x64 gives a 2x2x512 map whose flattened
-# features carry colour, shape, size and position well enough for the
-# decoder to reach BLEU-4 ~0.8 on scenes, with no download and no encoder training.
-DEFAULT_ENCODER = "vgg11"
+# The offline default encoder, chosen by measurement on scenes (2,000 images,
+# 12 epochs, test BLEU-4 with beam 3, before features were standardized): a
+# randomly initialized, frozen VGG-11 cut after its fourth block (a 4x4x512
+# map at 64x64) 0.57; its last block (2x2x512) 0.49, as five random blocks
+# blur shape and colour; block3_pool (8x8x256) 0.47; ResNet-18 and LeNet-5
+# (Caffe) below VGG-11's last block on the earlier grammar. With the defaults
+# below (4,000 scenes, 8 epochs, dropout 0.5) it reaches 0.60 in about 200 s
+# of CPU. Random filters need no download; on photos use ImageNet weights.
+DEFAULT_ENCODER = ("vgg11", "block4_pool")
 
 EPILOG_TRAIN = """examples:
   dlsuite caption train                                   # generated scenes, random frozen VGG-11, LSTM decoder (offline)
@@ -57,14 +61,15 @@ class CaptionConfig:
     images: str | None = None
     captions: str | None = None
     data_dir: str | None = None
-    scenes_count: int = 2000
+    scenes_count: int = 4000
     scenes_size: int = 64
     max_images: int | None = None
     validation_fraction: float = 0.1
     test_fraction: float = 0.1
     strict: bool = False
-    encoder: str | None = DEFAULT_ENCODER
+    encoder: str | None = None
     encoder_weights: str | None = "none"
+    encoder_layer: str | None = None
     input_size: list | None = None
     preprocess: str = "auto"
     fine_tune_encoder: bool = False
@@ -73,14 +78,14 @@ class CaptionConfig:
     units: int = 256
     embedding: int = 128
     pooling: str = "flatten"
-    dropout: float = 0.2
+    dropout: float = 0.5
     max_length: int = 20
     max_tokens: int | None = None
     image_blind: bool = False
     beam: int = 3
     alpha: float = 0.7
     optimizer: dict = dataclasses.field(default_factory=dict)
-    epochs: int = 12
+    epochs: int = 8
     batch_size: int | None = 64
     early_stopping: int = 0
     seed: int = 0
@@ -110,7 +115,7 @@ def _add_data_arguments(group, *, evaluate=False):
     group.add_argument("--data-dir", help="tfds: where TensorFlow Datasets keeps its files")
     group.add_argument("--strict", action="store_true", help="stop at an unreadable image instead of skipping it")
     if not evaluate:
-        group.add_argument("--scenes-count", type=train_args.positive_int, default=2000, help="scenes: images (default 2000)")
+        group.add_argument("--scenes-count", type=train_args.positive_int, default=4000, help="scenes: images (default 4000)")
         group.add_argument("--scenes-size", type=train_args.positive_int, default=64, help="scenes: image side (default 64)")
         group.add_argument("--max-images", type=train_args.positive_int, metavar="N", help="use at most N images per split")
         group.add_argument("--validation-fraction", type=float, default=0.1, help="share of images held out (default 0.1)")
@@ -141,11 +146,15 @@ def add_parser(subparsers):
                                 epilog=EPILOG_TRAIN, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_data_arguments(train.add_argument_group("data"))
     encoder = train.add_argument_group("encoder")
-    encoder.add_argument("--encoder", default=DEFAULT_ENCODER,
-                         help=f"registry CNN or keras.applications backbone, e.g. resnet50, MobileNetV2 (default {DEFAULT_ENCODER})")
+    encoder.add_argument("--encoder",
+                         help="registry CNN or keras.applications backbone, e.g. resnet50, MobileNetV2 (default: "
+                              f"{DEFAULT_ENCODER[0]} cut at {DEFAULT_ENCODER[1]}, random weights: learns scenes offline)")
     encoder.add_argument("--encoder-weights", default="none",
                          help="none (random, the offline default), imagenet, a .weights.h5 file, or a model this suite "
                               "trained (runs/.../model.keras, saved_models/NAME)")
+    encoder.add_argument("--encoder-layer", metavar="NAME",
+                         help="use this layer's feature map instead of the last one, e.g. block4_pool (default: the "
+                              "last, except for the default encoder)")
     encoder.add_argument("--input-size", type=_input_size, metavar="H,W",
                          help="size the encoder sees (default: the images' own size when they share one, else the backbone's)")
     encoder.add_argument("--preprocess", choices=choices.TRANSFER_PREPROCESSING, default="auto",
@@ -162,7 +171,8 @@ def add_parser(subparsers):
     decoder.add_argument("--pooling", choices=choices.CAPTION_POOLING, default="flatten",
                          help="without --attention, how the feature map becomes the image vector: flatten (keeps "
                               "where things are; default) or avg/max (smaller, for big backbones)")
-    decoder.add_argument("--dropout", type=float, default=0.2, help="on the image features and before the output layer")
+    decoder.add_argument("--dropout", type=float, default=0.5,
+                         help="on the image features and before the output layer (default 0.5)")
     decoder.add_argument("--max-length", type=train_args.positive_int, default=20, help="most words per caption (longer ones are cut)")
     decoder.add_argument("--max-tokens", type=train_args.positive_int, help="vocabulary size cap (default: every training word)")
     decoder.add_argument("--image-blind", action="store_true",
@@ -171,7 +181,7 @@ def add_parser(subparsers):
     decoding.add_argument("--beam", type=train_args.positive_int, default=3, help="beam width for the test and the export (default 3)")
     decoding.add_argument("--alpha", type=float, default=0.7,
                           help="length normalization: score = log P / ((5 + length) / 6) ** alpha (default 0.7; 0: none)")
-    train_args.add_training_arguments(train, app="caption", epochs=12, batch_size=64, lr=0.002, clip_norm=5.0,
+    train_args.add_training_arguments(train, app="caption", epochs=8, batch_size=64, lr=0.002, clip_norm=5.0,
                                       export_default="<encoder>_<decoder>_<dataset>", resumable=False)
     train.set_defaults(func=run_train)
 
@@ -201,6 +211,9 @@ def _check_config(config):
 
     if (config.images is None) != (config.captions is None):
         raise UsageError("--images and --captions go together: the folder of images and the file of their captions")
+    if config.encoder is None and not backbones.is_model_file(config.encoder_weights):
+        config.encoder = DEFAULT_ENCODER[0]
+        config.encoder_layer = config.encoder_layer or DEFAULT_ENCODER[1]
     if config.encoder is not None:
         config.encoder = backbones.canonical_name(config.encoder)
     if not 0 <= config.dropout < 1:
@@ -258,6 +271,8 @@ def train(config):
     base = backbones.build_base(config.encoder, weights=weights, input_size=input_size, channels=data.channels,
                                 statistics=classifier.channel_statistics(probe, max_batches=8),
                                 preprocessing=config.preprocess)
+    if config.encoder_layer:
+        base = _cut_encoder(base, config.encoder_layer)
     run_dir = pathlib.Path(rundir.create(config.out, "caption"))
     what = "pixels" if config.fine_tune_encoder else f"{base.name} features"
     print(f"{data.name}: {data.sizes['train']} train / {data.sizes['validation']} validation / {data.sizes['test']} "
@@ -282,11 +297,16 @@ def train(config):
                                                       batch_size=batch_size, shuffle=False)
 
     feature_shape = tuple(int(d) for d in base.model.output.shape[1:])
+    # The encoder's channel statistics on training images (of its initial weights when fine-tuned).
+    sample = caches["train"][:256]
+    mean, variance = caption_model.feature_statistics(
+        base.model.predict(np.asarray(sample, np.float32), batch_size=batch_size, verbose=0)
+        if config.fine_tune_encoder else caches["train"])
     with strategy.scope():
         decoder = caption_model.CaptionDecoder(
             vocabulary.tokens, units=config.units, embedding=config.embedding, cell=config.decoder,
             attention=config.attention, pooling=config.pooling, dropout=config.dropout,
-            image_blind=config.image_blind, name="caption_decoder")
+            image_blind=config.image_blind, feature_mean=mean, feature_variance=variance, name="caption_decoder")
         model = caption_model.build_training_model(
             decoder, feature_shape=feature_shape, caption_length=config.max_length + 1,
             encoder=base.model if config.fine_tune_encoder else None)
@@ -301,7 +321,7 @@ def train(config):
     }})
     print(f"{config.decoder}{' + attention' if config.attention else ''} decoder ({config.units} units) on "
           f"{feature_shape} features: {model.count_params():,} parameters, {len(pairs['train'][0])} training "
-          f"captions a epoch; run dir {run_dir}", flush=True)
+          f"captions an epoch; run dir {run_dir}", flush=True)
 
     import keras
 
@@ -334,8 +354,8 @@ def train(config):
                **figures, "epochs_run": result.epochs_run,
                "validation_loss": min(result.history.get("val_loss") or [float("nan")])}
     if not config.no_export:
-        name = config.export or "_".join([base.name, config.decoder + ("_attention" if config.attention else ""),
-                                          rundir.slug(data.name)])
+        name = config.export or "_".join([base.name, config.decoder + ("_attention" if config.attention else "")
+                                          + ("_blind" if config.image_blind else ""), rundir.slug(data.name)])
         metrics["export"] = str(caption_export.export_captioner(
             encoder, decoder, name=name, base_dir=config.export_dir, beam_size=config.beam, alpha=config.alpha,
             max_length=config.max_length, metadata={
@@ -343,7 +363,6 @@ def train(config):
                 "attention": config.attention, "dataset": _dataset_facts(config),
                 "test_bleu": {key: metrics[key] for key in ("bleu1", "bleu2", "bleu3", "bleu4")}}))
     rundir.write_json(run_dir / "metrics.json", metrics)
-    keras.backend.clear_session(free_memory=False)
     beam, greedy = figures["beam"], figures["greedy"]
     print(f"test BLEU-1..4 {beam['bleu1']:.3f} {beam['bleu2']:.3f} {beam['bleu3']:.3f} {beam['bleu4']:.3f} "
           f"(beam {config.beam}); greedy BLEU-4 {greedy['bleu4']:.3f}; image-blind baseline "
@@ -351,6 +370,21 @@ def train(config):
           f"{beam['mean_log_likelihood']:.3f} vs greedy {greedy['mean_log_likelihood']:.3f}; run dir {run_dir}"
           + (f"; export {metrics['export']}" if "export" in metrics else ""))
     return 0
+
+
+def _cut_encoder(base, layer_name):
+    """The same backbone ending at `layer_name` (still named "backbone")."""
+    import dataclasses as dc
+
+    import keras
+
+    from dlsuite.apps import backbones
+
+    known = base.feature_layers()
+    if layer_name not in known:
+        raise UsageError(f"--encoder-layer {layer_name} is not a layer of {base.name}; choose from {', '.join(known)}")
+    output = base.model.get_layer(layer_name).output
+    return dc.replace(base, model=keras.Model(base.model.input, output, name=backbones.BACKBONE_LAYER))
 
 
 def _dataset_facts(config):

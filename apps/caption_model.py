@@ -139,6 +139,10 @@ class CaptionDecoder(layers.Layer):
         dropout: on v (or the annotations) and before the output layer.
         image_blind: an ablation: the features are zeroed, so the decoder is a
             language model of captions that never sees the image.
+        feature_mean, feature_variance: per-channel statistics of the
+            training features (`feature_statistics`); the decoder standardizes
+            its input with them, so frozen random features, whose channels
+            carry large offsets shared by every image, train as fast as any.
 
     Call arguments:
         features: (B, h, w, c) feature map (or (B, c) vectors).
@@ -146,7 +150,8 @@ class CaptionDecoder(layers.Layer):
     """
 
     def __init__(self, vocabulary, *, units=256, embedding=128, cell="lstm", attention=False, attention_units=None,
-                 pooling="flatten", dropout=0.0, image_blind=False, **kwargs):
+                 pooling="flatten", dropout=0.0, image_blind=False, feature_mean=None, feature_variance=None,
+                 **kwargs):
         super().__init__(**kwargs)
         if cell not in CELLS:
             raise ValueError(f"--decoder must be one of {', '.join(CELLS)}, received {cell!r}")
@@ -158,8 +163,14 @@ class CaptionDecoder(layers.Layer):
         self.units, self.embedding_dim, self.cell_type = int(units), int(embedding), cell
         self.attention, self.attention_units = bool(attention), int(attention_units or units)
         self.pooling, self.dropout_rate, self.image_blind = pooling, float(dropout), bool(image_blind)
+        self.feature_mean = None if feature_mean is None else [float(v) for v in np.ravel(feature_mean)]
+        self.feature_variance = None if feature_variance is None else [float(v) for v in np.ravel(feature_variance)]
         vocab_size = len(self.vocabulary)
 
+        self.standardize = None
+        if self.feature_mean is not None:
+            self.standardize = layers.Normalization(axis=-1, mean=self.feature_mean, variance=self.feature_variance,
+                                                    name="standardize")
         self.token_embedding = layers.Embedding(vocab_size, self.embedding_dim, name="token_embedding")
         if self.attention:
             self.annotation = layers.Dense(self.units, name="annotation")
@@ -187,6 +198,8 @@ class CaptionDecoder(layers.Layer):
         else:
             locations, channels = int(np.prod(features_shape[1:-1])), features_shape[-1]
         self.locations, self.channels = locations, int(channels)
+        if self.standardize is not None:
+            self.standardize.build(features_shape)
         cell_input = self.embedding_dim + (self.units if self.attention else self.embedding_dim)
         self.token_embedding.build((None,))
         if self.attention:
@@ -212,13 +225,16 @@ class CaptionDecoder(layers.Layer):
         return {**super().get_config(), "vocabulary": self.vocabulary, "units": self.units,
                 "embedding": self.embedding_dim, "cell": self.cell_type, "attention": self.attention,
                 "attention_units": self.attention_units, "pooling": self.pooling, "dropout": self.dropout_rate,
-                "image_blind": self.image_blind}
+                "image_blind": self.image_blind, "feature_mean": self.feature_mean,
+                "feature_variance": self.feature_variance}
 
     # -- one word at a time --------------------------------------------------------------
 
     def start(self, features, training=False):
         """Features -> (context, states): what every step reads, and the initial recurrent state."""
         features = ops.cast(features, self.compute_dtype)
+        if self.standardize is not None:
+            features = self.standardize(features)
         if self.image_blind:
             features = ops.zeros_like(features)
         batch = ops.shape(features)[0]
@@ -306,6 +322,13 @@ def build_training_model(decoder, *, feature_shape, caption_length, encoder=None
 def build_captioner(encoder, decoder, *, caption_length, name="captioner"):
     """Pixels (0..255) and <start> w1 .. -> logits: the whole model, saved as model.keras."""
     return build_training_model(decoder, feature_shape=None, caption_length=caption_length, encoder=encoder, name=name)
+
+
+def feature_statistics(features, max_images=2000):
+    """Per-channel mean and variance of (N, ..., c) features, over images and locations (a sample of N)."""
+    sample = np.asarray(features[:max_images], dtype=np.float64)
+    channels = sample.reshape(-1, sample.shape[-1])
+    return channels.mean(axis=0).astype("float32"), np.maximum(channels.var(axis=0), 1e-6).astype("float32")
 
 
 def caption_loss():
