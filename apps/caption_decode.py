@@ -7,8 +7,9 @@ function, `step(tokens (N,), states, context) -> (logits (N, V), states)`,
 where `states` (a list) and `context` (a dict) are tensors with the batch
 first, as `CaptionDecoder.start` and `CaptionDecoder.step` give them.
 
-A caption has at most `max_length` words: the step after them may only
-emit <end>, so every caption ends and its log-likelihood includes P(<end>).
+A caption has 1 to `max_length` words: the first step may not emit <end>,
+the step after the last word may emit nothing else, so every caption ends and
+its log-likelihood includes P(<end>).
 Scores are the model's own log-probabilities (log-softmax of the logits, no
 renormalization), so a caption's log-likelihood is the same whether it comes
 out of a search or is scored by teacher forcing. Padding, [UNK] and <start>
@@ -50,15 +51,17 @@ def length_penalty(length, alpha):
     return tf.pow((5.0 + tf.cast(length, tf.float32)) / 6.0, alpha)
 
 
-def log_probabilities(logits, *, only_end=False):
+def log_probabilities(logits, *, only_end=False, no_end=False):
     """(N, V) logits -> log-softmax with padding, [UNK] and <start> at -inf (not renormalized).
 
     `only_end` (a bool scalar): every token but <end> at -inf, for the step
-    after the last word a caption may have.
+    after the last word a caption may have; `no_end`: <end> at -inf, for the
+    first step (no caption is empty).
     """
     vocab_size = tf.shape(logits)[-1]
     banned = tf.reduce_sum(tf.one_hot(list(BANNED_IDS), vocab_size), axis=0) > 0  # (V,)
-    banned |= tf.logical_and(only_end, tf.not_equal(tf.range(vocab_size), END_ID))
+    is_end = tf.equal(tf.range(vocab_size), END_ID)
+    banned |= tf.logical_and(only_end, ~is_end) | tf.logical_and(no_end, is_end)
     log_p = tf.nn.log_softmax(tf.cast(logits, tf.float32), axis=-1)
     return tf.where(banned, NEGATIVE_INFINITY, log_p)
 
@@ -90,7 +93,7 @@ def greedy(step, states, context, *, max_length, alpha=0.7):
 
     def body(t, tokens, states, done, log_likelihood, steps, ids):
         logits, states = step(tokens, states, context)
-        log_p = log_probabilities(logits, only_end=t >= max_length)  # (B, V)
+        log_p = log_probabilities(logits, only_end=t >= max_length, no_end=t == 0)  # (B, V)
         choice = tf.argmax(log_p, axis=-1, output_type=tf.int32)
         gained = tf.gather(log_p, choice, batch_dims=1)
         log_likelihood += tf.where(done, 0.0, gained)
@@ -140,7 +143,7 @@ def beam_search(step, states, context, *, beam_size, max_length, alpha=0.7):
 
     def body(t, tokens, states, alive_log_p, alive_ids, finished):
         logits, states = step(tokens, states, context)
-        log_p = log_probabilities(logits, only_end=t >= max_length)  # (B*k, V)
+        log_p = log_probabilities(logits, only_end=t >= max_length, no_end=t == 0)  # (B*k, V)
         vocab_size = tf.shape(log_p)[-1]
         total = tf.reshape(alive_log_p[..., None] + tf.reshape(log_p, [batch, k, vocab_size]), [batch, -1])
         # 2k candidates: even if k of them end here, k unfinished ones remain.

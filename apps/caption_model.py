@@ -228,6 +228,10 @@ class CaptionDecoder(layers.Layer):
                 "image_blind": self.image_blind, "feature_mean": self.feature_mean,
                 "feature_variance": self.feature_variance}
 
+    def compute_output_spec(self, features, tokens, training=None):
+        # Logits are float32 under any policy; `tf.scan` cannot run on symbolic inputs.
+        return keras.KerasTensor((*tokens.shape, len(self.vocabulary)), dtype="float32")
+
     # -- one word at a time --------------------------------------------------------------
 
     def start(self, features, training=False):
@@ -240,7 +244,9 @@ class CaptionDecoder(layers.Layer):
         batch = ops.shape(features)[0]
         if self.attention:
             annotations = ops.reshape(features, (batch, self.locations, self.channels))
-            annotations = self.annotation(self.feature_dropout(annotations, training=training)) + self.position
+            # `start` also runs outside __call__ (decoding), where Keras does not autocast variables.
+            position = ops.cast(self.position, annotations.dtype)
+            annotations = self.annotation(self.feature_dropout(annotations, training=training)) + position
             context = {"annotations": annotations, "keys": self.attention_keys(annotations)}
             summary = ops.mean(annotations, axis=1)  # (B, units)
         else:
@@ -286,12 +292,18 @@ class CaptionDecoder(layers.Layer):
     def call(self, features, tokens, training=None):
         context, states = self.start(features, training=training)
         if self.attention:
-            # Each step's attention needs the previous state: step through the caption.
-            steps = []
-            for t in range(tokens.shape[1]):  # T is fixed: --max-length + 1
-                step_logits, states = self.step(tokens[:, t], states, context, training=training)
-                steps.append(step_logits)
-            return ops.stack(steps, axis=1)  # (B, T, V)
+            # Each step's attention needs the previous state: step through the
+            # caption, as a loop in the graph (traced once, not T times).
+            # (keras.ops.scan wants outputs shaped like the carry; tf.scan does not.)
+            import tensorflow as tf
+
+            def one_word(carry, token):
+                step_logits, states = self.step(token, carry[0], context, training=training)
+                return states, step_logits
+
+            first = (states, tf.zeros([tf.shape(tokens)[0], len(self.vocabulary)], tf.float32))
+            _, logits = tf.scan(one_word, tf.transpose(tokens), initializer=first)  # (T, B, V)
+            return tf.transpose(logits, (1, 0, 2))
         embedded = self.token_embedding(tokens)  # (B, T, embedding)
         image = ops.repeat(context["image"][:, None, :], ops.shape(tokens)[1], axis=1)
         outputs = self.recurrent(ops.concatenate([embedded, image], axis=-1), initial_state=states,

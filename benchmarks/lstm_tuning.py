@@ -112,16 +112,36 @@ def batch_size(*, units, batch, large_batch, seq_len, steps, repeats, mode):
 
 
 def steps_per_execution(*, units, batch, seq_len, steps, repeats, mode):
+    import time
+
+    import keras
     import tensorflow as tf
 
     x, y = _tokens(batch * steps, seq_len)
     dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(batch).cache()
 
+    class LastStep(keras.callbacks.Callback):
+        """When the latest step ended; a per-batch callback reads the loss back, as the app's NaNGuard does."""
+
+        time = None
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.time = time.perf_counter()
+
+    stalls = []
+
     def epoch(model):
+        last_step = LastStep()
+
         def run():
-            history = model.fit(dataset, epochs=1, verbose=0, shuffle=False)
-            float(history.history["loss"][-1])
-            return x.size
+            # Timed to the end of the last step: TF 2.21 often holds the epoch's
+            # tf.data iterator shutdown until its autotuning thread wakes (at
+            # 2.55, 5.11 ... s, see benchmarks/input_pipeline.py), which would
+            # round every epoch up to those marks on both sides.
+            start = time.perf_counter()
+            model.fit(dataset, epochs=1, verbose=0, shuffle=False, callbacks=[last_step])
+            stalls.append(time.perf_counter() - last_step.time)
+            return x.size, last_step.time - start
         return run
 
     rates = common.interleaved({
@@ -131,7 +151,9 @@ def steps_per_execution(*, units, batch, seq_len, steps, repeats, mode):
     common.report(
         f"lstm_2x{units}_steps_per_execution{steps}", ours=rates["grouped"], reference=rates["single"],
         mode=mode, unit="tokens/s",
-        config=_config(units, batch=batch, seq_len=seq_len, steps_per_epoch=steps, repeats=repeats),
+        config=_config(units, batch=batch, seq_len=seq_len, steps_per_epoch=steps, repeats=repeats,
+                       timed="model.fit start to the end of the epoch's last step"),
+        details=f"left out: the iterator shutdown after the last step, up to {max(stalls):.1f} s per epoch",
         ours_label=f"the lm app's model, model.fit(one epoch of {steps} batches), steps_per_execution={steps}",
         reference_label="the same with steps_per_execution=1 (the app's setting)",
     )

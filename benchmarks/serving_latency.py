@@ -191,7 +191,7 @@ def command_line(name, *, model, export_path, image, repeats, mode, folder):
                         str(export_path)],
     }
     env = dict(os.environ)
-    # The level `dlsuite` sets for itself; the same for the other two.
+    # The level `dlsuite` sets for itself; the same for the other commands.
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
     def run(command):

@@ -93,7 +93,8 @@ def test_an_image_blind_decoder_scores_far_lower(trained):
                                          name="caption_decoder")
     model = caption_model.build_training_model(blind, feature_shape=(4, 4, 512), caption_length=13)
     model.compile(optimizer=keras.optimizers.Adam(0.005, clipnorm=5.0), loss=caption_model.caption_loss())
-    model.fit(caption_data.caption_batches(cache["train"], pairs, batch_size=32, shuffle=True), epochs=12, verbose=0)
+    model.fit(caption_data.caption_batches(cache["train"], pairs, batch_size=32, shuffle=True), epochs=12, verbose=0,
+              shuffle=False)  # the dataset shuffles itself
     from dlsuite.apps.caption import evaluate_split
 
     blind_figures = evaluate_split(blind, cache["test"], data.test.captions, vocabulary, encoder=None, beam_size=3,
@@ -226,3 +227,32 @@ def test_an_attention_gru_trained_end_to_end_exports_and_captions(trained, test_
         # (the kernels do not depend on the input size)
         saved = keras.saving.load_model(run / "model.keras").get_layer("backbone").get_layer(conv).get_weights()[0]
         assert np.allclose(saved, initial) != changed, name
+
+
+def test_imagenet_weights_come_from_the_keras_cache_and_features_match_keras(tmp_path):
+    """--encoder-weights imagenet offline: the cached MobileNetV2 file is used, pixels preprocessed the Keras way."""
+    weights_file = tmp_path / "models" / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"
+    script = f"""
+import h5py, numpy as np, keras
+from keras.src.legacy.saving import legacy_h5_format
+reference = keras.applications.MobileNetV2(weights=None, include_top=False, input_shape=(32, 32, 3))
+with h5py.File({str(weights_file)!r}, "w") as f:
+    legacy_h5_format.save_weights_to_hdf5_group(f, reference)
+from dlsuite.apps import caption_data, cli
+status = cli.main(["caption", "train", "--encoder", "MobileNetV2", "--encoder-weights", "imagenet", "--input-size", "32",
+                   "--scenes-count", "30", "--scenes-size", "32", "--units", "16", "--embedding", "8", "--epochs", "1",
+                   "--out", {str(tmp_path / 'run')!r}, "--no-export"])
+assert status == 0, status
+cached = np.load({str(tmp_path / 'run' / 'cache' / 'train.npy')!r})
+images = np.stack(list(caption_data.load("scenes", scenes_count=30, scenes_size=32).train.images.as_numpy_iterator()))
+expected = reference.predict(images.astype("float32") / 127.5 - 1, verbose=0)
+print("shape", cached.shape, "max difference", float(np.abs(cached - expected).max()))
+"""
+    weights_file.parent.mkdir()
+    env = {**os.environ, "KERAS_HOME": str(tmp_path), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    shape, difference = result.stdout.strip().splitlines()[-1].split(" max difference ")
+    assert shape == "shape (24, 1, 1, 1280)" and float(difference) < 1e-3
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["resolved"]["encoder_weights"] == "imagenet" and config["resolved"]["preprocessing"] == "tf"

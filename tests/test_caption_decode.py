@@ -81,7 +81,7 @@ def _exhaustive(model, pixels, *, max_length, alpha):
     words = [4, 5, 6]
     best = []
     for i in range(len(pixels)):
-        candidates = [sequence for n in range(max_length + 1) for sequence in itertools.product(words, repeat=n)]
+        candidates = [sequence for n in range(1, max_length + 1) for sequence in itertools.product(words, repeat=n)]
         token_ids = np.zeros((len(candidates), max_length), np.int32)
         lengths = np.array([len(c) for c in candidates])
         for row, candidate in enumerate(candidates):
@@ -94,15 +94,17 @@ def _exhaustive(model, pixels, *, max_length, alpha):
 
 @pytest.mark.parametrize("alpha", [0.0, 0.7])
 def test_a_beam_wide_enough_finds_the_exhaustive_best_caption(alpha):
-    # A confident model that is reluctant to stop, so the best captions have words.
-    decoder, model = tiny_decoder(attention=True, end_bias=-2.0, scale=6.0)
-    pixels = features(4, seed=1)
+    # A confident model whose best captions differ in length and are not all greedy's.
+    decoder, model = tiny_decoder(attention=True, scale=6.0)
+    pixels = features(4, seed=2)
     # 27 = 3**3: no prefix is ever pruned.
     found = compiled(caption_decode.beam_search)(decoder, pixels, beam_size=27, max_length=3, alpha=alpha)
     expected = _exhaustive(model, pixels, max_length=3, alpha=alpha)
     np.testing.assert_allclose(found.score, [score for score, _ in expected], atol=1e-5)
     assert [tuple(row[:n]) for row, n in zip(found.token_ids, found.lengths)] == [words for _, words in expected]
-    assert any(len(words) > 0 for _, words in expected)
+    assert len({len(words) for _, words in expected}) > 1
+    greedy = compiled(caption_decode.greedy)(decoder, pixels, max_length=3, alpha=alpha)
+    assert (found.score > greedy.score + 1e-6).any()
     # The search's log-likelihoods are the model's: teacher forcing gives the same.
     np.testing.assert_allclose(teacher_forced(model, pixels, found.token_ids, found.lengths), found.log_likelihood,
                                atol=1e-5)
@@ -124,11 +126,15 @@ def test_beam_of_one_is_greedy_and_batches_decode_like_single_images():
         np.testing.assert_allclose(single.score[0], batched.score[i], atol=1e-5)
 
 
-def test_captions_never_exceed_max_length_and_always_end():
+def test_captions_have_one_to_max_length_words_and_always_end():
     decoder, _ = tiny_decoder(end_bias=-20.0)  # never wants to stop
     for beam in (1, 4):
         found = compiled(caption_decode.decode)(decoder, features(3), beam_size=beam, max_length=4)
         assert found.token_ids.shape == (3, 4) and (found.lengths == 4).all()
+    decoder, _ = tiny_decoder(end_bias=20.0)  # wants to stop at once, but a caption has a word
+    for beam in (1, 4):
+        found = compiled(caption_decode.decode)(decoder, features(3), beam_size=beam, max_length=4)
+        assert (found.lengths == 1).all() and np.isfinite(found.log_likelihood).all()
         assert np.isfinite(found.log_likelihood).all()
         assert not np.isin(found.token_ids, [caption_model.UNKNOWN_ID, caption_model.START_ID]).any()
 
