@@ -47,7 +47,7 @@ class Setting:
 
 
 FULL = Setting(image_size=224, batch_size=32, classes=1000, warmup_repeats=1, repeats=5, steps_per_repeat=1)
-QUICK = Setting(image_size=64, batch_size=4, classes=10, warmup_repeats=1, repeats=5, steps_per_repeat=1)
+QUICK = Setting(image_size=32, batch_size=2, classes=10, warmup_repeats=1, repeats=5, steps_per_repeat=1)
 MATMUL_SIZE = {"full": 2048, "quick": 1024}
 
 # Registry name -> the keras.applications builder it is measured against.
