@@ -122,11 +122,11 @@ def _add_data_arguments(group, *, evaluate=False):
         group.add_argument("--test-fraction", type=float, default=0.1, help="share of images for the test (default 0.1)")
 
 
-def _add_decoding_arguments(parser, *, default_beam):
+def _add_decoding_arguments(parser, *, default_beam=None):
     group = parser.add_argument_group("decoding")
     search = group.add_mutually_exclusive_group()
     search.add_argument("--beam", type=train_args.positive_int, default=default_beam, metavar="K",
-                        help=f"beam width (default {default_beam or 'the export' + chr(39) + 's, 3'})")
+                        help="beam width (default: the export's, which `train --beam` set)")
     search.add_argument("--greedy", action="store_true", help="greedy decoding (the same as --beam 1)")
     group.add_argument("--max-length", type=train_args.positive_int, help="most words per caption (default: the export's)")
     group.add_argument("--alpha", type=float, help="length normalization exponent (default: the export's; 0: none)")
@@ -244,7 +244,8 @@ def train(config):
 
     import numpy as np
 
-    from dlsuite.apps import backbones, caption_data, caption_export, caption_model, classifier, engine, optim, pipeline, rundir
+    from dlsuite.apps import (backbones, caption_data, caption_decode, caption_export, caption_model, classifier, engine,
+                              optim, pipeline, rundir)
 
     device = engine.device_kind()
     engine.set_seed(config.seed, deterministic=device == "cpu")
@@ -263,7 +264,7 @@ def train(config):
 
     # The encoder sees the images' own size when they share one and its weights do not dictate another.
     input_size = config.input_size
-    if input_size is None and data.image_shape and weights in (None,):
+    if input_size is None and data.image_shape and weights is None:
         input_size = list(data.image_shape[:2])
     probe = pipeline.batches(data.train.images.map(lambda image: (image, 0)),
                              image_size=tuple(input_size or (64, 64)), channels=data.channels, batch_size=64,
@@ -298,9 +299,8 @@ def train(config):
 
     feature_shape = tuple(int(d) for d in base.model.output.shape[1:])
     # The encoder's channel statistics on training images (of its initial weights when fine-tuned).
-    sample = caches["train"][:256]
     mean, variance = caption_model.feature_statistics(
-        base.model.predict(np.asarray(sample, np.float32), batch_size=batch_size, verbose=0)
+        base.model.predict(np.asarray(caches["train"][:256], np.float32), batch_size=batch_size, verbose=0)
         if config.fine_tune_encoder else caches["train"])
     with strategy.scope():
         decoder = caption_model.CaptionDecoder(
@@ -323,8 +323,6 @@ def train(config):
           f"{feature_shape} features: {model.count_params():,} parameters, {len(pairs['train'][0])} training "
           f"captions an epoch; run dir {run_dir}", flush=True)
 
-    import keras
-
     result = engine.fit(
         model, train_batches, validation_batches, strategy=strategy,
         optimizer_config=optim.OptimizerConfig(**config.optimizer), loss=caption_model.caption_loss(), metrics=(),
@@ -344,8 +342,6 @@ def train(config):
                              encoder=encoder if config.fine_tune_encoder else None, beam_size=config.beam,
                              max_length=config.max_length, alpha=config.alpha, batch_size=batch_size)
     baseline = caption_data.most_frequent_caption(data.train.captions)
-    from dlsuite.apps import caption_decode
-
     figures["baseline"] = {"caption": baseline, **caption_decode.bleu(data.test.captions, [baseline] * len(data.test))}
     figures["examples"] = [{"image": name, "caption": caption, "references": references}
                            for name, caption, references in zip(data.test.names, figures.pop("captions"),
@@ -374,8 +370,6 @@ def train(config):
 
 def _cut_encoder(base, layer_name):
     """The same backbone ending at `layer_name` (still named "backbone")."""
-    import dataclasses as dc
-
     import keras
 
     from dlsuite.apps import backbones
@@ -384,7 +378,7 @@ def _cut_encoder(base, layer_name):
     if layer_name not in known:
         raise UsageError(f"--encoder-layer {layer_name} is not a layer of {base.name}; choose from {', '.join(known)}")
     output = base.model.get_layer(layer_name).output
-    return dc.replace(base, model=keras.Model(base.model.input, output, name=backbones.BACKBONE_LAYER))
+    return dataclasses.replace(base, model=keras.Model(base.model.input, output, name=backbones.BACKBONE_LAYER))
 
 
 def _dataset_facts(config):
@@ -424,28 +418,26 @@ def evaluate_split(decoder, cache, references, vocabulary, *, encoder, beam_size
         context, states = decoder.start(features)
         return caption_decode.decode(decoder.step, states, context, beam_size=beam, max_length=max_length, alpha=alpha)
 
-    found = {1: [], beam_size: []}
+    parts = {"greedy": [], "beam": []}
     for start in range(0, len(cache), batch_size):
         rows = tf.constant(np.asarray(cache[start:start + batch_size], dtype=np.float32))
-        for beam in found:
-            found[beam].append(caption_decode.as_numpy(run(rows, tf.constant(beam))))
-    figures = {}
-    for key, beam in (("greedy", 1), ("beam", beam_size)):
-        parts = found[beam]
-        merged = caption_decode.Decoded(*[np.concatenate([getattr(p, field) for p in parts])
-                                          for field in caption_decode.Decoded._fields])
-        captions = vocabulary.decode(merged.token_ids)
-        figures[key] = {**caption_decode.bleu(references, captions), "beam_size": beam,
-                        "mean_log_likelihood": float(merged.log_likelihood.mean()),
-                        "mean_score": float(merged.score.mean()), "mean_words": float(merged.lengths.mean()),
-                        "greedy_kept": int(merged.greedy_won.sum()) if beam > 1 else None}
-        figures[f"_{key}"] = merged
-        figures[f"{key}_captions"] = captions
-    figures["beam_not_worse"] = int((figures["_beam"].score >= figures["_greedy"].score - 1e-5).sum())
+        for key, beam in (("greedy", 1), ("beam", beam_size)):
+            parts[key].append(caption_decode.as_numpy(run(rows, tf.constant(beam))))
+    found = {key: caption_decode.Decoded(*[np.concatenate([getattr(part, field) for part in chunks])
+                                           for field in caption_decode.Decoded._fields])
+             for key, chunks in parts.items()}
+    captions = {key: vocabulary.decode(decoded.token_ids) for key, decoded in found.items()}
+    figures = {
+        key: {**caption_decode.bleu(references, captions[key]), "beam_size": beam,
+              "mean_log_likelihood": float(found[key].log_likelihood.mean()),
+              "mean_score": float(found[key].score.mean()), "mean_words": float(found[key].lengths.mean()),
+              # Where the beam's own best scored below greedy's caption, which was kept instead.
+              "greedy_kept": int(found[key].greedy_won.sum()) if beam > 1 else None}
+        for key, beam in (("greedy", 1), ("beam", beam_size))
+    }
+    figures["beam_not_worse"] = int((found["beam"].score >= found["greedy"].score - 1e-5).sum())
     figures["images"] = len(cache)
-    figures["captions"] = figures.pop("beam_captions")
-    figures.pop("greedy_captions")
-    figures.pop("_beam"), figures.pop("_greedy")
+    figures["captions"] = captions["beam"]
     return figures
 
 
@@ -476,7 +468,7 @@ def run_generate(args):
         else:
             print(f"{path}\t{found['caption'][index]}")
     if bad:
-        raise UsageError(f"cannot read {len(bad)} of {len(checks)} images: {caption_data._listed(bad)}; "
+        raise UsageError(f"cannot read {len(bad)} of {len(checks)} images: {caption_data.list_some(bad)}; "
                          "pass JPEG, PNG, BMP or GIF files")
     return 0
 

@@ -32,6 +32,7 @@ import io
 import json
 import math
 import os
+import sys
 
 import numpy as np
 
@@ -402,7 +403,8 @@ def _read_karpathy(path, data):
     return CaptionsFile(found, splits=splits or None, warnings=warnings)
 
 
-def _listed(items):
+def list_some(items):
+    """The first few items, comma-separated, and how many more."""
     shown = ", ".join(items[:_LISTED])
     return shown + (f" and {len(items) - _LISTED} more" if len(items) > _LISTED else "")
 
@@ -438,7 +440,7 @@ def captioned_images(images_dir, captions_path, *, strict=False):
     missing = [name for name, path in zip(names, paths) if not os.path.isfile(path)]
     if missing:
         warnings.append(f"{len(missing)} of {len(names)} images named in {captions_path} are not in {images_dir}, "
-                        f"skipped: {_listed(missing)}")
+                        f"skipped: {list_some(missing)}")
     present = [(name, path) for name, path in zip(names, paths) if os.path.isfile(path)]
     if not present:
         raise UsageError(f"none of the {len(names)} images named in --captions {captions_path!r} is in --images "
@@ -446,7 +448,7 @@ def captioned_images(images_dir, captions_path, *, strict=False):
     checks = datasets.check_images([path for _, path in present], strict=strict)
     unreadable = [f"{name} ({check.reason})" for (name, _), check in zip(present, checks) if check.reason]
     if unreadable:
-        warnings.append(f"{len(unreadable)} images cannot be read, skipped: {_listed(unreadable)}")
+        warnings.append(f"{len(unreadable)} images cannot be read, skipped: {list_some(unreadable)}")
     kept = [(name, path, check) for (name, path), check in zip(present, checks) if check.reason is None]
     if not kept:
         raise UsageError(f"no image named in --captions {captions_path!r} can be read; all {len(present)} failed to decode")
@@ -456,7 +458,7 @@ def captioned_images(images_dir, captions_path, *, strict=False):
                    and os.path.normpath(entry.path) not in described]
     if uncaptioned:
         warnings.append(f"{len(uncaptioned)} images in {images_dir} have no captions in {captions_path}, ignored: "
-                        f"{_listed(sorted(uncaptioned))}")
+                        f"{list_some(sorted(uncaptioned))}")
     channels = 3 if any(check.colour for _, _, check in kept) else 1
     native = {check.shape[:2] for _, _, check in kept}
     return CaptionedImages(
@@ -626,7 +628,6 @@ def cache_split(split, *, path, image_size, channels, batch_size, encoder=None, 
         The array, memory-mapped read-only: (N, h, w, c) features or (N, H, W, C) pixels.
     """
     import keras
-    import sys
 
     from dlsuite.apps import pipeline
 
