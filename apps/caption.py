@@ -88,6 +88,7 @@ class CaptionConfig:
     epochs: int = 8
     batch_size: int | None = 64
     early_stopping: int = 0
+    monitor: list | None = None  # --monitor: names of callbacks.monitors.MONITORS
     seed: int = 0
     strategy: str = "auto"
     mixed_precision: str = "auto"
@@ -99,7 +100,7 @@ class CaptionConfig:
 
 
 def _input_size(text):
-    from dlsuite.apps.transfer import _input_size as parse
+    from dlsuite.apps.transfer import input_size as parse
 
     return parse(text)
 
@@ -327,7 +328,8 @@ def train(config):
         model, train_batches, validation_batches, strategy=strategy,
         optimizer_config=optim.OptimizerConfig(**config.optimizer), loss=caption_model.caption_loss(), metrics=(),
         epochs=config.epochs, steps_per_epoch=-(-len(pairs["train"][0]) // batch_size), global_batch_size=batch_size,
-        run_dir=run_dir, early_stopping=config.early_stopping, jit_compile=engine.jit_setting(config.jit_compile))
+        run_dir=run_dir, early_stopping=config.early_stopping, jit_compile=engine.jit_setting(config.jit_compile),
+        monitors=config.monitor or ())
     if result.history:
         rundir.plot_curves(result.history, run_dir / "curves.png", title=f"captioning {data.name}")
     if result.stopped_reason:

@@ -75,7 +75,7 @@ class TransferConfig:
     no_export: bool = False
 
 
-def _input_size(text):
+def input_size(text):
     """--input-size H,W (or one number for a square)."""
     parts = [part.strip() for part in text.split(",")]
     try:
@@ -106,7 +106,7 @@ def _add_backbone_arguments(group, *, weights_default):
                        help="imagenet (downloaded once into the Keras cache), none (random), a .weights.h5/.h5 file, "
                             "or a model this suite trained: runs/.../model.keras or saved_models/NAME "
                             f"(default {weights_default})")
-    group.add_argument("--input-size", type=_input_size, metavar="H,W",
+    group.add_argument("--input-size", type=input_size, metavar="H,W",
                        help="size the backbone sees (default: the trained model's, else the backbone's own, e.g. 224,224)")
     group.add_argument("--preprocess", choices=choices.TRANSFER_PREPROCESSING, default="auto",
                        help="pixel preprocessing inside the model (default auto: what the weights were trained with)")
