@@ -43,6 +43,18 @@ def monitor_names(text):
     return list(dict.fromkeys(names))
 
 
+def add_image_split_arguments(group):
+    """The options every image app shares after --dataset: unreadable files,
+    the split fractions, the generated shapes and the TFDS folder."""
+    group.add_argument("--strict", action="store_true", help="stop at an unreadable image instead of skipping it")
+    group.add_argument("--validation-fraction", type=float, default=0.15)
+    group.add_argument("--test-fraction", type=float, default=0.15)
+    group.add_argument("--shapes-classes", type=positive_int, default=4, help="shapes: number of classes")
+    group.add_argument("--shapes-size", type=positive_int, default=64, help="shapes: image side in pixels")
+    group.add_argument("--shapes-count", type=positive_int, default=1200, help="shapes: number of images")
+    group.add_argument("--data-dir", help="tfds: where TensorFlow Datasets keeps its files")
+
+
 def add_training_arguments(parser, *, app, epochs, optimizer="adam", clip_norm=None, batch_size=None, lr=None, export_default,
                            resumable=True):
     """Adds the training, hardware and output option groups to `parser`.

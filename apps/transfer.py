@@ -124,13 +124,7 @@ def add_data_arguments(group):
                        help="keep N training images per class (few-label transfer); validation and test stay whole")
     group.add_argument("--augment", nargs="?", const=list(choices.AUGMENTATIONS), type=train_args.augment_kinds,
                        metavar="KINDS", help="random flip, rotation, zoom, translation, contrast (bare --augment: all)")
-    group.add_argument("--strict", action="store_true", help="stop at an unreadable image instead of skipping it")
-    group.add_argument("--validation-fraction", type=float, default=0.15)
-    group.add_argument("--test-fraction", type=float, default=0.15)
-    group.add_argument("--shapes-classes", type=train_args.positive_int, default=4, help="shapes: number of classes")
-    group.add_argument("--shapes-size", type=train_args.positive_int, default=64, help="shapes: image side in pixels")
-    group.add_argument("--shapes-count", type=train_args.positive_int, default=1200, help="shapes: number of images")
-    group.add_argument("--data-dir", help="tfds: where TensorFlow Datasets keeps its files")
+    train_args.add_image_split_arguments(group)
 
 
 def add_parser(subparsers):
