@@ -105,7 +105,7 @@ def _input_size(text):
     return parse(text)
 
 
-def _add_data_arguments(group, *, evaluate=False):
+def _add_data_arguments(group, *, evaluate=False, scenes_count=4000):
     group.add_argument("--dataset", default=None if evaluate else "scenes",
                        help="scenes (generated shapes with colours, sizes and relations; offline) or tfds:coco_captions"
                             + (" (default: the training run's dataset, its test split)" if evaluate else " (default scenes)"))
@@ -116,11 +116,53 @@ def _add_data_arguments(group, *, evaluate=False):
     group.add_argument("--data-dir", help="tfds: where TensorFlow Datasets keeps its files")
     group.add_argument("--strict", action="store_true", help="stop at an unreadable image instead of skipping it")
     if not evaluate:
-        group.add_argument("--scenes-count", type=train_args.positive_int, default=4000, help="scenes: images (default 4000)")
+        group.add_argument("--scenes-count", type=train_args.positive_int, default=scenes_count,
+                           help=f"scenes: images (default {scenes_count})")
         group.add_argument("--scenes-size", type=train_args.positive_int, default=64, help="scenes: image side (default 64)")
         group.add_argument("--max-images", type=train_args.positive_int, metavar="N", help="use at most N images per split")
         group.add_argument("--validation-fraction", type=float, default=0.1, help="share of images held out (default 0.1)")
         group.add_argument("--test-fraction", type=float, default=0.1, help="share of images for the test (default 0.1)")
+
+
+def _add_encoder_arguments(group, *, fine_tune):
+    group.add_argument("--encoder",
+                       help="registry CNN or keras.applications backbone, e.g. resnet50, MobileNetV2 (default: "
+                            f"{DEFAULT_ENCODER[0]} cut at {DEFAULT_ENCODER[1]}, random weights: learns scenes offline)")
+    group.add_argument("--encoder-weights", default="none",
+                       help="none (random, the offline default), imagenet, a .weights.h5 file, or a model this suite "
+                            "trained (runs/.../model.keras, saved_models/NAME)")
+    group.add_argument("--encoder-layer", metavar="NAME",
+                       help="use this layer's feature map instead of the last one, e.g. block4_pool (default: the "
+                            "last, except for the default encoder)")
+    group.add_argument("--input-size", type=_input_size, metavar="H,W",
+                       help="size the encoder sees (default: the images' own size when they share one, else the backbone's)")
+    group.add_argument("--preprocess", choices=choices.TRANSFER_PREPROCESSING, default="auto",
+                       help="pixel preprocessing inside the encoder (default auto: what the weights expect)")
+    if fine_tune:
+        group.add_argument("--fine-tune-encoder", action="store_true",
+                           help="train the encoder with the decoder (default: frozen, features computed once and cached)")
+
+
+def _add_caption_arguments(group):
+    group.add_argument("--max-length", type=train_args.positive_int, default=20, help="most words per caption (longer ones are cut)")
+    group.add_argument("--max-tokens", type=train_args.positive_int, help="vocabulary size cap (default: every training word)")
+
+
+def _add_beam_arguments(group):
+    group.add_argument("--beam", type=train_args.positive_int, default=3, help="beam width for the test and the export (default 3)")
+    group.add_argument("--alpha", type=float, default=0.7,
+                       help="length normalization: score = log P / ((5 + length) / 6) ** alpha (default 0.7; 0: none)")
+
+
+def add_data_arguments(group, *, scenes_count=4000):
+    """What `dlsuite tune caption` holds fixed while it searches the decoder:
+    the captioned images, the frozen encoder whose features every trial
+    reads from one cache, the caption length and vocabulary, and the beam the
+    best model is scored and exported with."""
+    _add_data_arguments(group, scenes_count=scenes_count)
+    _add_encoder_arguments(group, fine_tune=False)
+    _add_caption_arguments(group)
+    _add_beam_arguments(group)
 
 
 def _add_decoding_arguments(parser, *, default_beam=None):
@@ -146,22 +188,7 @@ def add_parser(subparsers):
     train = commands.add_parser("train", help="train a captioner, score BLEU on the test split, export",
                                 epilog=EPILOG_TRAIN, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_data_arguments(train.add_argument_group("data"))
-    encoder = train.add_argument_group("encoder")
-    encoder.add_argument("--encoder",
-                         help="registry CNN or keras.applications backbone, e.g. resnet50, MobileNetV2 (default: "
-                              f"{DEFAULT_ENCODER[0]} cut at {DEFAULT_ENCODER[1]}, random weights: learns scenes offline)")
-    encoder.add_argument("--encoder-weights", default="none",
-                         help="none (random, the offline default), imagenet, a .weights.h5 file, or a model this suite "
-                              "trained (runs/.../model.keras, saved_models/NAME)")
-    encoder.add_argument("--encoder-layer", metavar="NAME",
-                         help="use this layer's feature map instead of the last one, e.g. block4_pool (default: the "
-                              "last, except for the default encoder)")
-    encoder.add_argument("--input-size", type=_input_size, metavar="H,W",
-                         help="size the encoder sees (default: the images' own size when they share one, else the backbone's)")
-    encoder.add_argument("--preprocess", choices=choices.TRANSFER_PREPROCESSING, default="auto",
-                         help="pixel preprocessing inside the encoder (default auto: what the weights expect)")
-    encoder.add_argument("--fine-tune-encoder", action="store_true",
-                         help="train the encoder with the decoder (default: frozen, features computed once and cached)")
+    _add_encoder_arguments(train.add_argument_group("encoder"), fine_tune=True)
     decoder = train.add_argument_group("decoder")
     decoder.add_argument("--decoder", choices=choices.CAPTION_CELLS, default="lstm")
     decoder.add_argument("--attention", action="store_true",
@@ -174,14 +201,10 @@ def add_parser(subparsers):
                               "where things are; default) or avg/max (smaller, for big backbones)")
     decoder.add_argument("--dropout", type=float, default=0.5,
                          help="on the image features and before the output layer (default 0.5)")
-    decoder.add_argument("--max-length", type=train_args.positive_int, default=20, help="most words per caption (longer ones are cut)")
-    decoder.add_argument("--max-tokens", type=train_args.positive_int, help="vocabulary size cap (default: every training word)")
+    _add_caption_arguments(decoder)
     decoder.add_argument("--image-blind", action="store_true",
                          help="ablation: the decoder never sees the image (a caption language model), for a baseline")
-    decoding = train.add_argument_group("decoding")
-    decoding.add_argument("--beam", type=train_args.positive_int, default=3, help="beam width for the test and the export (default 3)")
-    decoding.add_argument("--alpha", type=float, default=0.7,
-                          help="length normalization: score = log P / ((5 + length) / 6) ** alpha (default 0.7; 0: none)")
+    _add_beam_arguments(train.add_argument_group("decoding"))
     train_args.add_training_arguments(train, app="caption", epochs=8, batch_size=64, lr=0.002, clip_norm=5.0,
                                       export_default="<encoder>_<decoder>_<dataset>", resumable=False)
     train.set_defaults(func=run_train)
@@ -245,53 +268,17 @@ def train(config):
 
     import numpy as np
 
-    from dlsuite.apps import (backbones, caption_data, caption_decode, caption_export, caption_model, classifier, engine,
-                              optim, pipeline, rundir)
+    from dlsuite.apps import backbones, caption_data, caption_decode, caption_model, engine, optim, rundir
 
     device = engine.device_kind()
     engine.set_seed(config.seed, deterministic=device == "cpu")
     policy = engine.set_precision(config.mixed_precision, device)
     batch_size = config.batch_size or engine.default_batch_size(device)
 
-    data = caption_data.load(
-        config.dataset, images=config.images, captions=config.captions, seed=config.seed,
-        validation_fraction=config.validation_fraction, test_fraction=config.test_fraction,
-        scenes_count=config.scenes_count, scenes_size=config.scenes_size, data_dir=config.data_dir,
-        max_images=config.max_images, strict=config.strict)
-    for warning in data.warnings:
-        print(f"warning: {warning}", file=sys.stderr)
-    vocabulary = caption_model.Vocabulary.build(
-        [reference for references in data.train.captions for reference in references], max_tokens=config.max_tokens)
-
-    # The encoder sees the images' own size when they share one and its weights do not dictate another.
-    input_size = config.input_size
-    if input_size is None and data.image_shape and weights is None:
-        input_size = list(data.image_shape[:2])
-    probe = pipeline.batches(data.train.images.map(lambda image: (image, 0)),
-                             image_size=tuple(input_size or (64, 64)), channels=data.channels, batch_size=64,
-                             training=False, cache=False)
-    base = backbones.build_base(config.encoder, weights=weights, input_size=input_size, channels=data.channels,
-                                statistics=classifier.channel_statistics(probe, max_batches=8),
-                                preprocessing=config.preprocess)
-    if config.encoder_layer:
-        base = _cut_encoder(base, config.encoder_layer)
+    data, vocabulary, base = load_data_and_encoder(config, weights)
     run_dir = pathlib.Path(rundir.create(config.out, "caption"))
-    what = "pixels" if config.fine_tune_encoder else f"{base.name} features"
-    print(f"{data.name}: {data.sizes['train']} train / {data.sizes['validation']} validation / {data.sizes['test']} "
-          f"test images, {vocabulary.size} tokens; caching {what} "
-          f"({base.input_size[0]}x{base.input_size[1]}x{base.channels} in) in {run_dir / 'cache'}", flush=True)
-    caches = {
-        key: caption_data.cache_split(getattr(data, key), path=run_dir / "cache" / f"{key}.npy",
-                                      image_size=base.input_size, channels=base.channels, batch_size=batch_size,
-                                      encoder=None if config.fine_tune_encoder else base.model, label=key)
-        for key in ("train", "validation", "test")
-    }
-    pairs = {key: caption_data.caption_pairs(getattr(data, key).captions, vocabulary, max_length=config.max_length)
-             for key in ("train", "validation")}
-    truncated = pairs["train"][3] + pairs["validation"][3]
-    if truncated:
-        print(f"warning: {truncated} captions have more than {config.max_length} words and were cut; "
-              "raise --max-length to keep them whole", file=sys.stderr)
+    caches, pairs, truncated = cache_inputs(config, data, vocabulary, base, cache_dir=run_dir / "cache",
+                                            batch_size=batch_size)
     batch_size = min(batch_size, len(pairs["train"][0]))
     train_batches = caption_data.caption_batches(caches["train"], pairs["train"], batch_size=batch_size, shuffle=True,
                                                  seed=config.seed)
@@ -304,10 +291,7 @@ def train(config):
         base.model.predict(np.asarray(caches["train"][:256], np.float32), batch_size=batch_size, verbose=0)
         if config.fine_tune_encoder else caches["train"])
     with strategy.scope():
-        decoder = caption_model.CaptionDecoder(
-            vocabulary.tokens, units=config.units, embedding=config.embedding, cell=config.decoder,
-            attention=config.attention, pooling=config.pooling, dropout=config.dropout,
-            image_blind=config.image_blind, feature_mean=mean, feature_variance=variance, name="caption_decoder")
+        decoder = make_decoder(config, vocabulary, mean=mean, variance=variance)
         model = caption_model.build_training_model(
             decoder, feature_shape=feature_shape, caption_length=config.max_length + 1,
             encoder=base.model if config.fine_tune_encoder else None)
@@ -352,14 +336,8 @@ def train(config):
                **figures, "epochs_run": result.epochs_run,
                "validation_loss": min(result.history.get("val_loss") or [float("nan")])}
     if not config.no_export:
-        name = config.export or "_".join([base.name, config.decoder + ("_attention" if config.attention else "")
-                                          + ("_blind" if config.image_blind else ""), rundir.slug(data.name)])
-        metrics["export"] = str(caption_export.export_captioner(
-            encoder, decoder, name=name, base_dir=config.export_dir, beam_size=config.beam, alpha=config.alpha,
-            max_length=config.max_length, metadata={
-                "encoder": base.name, "encoder_weights": base.source, "decoder": config.decoder,
-                "attention": config.attention, "dataset": _dataset_facts(config),
-                "test_bleu": {key: metrics[key] for key in ("bleu1", "bleu2", "bleu3", "bleu4")}}))
+        metrics["export"] = str(export_captioner(config, base, encoder, decoder, data_name=data.name,
+                                                 test_bleu={key: metrics[key] for key in ("bleu1", "bleu2", "bleu3", "bleu4")}))
     rundir.write_json(run_dir / "metrics.json", metrics)
     beam, greedy = figures["beam"], figures["greedy"]
     print(f"test BLEU-1..4 {beam['bleu1']:.3f} {beam['bleu2']:.3f} {beam['bleu3']:.3f} {beam['bleu4']:.3f} "
@@ -368,6 +346,96 @@ def train(config):
           f"{beam['mean_log_likelihood']:.3f} vs greedy {greedy['mean_log_likelihood']:.3f}; run dir {run_dir}"
           + (f"; export {metrics['export']}" if "export" in metrics else ""))
     return 0
+
+
+def load_data_and_encoder(config, weights):
+    """The captioned images, the vocabulary of their training captions and the encoder.
+
+    Args:
+        config: a checked `CaptionConfig`.
+        weights: the encoder's weights, as `_check_config` resolved them.
+
+    Returns:
+        (`caption_data.CaptionData`, `caption_model.Vocabulary`, `backbones.Base` cut at --encoder-layer).
+    """
+    from dlsuite.apps import backbones, caption_data, caption_model, classifier, pipeline
+
+    data = caption_data.load(
+        config.dataset, images=config.images, captions=config.captions, seed=config.seed,
+        validation_fraction=config.validation_fraction, test_fraction=config.test_fraction,
+        scenes_count=config.scenes_count, scenes_size=config.scenes_size, data_dir=config.data_dir,
+        max_images=config.max_images, strict=config.strict)
+    for warning in data.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    vocabulary = caption_model.Vocabulary.build(
+        [reference for references in data.train.captions for reference in references], max_tokens=config.max_tokens)
+
+    # The encoder sees the images' own size when they share one and its weights do not dictate another.
+    input_size = config.input_size
+    if input_size is None and data.image_shape and weights is None:
+        input_size = list(data.image_shape[:2])
+    probe = pipeline.batches(data.train.images.map(lambda image: (image, 0)),
+                             image_size=tuple(input_size or (64, 64)), channels=data.channels, batch_size=64,
+                             training=False, cache=False)
+    base = backbones.build_base(config.encoder, weights=weights, input_size=input_size, channels=data.channels,
+                                statistics=classifier.channel_statistics(probe, max_batches=8),
+                                preprocessing=config.preprocess)
+    if config.encoder_layer:
+        base = _cut_encoder(base, config.encoder_layer)
+    return data, vocabulary, base
+
+
+def cache_inputs(config, data, vocabulary, base, *, cache_dir, batch_size):
+    """Runs the frozen encoder once over every split (the resized pixels with
+    --fine-tune-encoder) into .npy files in `cache_dir`, and pairs each image
+    with its references as teacher-forcing ids.
+
+    Returns:
+        ({split: memory-mapped array}, {"train"/"validation": caption_data.caption_pairs}, captions cut at --max-length).
+    """
+    from dlsuite.apps import caption_data
+
+    what = "pixels" if config.fine_tune_encoder else f"{base.name} features"
+    print(f"{data.name}: {data.sizes['train']} train / {data.sizes['validation']} validation / {data.sizes['test']} "
+          f"test images, {vocabulary.size} tokens; caching {what} "
+          f"({base.input_size[0]}x{base.input_size[1]}x{base.channels} in) in {cache_dir}", flush=True)
+    caches = {
+        key: caption_data.cache_split(getattr(data, key), path=pathlib.Path(cache_dir) / f"{key}.npy",
+                                      image_size=base.input_size, channels=base.channels, batch_size=batch_size,
+                                      encoder=None if config.fine_tune_encoder else base.model, label=key)
+        for key in ("train", "validation", "test")
+    }
+    pairs = {key: caption_data.caption_pairs(getattr(data, key).captions, vocabulary, max_length=config.max_length)
+             for key in ("train", "validation")}
+    truncated = pairs["train"][3] + pairs["validation"][3]
+    if truncated:
+        print(f"warning: {truncated} captions have more than {config.max_length} words and were cut; "
+              "raise --max-length to keep them whole", file=sys.stderr)
+    return caches, pairs, truncated
+
+
+def make_decoder(config, vocabulary, *, mean, variance):
+    """The `CaptionDecoder` of `config` (cell, attention, widths, dropout) over
+    features with per-channel `mean` and `variance`."""
+    from dlsuite.apps import caption_model
+
+    return caption_model.CaptionDecoder(
+        vocabulary.tokens, units=config.units, embedding=config.embedding, cell=config.decoder,
+        attention=config.attention, pooling=config.pooling, dropout=config.dropout,
+        image_blind=config.image_blind, feature_mean=mean, feature_variance=variance, name="caption_decoder")
+
+
+def export_captioner(config, base, encoder, decoder, *, data_name, test_bleu):
+    """Exports the captioner as --export (default <encoder>_<decoder>_<dataset>); returns its version folder."""
+    from dlsuite.apps import caption_export, rundir
+
+    name = config.export or "_".join([base.name, config.decoder + ("_attention" if config.attention else "")
+                                      + ("_blind" if config.image_blind else ""), rundir.slug(data_name)])
+    return caption_export.export_captioner(
+        encoder, decoder, name=name, base_dir=config.export_dir, beam_size=config.beam, alpha=config.alpha,
+        max_length=config.max_length, metadata={
+            "encoder": base.name, "encoder_weights": base.source, "decoder": config.decoder,
+            "attention": config.attention, "dataset": _dataset_facts(config), "test_bleu": test_bleu})
 
 
 def _cut_encoder(base, layer_name):
@@ -402,12 +470,15 @@ def _set_encoder_trainable(base, *, pretrained):
                 layer.trainable = False
 
 
-def evaluate_split(decoder, cache, references, vocabulary, *, encoder, beam_size, max_length, alpha, batch_size):
-    """Greedy and beam captions of every image in `cache`, scored by BLEU and log-likelihood.
+def decode_split(decoder, cache, *, encoder, beam_sizes, max_length, alpha, batch_size):
+    """Captions every image of `cache` with each beam width of `beam_sizes` (1: greedy).
+
+    Args:
+        decoder: a trained `caption_model.CaptionDecoder`.
+        cache: (N, ...) features, or pixels when `encoder` is given.
 
     Returns:
-        {"beam": {bleu1..4, mean_log_likelihood, mean_score, greedy_kept}, "greedy": {...},
-        "beam_not_worse": count of images whose beam score >= greedy's, "captions": beam captions}.
+        {beam width: `caption_decode.Decoded` of the N images}.
     """
     import numpy as np
     import tensorflow as tf
@@ -420,15 +491,29 @@ def evaluate_split(decoder, cache, references, vocabulary, *, encoder, beam_size
         context, states = decoder.start(features)
         return caption_decode.decode(decoder.step, states, context, beam_size=beam, max_length=max_length, alpha=alpha)
 
-    parts = {"greedy": [], "beam": []}
+    parts = {beam: [] for beam in beam_sizes}  # a width given twice is decoded once
     for start in range(0, len(cache), batch_size):
         rows = tf.constant(np.asarray(cache[start:start + batch_size], dtype=np.float32))
-        for key, beam in (("greedy", 1), ("beam", beam_size)):
-            parts[key].append(caption_decode.as_numpy(run(rows, tf.constant(beam))))
-    found = {key: caption_decode.Decoded(*[np.concatenate([getattr(part, field) for part in chunks])
+        for beam in parts:
+            parts[beam].append(caption_decode.as_numpy(run(rows, tf.constant(beam))))
+    return {beam: caption_decode.Decoded(*[np.concatenate([getattr(part, field) for part in chunks])
                                            for field in caption_decode.Decoded._fields])
-             for key, chunks in parts.items()}
-    captions = {key: vocabulary.decode(decoded.token_ids) for key, decoded in found.items()}
+            for beam, chunks in parts.items()}
+
+
+def evaluate_split(decoder, cache, references, vocabulary, *, encoder, beam_size, max_length, alpha, batch_size):
+    """Greedy and beam captions of every image in `cache`, scored by BLEU and log-likelihood.
+
+    Returns:
+        {"beam": {bleu1..4, mean_log_likelihood, mean_score, greedy_kept}, "greedy": {...},
+        "beam_not_worse": count of images whose beam score >= greedy's, "captions": beam captions}.
+    """
+    from dlsuite.apps import caption_decode
+
+    decoded = decode_split(decoder, cache, encoder=encoder, beam_sizes=(1, beam_size), max_length=max_length,
+                           alpha=alpha, batch_size=batch_size)
+    found = {"greedy": decoded[1], "beam": decoded[beam_size]}
+    captions = {key: vocabulary.decode(result.token_ids) for key, result in found.items()}
     figures = {
         key: {**caption_decode.bleu(references, captions[key]), "beam_size": beam,
               "mean_log_likelihood": float(found[key].log_likelihood.mean()),

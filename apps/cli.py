@@ -54,9 +54,36 @@ class UsageError(ValueError):
     """
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with its errors as the one line `dlsuite: error: ...` that
+    every bad input gets, instead of the usage block; the subcommands'
+    parsers are of this class too (argparse's default)."""
+
+    def parse_args(self, args=None, namespace=None):
+        self._argv = list(sys.argv[1:] if args is None else args)
+        return super().parse_args(args, namespace)
+
+    def error(self, message):
+        if message.startswith("unrecognized arguments"):  # found by the top parser, for a subcommand
+            message += f"; see `{self._command(getattr(self, '_argv', []))} --help`"
+        where = f"{self.prog}: " if self.prog != "dlsuite" else ""
+        self.exit(EXIT_USAGE, f"dlsuite: error: {where}{message}\n")
+
+    def _command(self, argv):
+        """The prog of the deepest subcommand `argv` names, e.g. "dlsuite tune caption"."""
+        parser = self
+        for word in argv:
+            choices = next((action.choices for action in parser._actions
+                            if isinstance(action, argparse._SubParsersAction)), None)
+            if not choices or word not in choices:
+                break
+            parser = choices[word]
+        return parser.prog
+
+
 def build_parser():
     """Returns the `dlsuite` parser with every module of SUBCOMMANDS added."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="dlsuite",
         description="Train, tune, diagnose and ship the classic deep-learning models.",
         epilog=EPILOG,

@@ -159,7 +159,7 @@ def _tpu_strategy(tpu_address):
         return tf.distribute.TPUStrategy(resolver)
     except (ValueError, RuntimeError, OSError, tf.errors.OpError) as error:
         raise UsageError(
-            f"no TPU was reachable at {where} ({_one_line(error)}); pass --tpu-address "
+            f"no TPU was reachable at {where} ({_one_line(error)}); set TPU_NAME "
             "(a TPU name, 'local' on a TPU VM, or grpc://host:port) or choose another --strategy"
         ) from error
 

@@ -19,7 +19,10 @@ A new app is one subclass here with `prepare`, `build_model`, `loss`,
 import dataclasses
 import math
 import pathlib
+import shutil
+import tempfile
 import time
+import weakref
 
 import keras
 import keras_tuner
@@ -66,7 +69,7 @@ class AppHyperModel(keras_tuner.HyperModel):
         model = self.build_model(values)
         optimizer = optim.make_optimizer(
             self.optimizer_config(values), steps_per_epoch=self.steps_per_epoch(values), epochs=values["epochs"])
-        model.compile(optimizer=optimizer, loss=self.loss(), metrics=["accuracy"])
+        model.compile(optimizer=optimizer, loss=self.loss(), metrics=self.metrics())
         # Its slots exist before any weights load, so a checkpoint (Hyperband
         # continuing a trial, the best model restored) brings the optimizer's
         # state too, without Keras's optimizer-mismatch warning.
@@ -106,6 +109,13 @@ class AppHyperModel(keras_tuner.HyperModel):
 
     def metric_callbacks(self):
         return []
+
+    def metrics(self):
+        """The metrics `compile` adds to the loss."""
+        return ["accuracy"]
+
+    def close(self):
+        """Removes what `prepare` wrote outside the tuning directory."""
 
     # What each app defines.
     def build_model(self, values):
@@ -477,4 +487,152 @@ class TransferHyperModel(ClassifierHyperModel):
                 model, class_names=self.data.class_names, base_dir=export_dir,
                 name=export_name or f"{model.name}_{rundir.slug(self.data.name)}"))
         summary["per_class"], summary["confusion_matrix"] = report["per_class"], report["confusion_matrix"]
+        return summary
+
+
+class _ValidationBLEU(keras.callbacks.Callback):
+    """Adds val_bleu4: corpus BLEU-4 of the greedy captions of the validation
+    images against all their references, at the end of each epoch, so that
+    what captioning is judged by can be the objective."""
+
+    def __init__(self, hypermodel):
+        super().__init__()
+        self.hypermodel = hypermodel
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs["val_bleu4"] = self.hypermodel.bleu4(self.model.get_layer("caption_decoder"), "validation")
+
+
+class CaptionHyperModel(AppHyperModel):
+    """`dlsuite caption train` under search: the decoder (cell, attention,
+    widths, dropout) and its training from the trial, over features the
+    frozen encoder computed once for every trial.
+
+    The features are cached in a temporary folder that lives as long as the
+    hypermodel; `--fine-tune-encoder` has no place here, as every trial
+    would then re-run the encoder.
+
+    Args:
+        config: a `caption.CaptionConfig` holding the data, encoder and decoding options.
+        data, vocabulary, base: what `caption.load_data_and_encoder` returns.
+        caches, pairs: what `caption.cache_inputs` returns.
+        cache_dir: the temporary folder holding the caches, removed with the hypermodel.
+    """
+
+    STRUCTURE = ("decoder", "attention", "units", "embedding", "dropout", "pooling")
+
+    def __init__(self, *, config, data, vocabulary, base, caches, pairs, cache_dir, **kwargs):
+        super().__init__(**kwargs)
+        self.config, self.data, self.vocabulary, self.base = config, data, vocabulary, base
+        self.caches, self.pairs = caches, pairs
+        self.feature_shape = tuple(int(d) for d in base.model.output.shape[1:])
+        from dlsuite.apps import caption_model
+
+        self.mean, self.variance = caption_model.feature_statistics(caches["train"])
+        # Removed by `close`, or at the latest when the hypermodel is collected.
+        self._cleanup = weakref.finalize(self, shutil.rmtree, cache_dir, True)
+
+    @classmethod
+    def prepare(cls, config, **kwargs):
+        from dlsuite.apps import caption
+
+        weights = caption._check_config(config)
+        data, vocabulary, base = caption.load_data_and_encoder(config, weights)
+        cache_dir = tempfile.mkdtemp(prefix="dlsuite-tune-caption-")
+        try:
+            caches, pairs, _ = caption.cache_inputs(config, data, vocabulary, base, cache_dir=cache_dir, batch_size=64)
+        except BaseException:
+            shutil.rmtree(cache_dir, ignore_errors=True)
+            raise
+        return cls(config=config, data=data, vocabulary=vocabulary, base=base, caches=caches, pairs=pairs,
+                   cache_dir=cache_dir, **kwargs)
+
+    def close(self):
+        self.caches = None
+        self._cleanup()
+
+    def check(self):
+        largest = _largest(self.space.entries["batch_size"])
+        pairs = len(self.pairs["train"][0])
+        if largest > pairs:
+            raise UsageError(f"batch_size {largest} in the search space is larger than the {pairs} training captions; "
+                             f"search batch sizes up to {pairs}")
+
+    def describe(self):
+        sizes = self.data.sizes
+        return (f"{self.data.name}: {sizes['train']} train / {sizes['validation']} validation / {sizes['test']} test "
+                f"images, {self.vocabulary.size} tokens; {self.base.name} features {self.feature_shape} cached")
+
+    def model_config(self, values):
+        config = dataclasses.replace(self.config, **{k: values[k] for k in self.STRUCTURE if k in values})
+        # Attention reads every location: pooling applies without it only.
+        return dataclasses.replace(config, pooling="flatten") if config.attention else config
+
+    def build_model(self, values):
+        from dlsuite.apps import caption, caption_model
+
+        decoder = caption.make_decoder(self.model_config(values), self.vocabulary, mean=self.mean, variance=self.variance)
+        return caption_model.build_training_model(decoder, feature_shape=self.feature_shape,
+                                                  caption_length=self.config.max_length + 1)
+
+    def loss(self):
+        from dlsuite.apps import caption_model
+
+        return caption_model.caption_loss()
+
+    def metrics(self):
+        return []  # token accuracy would count the padding; BLEU is the callback's
+
+    def metric_callbacks(self):
+        return [_ValidationBLEU(self)] if self.objective == "val_bleu4" else []
+
+    def steps_per_epoch(self, values):
+        return -(-len(self.pairs["train"][0]) // values["batch_size"])
+
+    def batches(self, values, model):
+        from dlsuite.apps import caption_data
+
+        return (caption_data.caption_batches(self.caches["train"], self.pairs["train"], batch_size=values["batch_size"],
+                                             shuffle=True, seed=self.config.seed),
+                caption_data.caption_batches(self.caches["validation"], self.pairs["validation"],
+                                             batch_size=values["batch_size"], shuffle=False))
+
+    def bleu4(self, decoder, split):
+        """Corpus BLEU-4 of the greedy captions of a split's images."""
+        import tensorflow as tf
+
+        from dlsuite.apps import caption, caption_decode
+
+        # Each epoch's decoder is new to tf.function: its retracing warning does not apply.
+        logger, level = tf.get_logger(), tf.get_logger().level
+        logger.setLevel("ERROR")
+        try:
+            decoded = caption.decode_split(decoder, self.caches[split], encoder=None, beam_sizes=(1,),
+                                           max_length=self.config.max_length, alpha=self.config.alpha,
+                                           batch_size=128)[1]
+        finally:
+            logger.setLevel(level)
+        return caption_decode.bleu(getattr(self.data, split).captions, self.vocabulary.decode(decoded.token_ids))["bleu4"]
+
+    def finish(self, model, values, *, out_dir, export_name, export_dir, no_export):
+        from dlsuite.apps import caption, caption_data, caption_decode, caption_model
+
+        config = dataclasses.replace(self.model_config(values), export=export_name, export_dir=export_dir)
+        decoder = model.get_layer("caption_decoder")
+        figures = caption.evaluate_split(decoder, self.caches["test"], self.data.test.captions, self.vocabulary,
+                                         encoder=None, beam_size=config.beam, max_length=config.max_length,
+                                         alpha=config.alpha, batch_size=64)
+        engine.save_model(caption_model.build_captioner(self.base.model, decoder, caption_length=config.max_length + 1),
+                          pathlib.Path(out_dir) / "model.keras")
+        test_bleu = {key: figures["beam"][key] for key in ("bleu1", "bleu2", "bleu3", "bleu4")}
+        baseline = caption_data.most_frequent_caption(self.data.train.captions)
+        summary = {f"test_{key}": value for key, value in test_bleu.items()}
+        summary["test_greedy_bleu4"] = figures["greedy"]["bleu4"]
+        summary["test_image_blind_bleu4"] = caption_decode.bleu(self.data.test.captions,
+                                                                [baseline] * len(self.data.test))["bleu4"]
+        summary["beam"] = config.beam
+        if not no_export:
+            summary["export"] = str(caption.export_captioner(config, self.base, self.base.model, decoder,
+                                                             data_name=self.data.name, test_bleu=test_bleu))
         return summary

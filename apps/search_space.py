@@ -106,6 +106,16 @@ PARAMS = {
         "head_dropout": Param("float", 0.0, 1.0, high_open=True),
         **TRAINING_PARAMS,
     },
+    "caption": {
+        "decoder": Param("choice", values=choices.CAPTION_CELLS),
+        "attention": Param("bool"),
+        "units": Param("int", 1, 16384),
+        "embedding": Param("int", 1, 16384),
+        "dropout": Param("float", 0.0, 1.0, high_open=True),
+        # Without attention only; an attention trial reads every location.
+        "pooling": Param("choice", values=choices.CAPTION_POOLING),
+        **TRAINING_PARAMS,
+    },
     "lm": {
         # bilstm has two outputs and reports other metric names; tune it by hand.
         "cell": Param("choice", values=("lstm", "gru", "rnn")),
@@ -142,6 +152,21 @@ DEFAULTS = {
         "batch_size": [16, 32],
         "lr": {"min": 3e-4, "max": 1e-2, "sampling": "log"},
         "optimizer": ["adam", "nesterov"],
+    },
+    # The decoder over the frozen encoder's cached features: its cell, the
+    # attention of Show, Attend and Tell, its widths and dropout, with batch
+    # size and rate. `dlsuite caption train`'s defaults (LSTM, 256 units,
+    # embedding 128, dropout 0.5, Adam at 0.002, clip 5) are in the space.
+    "caption": {
+        "decoder": ["lstm", "gru"],
+        "attention": [False, True],
+        "units": [128, 256],
+        "embedding": [64, 128],
+        "dropout": {"min": 0.2, "max": 0.6},
+        "batch_size": [32, 64],
+        "lr": {"min": 5e-4, "max": 5e-3, "sampling": "log"},
+        "optimizer": ["adam", "rmsprop"],
+        "clip_norm": 5.0,
     },
     # Measured on 200k characters, 2 shared CPU cores: a 2x128 GRU at batch
     # 16, sequences of 50 and lr 0.005 reaches validation loss 1.86

@@ -11,6 +11,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -196,6 +197,42 @@ def test_language_model_search_reports_perplexity_and_exports(tmp_path, capsys):
     assert 1 < metrics["test_perplexity"] < 40
     assert metrics["export"] == str(tmp_path / "exports" / "gru-tuned" / "1")
     assert (tmp_path / "exports" / "gru-tuned" / "1" / "saved_model.pb").exists()
+
+
+def test_caption_search_scores_bleu_on_validation_and_exports_the_best_captioner(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the search caches the features
+    space = tmp_path / "caption.yaml"
+    space.write_text("decoder: [lstm, gru]\nattention: false\nunits: 64\nembedding: 32\ndropout: 0.2\n"
+                     "batch_size: 32\nlr: 0.005\noptimizer: adam\n")
+    status, out, err = run(["tune", "caption", "--space", str(space), "--scenes-count", "500", "--max-trials", "2",
+                            "--epochs", "2", "--beam", "2", "--dir", str(tmp_path / "search"),
+                            "--export-dir", str(tmp_path / "exports")], capsys)
+    assert status == 0, err
+    rows = read_rows(tmp_path / "search")
+    assert sorted(row["decoder"] for row in rows) == ["gru", "lstm"]
+    assert all(row["status"] == "COMPLETED" and 0 < float(row["val_bleu4"]) <= 1 for row in rows)
+    metrics = json.loads((tmp_path / "search" / "metrics.json").read_text())
+    assert metrics["best_val_bleu4"] == max(float(row["val_bleu4"]) for row in rows)
+    # The captions describe the images: far above the most frequent training caption.
+    assert metrics["test_bleu4"] > metrics["test_image_blind_bleu4"] + 0.1
+    assert metrics["beam"] == 2 and 0 < metrics["test_greedy_bleu4"] <= 1
+    best = json.loads((tmp_path / "search" / "best_hyperparameters.json").read_text())
+    export = pathlib.Path(metrics["export"])
+    assert export == tmp_path / "exports" / f"vgg11_{best['hyperparameters']['decoder']}_scenes" / "1"
+    metadata = json.loads((export / "assets" / "dlsuite.json").read_text())
+    assert metadata["beam_size"] == 2 and metadata["test_bleu"]["bleu4"] == metrics["test_bleu4"]
+    assert not list(tmp_path.glob("dlsuite-tune-caption-*"))  # the feature cache is gone
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--objective", "val_accuracy"], "--objective 'val_accuracy' is not reported by caption; choose one of val_bleu4, val_loss"),
+    (["--fine-tune-encoder"], "unrecognized arguments: --fine-tune-encoder"),
+    (["--images", "photos"], "--images and --captions go together"),
+])
+def test_caption_search_bad_input(extra, message, tmp_path, capsys):
+    status, _, err = run(["tune", "caption", "--dir", str(tmp_path / "search"), *extra], capsys)
+    assert status == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "search").exists()
 
 
 @pytest.mark.parametrize(
