@@ -23,7 +23,9 @@ EXPECTED = {
     "serving_latency": {"serving_lenet5_b1", "serving_lenet5_b4", "predict_files_lenet5_b1", "predict_files_lenet5_b4",
                         "serving_lm_generate_2x32"},
     # One row per app: a new app in apps/cli.py SUBCOMMANDS is measured without listing it here.
+    "caption_speed": {"caption_cached_features_vs_encoder", "caption_beam3_vs_greedy"},
     "startup": {"startup_help", "startup_classify_help", "startup_lm_help", "startup_models_help"},
+    "memory": {"memory_lenet5_b8"},
 }
 KEYS = {
     "name", "benchmark", "mode", "ours", "reference", "ratio", "unit", "ours_samples",
@@ -99,3 +101,24 @@ def test_quick_startup_rows_import_no_tensorflow(quick_run):
     assert {"startup_help"} | {f"startup_{app}_help" for app in startup_benchmark.QUICK_APPS} == set(startup)
     for result in startup.values():
         assert result["imports_tensorflow"] is False, f"{result['config']['command']} imports TensorFlow"
+
+
+def test_quick_caption_row_reports_the_cache_cost_and_break_even(quick_run):
+    _, printed, _ = quick_run
+    (cached,) = [r for r in printed if r["name"] == "caption_cached_features_vs_encoder"]
+    assert cached["caching_seconds"] > 0 and len(cached["caching_samples"]) >= 5
+    # Break-even = caching time over the time one cached epoch saves.
+    saved = cached["epoch_seconds"]["encoder"] - cached["epoch_seconds"]["cached"]
+    assert saved <= 0 or cached["break_even_epochs"] == pytest.approx(cached["caching_seconds"] / saved, rel=1e-2)
+    assert cached["config"]["captions_per_epoch"] == 4 * cached["config"]["train_images"]
+
+
+def test_quick_memory_row_sets_the_estimate_beside_the_measurement(quick_run):
+    _, printed, _ = quick_run
+    (memory,) = [r for r in printed if r["benchmark"] == "memory"]
+    assert memory["unit"] == "MiB"
+    assert memory["ours"] == pytest.approx(memory["estimate_mib"]["total"], rel=1e-3)
+    assert set(memory["ours_samples"]) == {memory["ours"]}  # computed once, not timed
+    assert [row["what"].split()[0] for row in memory["rows"]] == ["weights", "step", "total"]
+    assert memory["rows"][-1]["measured"] == pytest.approx(memory["reference"], rel=1e-3)
+    assert len(memory["measured_mib"]) == 3 and all(len(run["steps"]) == 3 for run in memory["measured_mib"])

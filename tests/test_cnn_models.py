@@ -14,6 +14,9 @@ from dlsuite import models
 from dlsuite.models import googlenet, summary
 
 CNN_NAMES = models.names(kind="cnn")
+# ResNet-101 and -152 are ResNet-50's layers in longer stages: its round trip
+# covers theirs, which would write 170 and 240 MB files (about 30 s).
+SAVED_LIKE_RESNET50 = ("resnet101", "resnet152")
 
 # Parameters at each paper configuration (default input, 1000 classes, 10 for
 # LeNet), keras.applications conventions: conv biases, and batch-norm moving
@@ -90,6 +93,8 @@ def test_smallest_input_trains_and_round_trips(name, tmp_path):
     assert not missing, f"weights without gradient: {missing}"
     assert all(np.all(np.isfinite(g)) for g in gradients)
 
+    if name in SAVED_LIKE_RESNET50:
+        return
     path = tmp_path / f"{name}.keras"
     model.save(path)
     restored = keras.saving.load_model(path, safe_mode=True)
