@@ -38,6 +38,7 @@ EPILOG_TRAIN = """examples:
   dlsuite caption train --images Flicker8k_Dataset --captions Flickr8k.token.txt \\
       --encoder resnet50 --encoder-weights imagenet --pooling avg --units 512 --embedding 256
   dlsuite caption train --dataset tfds:coco_captions --encoder MobileNetV2 --encoder-weights imagenet --attention
+  dlsuite caption train --resume runs/caption/20261126-120000      # after an interruption
 """
 
 EPILOG_GENERATE = """examples:
@@ -206,7 +207,7 @@ def add_parser(subparsers):
                          help="ablation: the decoder never sees the image (a caption language model), for a baseline")
     _add_beam_arguments(train.add_argument_group("decoding"))
     train_args.add_training_arguments(train, app="caption", epochs=8, batch_size=64, lr=0.002, clip_norm=5.0,
-                                      export_default="<encoder>_<decoder>_<dataset>", resumable=False)
+                                      export_default="<encoder>_<decoder>_<dataset>", resumable=True)
     train.set_defaults(func=run_train)
 
     generate = commands.add_parser("generate", help="one caption per image, from an export",
@@ -256,11 +257,20 @@ def _check_config(config):
 
 
 def run_train(args):
-    return train(train_args.config_from_args(CaptionConfig, args))
+    if args.resume:
+        config, run_dir = train_args.load_resumed_config(CaptionConfig, args.resume), pathlib.Path(args.resume)
+    else:
+        config, run_dir = train_args.config_from_args(CaptionConfig, args), None
+    return train(config, run_dir=run_dir, resume=bool(args.resume))
 
 
-def train(config):
-    """Runs the whole recipe for `config`; returns the exit status."""
+def train(config, *, run_dir=None, resume=False):
+    """Runs the whole recipe for `config`; returns the exit status.
+
+    With `resume`, `run_dir` is an interrupted run's directory: the features
+    are cached again (the same encoder gives the same ones) and training
+    goes on from the last finished epoch.
+    """
     from dlsuite.apps import distribute
 
     weights = _check_config(config)
@@ -276,7 +286,7 @@ def train(config):
     batch_size = config.batch_size or engine.default_batch_size(device)
 
     data, vocabulary, base = load_data_and_encoder(config, weights)
-    run_dir = pathlib.Path(rundir.create(config.out, "caption"))
+    run_dir = pathlib.Path(run_dir if run_dir is not None else rundir.create(config.out, "caption"))
     caches, pairs, truncated = cache_inputs(config, data, vocabulary, base, cache_dir=run_dir / "cache",
                                             batch_size=batch_size)
     batch_size = min(batch_size, len(pairs["train"][0]))
@@ -297,13 +307,14 @@ def train(config):
             encoder=base.model if config.fine_tune_encoder else None)
         if config.fine_tune_encoder:
             _set_encoder_trainable(base, pretrained=weights is not None)
-    rundir.write_json(run_dir / "config.json", {"config": config, "resolved": {
-        "encoder": base.name, "encoder_weights": base.source, "preprocessing": base.preprocessing,
-        "input_size": list(base.input_size), "channels": base.channels, "feature_shape": list(feature_shape),
-        "vocabulary_size": vocabulary.size, "batch_size": batch_size, "policy": policy, "device": device,
-        "strategy": type(strategy).__name__, "sizes": data.sizes, "pairs": {k: len(v[0]) for k, v in pairs.items()},
-        "parameters": model.count_params(), "truncated_captions": truncated,
-    }})
+    if not resume:  # the interrupted run's config.json stays as it was
+        rundir.write_json(run_dir / "config.json", {"config": config, "resolved": {
+            "encoder": base.name, "encoder_weights": base.source, "preprocessing": base.preprocessing,
+            "input_size": list(base.input_size), "channels": base.channels, "feature_shape": list(feature_shape),
+            "vocabulary_size": vocabulary.size, "batch_size": batch_size, "policy": policy, "device": device,
+            "strategy": type(strategy).__name__, "sizes": data.sizes, "pairs": {k: len(v[0]) for k, v in pairs.items()},
+            "parameters": model.count_params(), "truncated_captions": truncated,
+        }})
     print(f"{config.decoder}{' + attention' if config.attention else ''} decoder ({config.units} units) on "
           f"{feature_shape} features: {model.count_params():,} parameters, {len(pairs['train'][0])} training "
           f"captions an epoch; run dir {run_dir}", flush=True)
@@ -313,7 +324,7 @@ def train(config):
         optimizer_config=optim.OptimizerConfig(**config.optimizer), loss=caption_model.caption_loss(), metrics=(),
         epochs=config.epochs, steps_per_epoch=-(-len(pairs["train"][0]) // batch_size), global_batch_size=batch_size,
         run_dir=run_dir, early_stopping=config.early_stopping, jit_compile=engine.jit_setting(config.jit_compile),
-        monitors=config.monitor or ())
+        resume=resume, monitors=config.monitor or ())
     if result.history:
         rundir.plot_curves(result.history, run_dir / "curves.png", title=f"captioning {data.name}")
     if result.stopped_reason:
