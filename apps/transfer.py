@@ -22,6 +22,9 @@ import sys
 from dlsuite.apps import choices, train_args
 from dlsuite.apps.cli import UsageError
 
+# The sub-runs `finetune` writes, each a run directory of its own.
+PHASES = ("freeze", "finetune", "scratch")
+
 EPILOG_EXTRACT = """examples:
   dlsuite transfer extract --backbone resnet50 --weights imagenet --images ./photos --out features.npz
   dlsuite transfer extract --backbone lenet5 --weights runs/classify/20261126-120000/model.keras \\
@@ -34,6 +37,7 @@ EPILOG_FINETUNE = """examples:
   dlsuite transfer finetune --weights saved_models/lenet5_shapes --dataset shapes --shapes-classes 8 --train-per-class 10
   dlsuite transfer finetune --backbone lenet5 --weights none --dataset shapes --shapes-classes 8 --train-per-class 10   # from scratch
   dlsuite transfer finetune --backbone efficientnetb0 --weights imagenet --dataset tfds:tf_flowers --input-size 160,160 --unfreeze 20
+  dlsuite transfer finetune --resume runs/transfer/20261126-120000    # after an interruption
 """
 
 
@@ -165,7 +169,7 @@ def add_parser(subparsers):
                         help="phase 2 learning rate = --lr x this (default 0.1)")
     phases.add_argument("--head-dropout", type=float, default=0.2, help="dropout before the new classifier (default 0.2)")
     train_args.add_training_arguments(finetune, app="transfer", epochs=None, export_default="<backbone>_<dataset>",
-                                      resumable=False)
+                                      resumable=True)
     finetune.set_defaults(func=run_finetune)
 
 
@@ -395,7 +399,39 @@ def set_trainable(model, unfreeze):
 
 
 def run_finetune(args):
+    if args.resume:
+        return finetune(_resumed_config(args.resume), run_dir=pathlib.Path(args.resume))
     return finetune(train_args.config_from_args(TransferConfig, args))
+
+
+def _resumed_config(run_dir):
+    """The config an interrupted `finetune` saved; its phases keep their own backups."""
+    from dlsuite.apps import rundir
+
+    run_dir = pathlib.Path(run_dir)
+    if not (run_dir / "config.json").exists():
+        raise UsageError(f"--resume {str(run_dir)!r}: no config.json there; pass the directory of an interrupted run")
+    if (run_dir / "metrics.json").exists():
+        raise UsageError(f"--resume {str(run_dir)!r}: that run finished; start a new run instead")
+    for phase in PHASES:
+        if (run_dir / phase / "metrics.json").exists():
+            raise UsageError(f"--resume {str(run_dir)!r}: its {phase} phase stopped ({run_dir / phase / 'metrics.json'} "
+                             "says why); start a new run with other settings")
+    saved = rundir.read_json(run_dir / "config.json")["config"]
+    names = {field.name for field in dataclasses.fields(TransferConfig)}
+    return TransferConfig(**{key: value for key, value in saved.items() if key in names})
+
+
+def _phase_state(phase_dir):
+    """"new", "interrupted" (a backup to go on from) or "finished", from what the phase left."""
+    from dlsuite.apps import engine, rundir
+
+    paths = engine.run_paths(phase_dir)
+    if os.path.exists(paths["backup"]):
+        return "interrupted"
+    if rundir.read_history(paths["history"]).get("loss"):
+        return "finished"
+    return "new"  # not started, or stopped before its first epoch ended
 
 
 def load_data(config):
@@ -420,8 +456,13 @@ def load_data(config):
     return data, statistics
 
 
-def finetune(config):
-    """Runs both phases for `config`; returns the exit status."""
+def finetune(config, *, run_dir=None):
+    """Runs both phases for `config`; returns the exit status.
+
+    With `run_dir`, an interrupted run goes on: a finished phase is read back
+    (its history and best weights), the interrupted one resumes from its
+    backup, and the phases after it run as usual.
+    """
     from dlsuite.apps import distribute
 
     check_config(config)
@@ -449,18 +490,20 @@ def finetune(config):
     unfreeze = config.unfreeze
     set_trainable(model, unfreeze)  # checks --unfreeze against the backbone before anything is written
 
-    run_dir = pathlib.Path(rundir.create(config.out, "transfer"))
+    resume = run_dir is not None
+    run_dir = pathlib.Path(run_dir if resume else rundir.create(config.out, "transfer"))
     shape = dict(image_size=base.input_size, channels=base.channels, batch_size=batch_size)
     train_batches = pipeline.batches(train_split, training=True, seed=config.seed, **shape)
     validation_batches = pipeline.batches(data.validation, training=False, **shape)
     test_batches = pipeline.batches(data.test, training=False, **shape)
     steps_per_epoch = -(-train_size // batch_size)
-    rundir.write_json(run_dir / "config.json", {"config": config, "resolved": {
-        "backbone": base.name, "weights": base.source, "preprocessing": base.preprocessing,
-        "input_size": list(base.input_size), "channels": base.channels, "batch_size": batch_size, "policy": policy,
-        "device": device, "strategy": type(strategy).__name__, "class_names": data.class_names,
-        "sizes": {**data.sizes, "train": train_size}, "parameters": model.count_params(),
-    }})
+    if not resume:  # the interrupted run's config.json stays as it was
+        rundir.write_json(run_dir / "config.json", {"config": config, "resolved": {
+            "backbone": base.name, "weights": base.source, "preprocessing": base.preprocessing,
+            "input_size": list(base.input_size), "channels": base.channels, "batch_size": batch_size, "policy": policy,
+            "device": device, "strategy": type(strategy).__name__, "class_names": data.class_names,
+            "sizes": {**data.sizes, "train": train_size}, "parameters": model.count_params(),
+        }})
     print(f"{base.name} ({base.source}) on {data.name}: {train_size} train / {data.sizes['validation']} validation / "
           f"{data.sizes['test']} test images, {len(data.class_names)} classes, input "
           f"{base.input_size[0]}x{base.input_size[1]}x{base.channels}, run dir {run_dir}", flush=True)
@@ -483,10 +526,19 @@ def finetune(config):
             continue
         with strategy.scope():
             trained = set_trainable(model, layers_to_train)
-        print(f"phase {phase}: {epochs} epochs, {trained} backbone layers trainable, "
-              f"lr {phase_optimizer.learning_rate:g}", flush=True)
-        result = engine.fit(model, train_batches, validation_batches, optimizer_config=phase_optimizer,
-                            epochs=epochs, run_dir=run_dir / phase, **fit)
+        state = _phase_state(run_dir / phase) if resume else "new"
+        if state == "finished":
+            history = rundir.read_history(engine.run_paths(run_dir / phase)["history"])
+            history.pop("epoch", None)
+            best_path = engine.run_paths(run_dir / phase)["best"]
+            result = engine.FitResult(history=history, stopped_reason=None, epochs_run=0,
+                                      best_checkpoint=best_path if os.path.exists(best_path) else None)
+            print(f"phase {phase}: finished before ({len(history.get('loss', []))} epochs), read back", flush=True)
+        else:
+            print(f"phase {phase}: {epochs} epochs, {trained} backbone layers trainable, "
+                  f"lr {phase_optimizer.learning_rate:g}" + (", resumed" if state == "interrupted" else ""), flush=True)
+            result = engine.fit(model, train_batches, validation_batches, optimizer_config=phase_optimizer,
+                                epochs=epochs, run_dir=run_dir / phase, resume=state == "interrupted", **fit)
         if result.stopped_reason:
             return engine.report_stop(result, run_dir / phase)
         histories.append((phase, result.history))
