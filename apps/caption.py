@@ -55,7 +55,7 @@ EPILOG_EVALUATE = """examples:
 
 
 @dataclasses.dataclass
-class CaptionConfig:
+class CaptionConfig(train_args.TrainingConfig):
     """A captioning run; saved as config.json beside the model."""
 
     dataset: str = "scenes"
@@ -85,19 +85,8 @@ class CaptionConfig:
     image_blind: bool = False
     beam: int = 3
     alpha: float = 0.7
-    optimizer: dict = dataclasses.field(default_factory=dict)
     epochs: int = 8
     batch_size: int | None = 64
-    early_stopping: int = 0
-    monitor: list | None = None  # --monitor: names of callbacks.monitors.MONITORS
-    seed: int = 0
-    strategy: str = "auto"
-    mixed_precision: str = "auto"
-    jit_compile: str = "auto"
-    out: str | None = None
-    export: str | None = None
-    export_dir: str = "saved_models"
-    no_export: bool = False
 
 
 def _input_size(text):

@@ -26,7 +26,7 @@ EPILOG_TRAIN = """examples:
 
 
 @dataclasses.dataclass
-class TrainConfig:
+class TrainConfig(train_args.TrainingConfig):
     """Everything a classification run needs; saved as config.json and enough
     to repeat the run (`--resume` reads it back)."""
 
@@ -37,7 +37,6 @@ class TrainConfig:
     image_size: int | None = None  # None: native size if the model takes it, else the model's
     augment: list | None = None  # kinds of augmentation, see classifier.AUGMENTATIONS
     strict: bool = False
-    seed: int = 0
     validation_fraction: float = 0.15
     test_fraction: float = 0.15
     shapes_classes: int = 4
@@ -55,16 +54,6 @@ class TrainConfig:
     # without, and deep plain nets (VGG, AlexNet) train at all on a CPU budget.
     # --no-batch-norm gives the paper's exact configuration.
     batch_norm: bool | None = True
-    optimizer: dict = dataclasses.field(default_factory=dict)  # optim.OptimizerConfig fields
-    early_stopping: int = 0
-    monitor: list | None = None  # --monitor: names of callbacks.monitors.MONITORS
-    strategy: str = "auto"
-    mixed_precision: str = "auto"
-    jit_compile: str = "auto"
-    out: str | None = None
-    export: str | None = None
-    export_dir: str = "saved_models"
-    no_export: bool = False
 
 
 def add_data_arguments(group):

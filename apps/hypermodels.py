@@ -153,6 +153,14 @@ def _largest(spec):
     return spec["max"]
 
 
+def _check_batch_sizes(space, available, what):
+    """Raises UsageError when the space's largest batch size exceeds the `available` training examples."""
+    largest = _largest(space.entries["batch_size"])
+    if largest > available:
+        raise UsageError(f"batch_size {largest} in the search space is larger than the {available} {what}; "
+                         f"search batch sizes up to {available}")
+
+
 class ClassifierHyperModel(AppHyperModel):
     """`dlsuite classify` under search: `classifier.build_classifier` on the
     app's data pipeline, the architecture (`model`) and knobs from the trial.
@@ -179,10 +187,7 @@ class ClassifierHyperModel(AppHyperModel):
         return cls(config=config, data=classify.load_data(config), **kwargs)
 
     def check(self):
-        largest = _largest(self.space.entries["batch_size"])
-        if largest > self.data.sizes["train"]:
-            raise UsageError(f"batch_size {largest} in the search space is larger than the {self.data.sizes['train']} "
-                             f"training images; search batch sizes up to {self.data.sizes['train']}")
+        _check_batch_sizes(self.space, self.data.sizes["train"], "training images")
 
     def describe(self):
         sizes = self.data.sizes
@@ -553,11 +558,7 @@ class CaptionHyperModel(AppHyperModel):
         self._cleanup()
 
     def check(self):
-        largest = _largest(self.space.entries["batch_size"])
-        pairs = len(self.pairs["train"][0])
-        if largest > pairs:
-            raise UsageError(f"batch_size {largest} in the search space is larger than the {pairs} training captions; "
-                             f"search batch sizes up to {pairs}")
+        _check_batch_sizes(self.space, len(self.pairs["train"][0]), "training captions")
 
     def describe(self):
         sizes = self.data.sizes

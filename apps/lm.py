@@ -34,7 +34,7 @@ EPILOG_TRAIN = """examples:
 
 
 @dataclasses.dataclass
-class LMConfig:
+class LMConfig(train_args.TrainingConfig):
     """Everything a language-model run needs; saved as config.json."""
 
     text: str | None = None
@@ -51,19 +51,8 @@ class LMConfig:
     dropout: float = 0.0
     irnn: bool = False
     validation_fraction: float = 0.1
-    optimizer: dict = dataclasses.field(default_factory=dict)
     epochs: int = 1
     batch_size: int | None = 64
-    early_stopping: int = 0
-    monitor: list | None = None  # --monitor: names of callbacks.monitors.MONITORS
-    seed: int = 0
-    strategy: str = "auto"
-    mixed_precision: str = "auto"
-    jit_compile: str = "auto"
-    out: str | None = None
-    export: str | None = None
-    export_dir: str = "saved_models"
-    no_export: bool = False
 
 
 def add_data_arguments(group, *, max_chars=1_000_000):

@@ -121,6 +121,25 @@ def optimizer_config(args):
     return dataclasses.asdict(config)
 
 
+@dataclasses.dataclass
+class TrainingConfig:
+    """The fields of `add_training_arguments`' options that every app's config
+    shares with the same defaults; each app's config dataclass extends it
+    (epochs and batch size stay with the apps, whose defaults differ)."""
+
+    optimizer: dict = dataclasses.field(default_factory=dict)  # optim.OptimizerConfig fields
+    early_stopping: int = 0
+    monitor: list | None = None  # --monitor: names of callbacks.monitors.MONITORS
+    seed: int = 0
+    strategy: str = "auto"
+    mixed_precision: str = "auto"
+    jit_compile: str = "auto"
+    out: str | None = None
+    export: str | None = None
+    export_dir: str = "saved_models"
+    no_export: bool = False
+
+
 def config_from_args(config_class, args):
     """An app's config dataclass filled from `args` (field names = option dests)."""
     fields = {f.name for f in dataclasses.fields(config_class)} - {"optimizer"}
@@ -128,8 +147,8 @@ def config_from_args(config_class, args):
     return config_class(optimizer=optimizer_config(args), **values)
 
 
-def load_resumed_config(config_class, run_dir):
-    """The config an interrupted run saved, checked to be resumable."""
+def saved_config(config_class, run_dir):
+    """The config a run saved in its config.json (fields `config_class` does not know are dropped)."""
     import pathlib
 
     from dlsuite.apps import rundir
@@ -138,8 +157,18 @@ def load_resumed_config(config_class, run_dir):
     run_dir = pathlib.Path(run_dir)
     if not (run_dir / "config.json").exists():
         raise UsageError(f"--resume {str(run_dir)!r}: no config.json there; pass the directory of an interrupted run")
-    if not (run_dir / "checkpoints" / "backup").exists():
-        raise UsageError(f"--resume {str(run_dir)!r}: that run finished (no backup left); start a new run instead")
     saved = rundir.read_json(run_dir / "config.json")["config"]
     names = {f.name for f in dataclasses.fields(config_class)}
     return config_class(**{k: v for k, v in saved.items() if k in names})
+
+
+def load_resumed_config(config_class, run_dir):
+    """The config an interrupted run saved, checked to be resumable."""
+    import pathlib
+
+    from dlsuite.apps.cli import UsageError
+
+    config = saved_config(config_class, run_dir)
+    if not (pathlib.Path(run_dir) / "checkpoints" / "backup").exists():
+        raise UsageError(f"--resume {str(run_dir)!r}: that run finished (no backup left); start a new run instead")
+    return config

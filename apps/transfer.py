@@ -42,7 +42,7 @@ EPILOG_FINETUNE = """examples:
 
 
 @dataclasses.dataclass
-class TransferConfig:
+class TransferConfig(train_args.TrainingConfig):
     """A fine-tuning run; saved as config.json beside the model."""
 
     backbone: str | None = None
@@ -60,23 +60,12 @@ class TransferConfig:
     batch_size: int | None = None
     augment: list | None = None
     strict: bool = False
-    seed: int = 0
     validation_fraction: float = 0.15
     test_fraction: float = 0.15
     shapes_classes: int = 4
     shapes_size: int = 64
     shapes_count: int = 1200
     data_dir: str | None = None
-    optimizer: dict = dataclasses.field(default_factory=dict)
-    early_stopping: int = 0
-    monitor: list | None = None  # --monitor: names of callbacks.monitors.MONITORS
-    strategy: str = "auto"
-    mixed_precision: str = "auto"
-    jit_compile: str = "auto"
-    out: str | None = None
-    export: str | None = None
-    export_dir: str = "saved_models"
-    no_export: bool = False
 
 
 def input_size(text):
@@ -406,20 +395,15 @@ def run_finetune(args):
 
 def _resumed_config(run_dir):
     """The config an interrupted `finetune` saved; its phases keep their own backups."""
-    from dlsuite.apps import rundir
-
+    config = train_args.saved_config(TransferConfig, run_dir)
     run_dir = pathlib.Path(run_dir)
-    if not (run_dir / "config.json").exists():
-        raise UsageError(f"--resume {str(run_dir)!r}: no config.json there; pass the directory of an interrupted run")
     if (run_dir / "metrics.json").exists():
         raise UsageError(f"--resume {str(run_dir)!r}: that run finished; start a new run instead")
     for phase in PHASES:
         if (run_dir / phase / "metrics.json").exists():
             raise UsageError(f"--resume {str(run_dir)!r}: its {phase} phase stopped ({run_dir / phase / 'metrics.json'} "
                              "says why); start a new run with other settings")
-    saved = rundir.read_json(run_dir / "config.json")["config"]
-    names = {field.name for field in dataclasses.fields(TransferConfig)}
-    return TransferConfig(**{key: value for key, value in saved.items() if key in names})
+    return config
 
 
 def _phase_state(phase_dir):

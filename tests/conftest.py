@@ -32,3 +32,24 @@ def _fresh_keras_state():
     # because each test's models go out of scope anyway.
     keras.backend.clear_session(free_memory=False)
     keras.mixed_precision.set_global_policy("float32")  # a run may have set mixed
+
+
+@pytest.fixture()
+def interrupt_at_epoch_end(monkeypatch):
+    """`interrupt_at_epoch_end(n)`: the n-th epoch end from now raises
+    KeyboardInterrupt, as Ctrl-C would, after the epoch's log line; later
+    epoch ends (a resumed run) pass."""
+    from dlsuite.callbacks import EpochLog
+
+    original, ends = EpochLog.on_epoch_end, []
+
+    def arm(count):
+        def on_epoch_end(self, epoch, logs=None):
+            original(self, epoch, logs)
+            ends.append(epoch)
+            if len(ends) == count:
+                raise KeyboardInterrupt
+
+        monkeypatch.setattr(EpochLog, "on_epoch_end", on_epoch_end)
+
+    return arm

@@ -79,17 +79,8 @@ def test_the_captioner_beats_the_most_frequent_caption_by_far(trained):
     assert metrics["bleu4"] > 0.3 and metrics["bleu4"] > 5 * metrics["baseline"]["bleu4"]
 
 
-def test_resume_continues_an_interrupted_run_without_losing_an_epoch(tmp_path, capsys, monkeypatch):
-    from dlsuite.callbacks import EpochLog
-
-    original = EpochLog.on_epoch_end
-
-    def interrupt_after_second_epoch(self, epoch, logs=None):
-        original(self, epoch, logs)
-        if epoch == 1:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(EpochLog, "on_epoch_end", interrupt_after_second_epoch)
+def test_resume_continues_an_interrupted_run_without_losing_an_epoch(tmp_path, capsys, interrupt_at_epoch_end):
+    interrupt_at_epoch_end(2)
     run = tmp_path / "run"
     argv = ["caption", "train", "--scenes-count", "100", "--scenes-size", "32", *SMALL, "--epochs", "3",
             "--out", run, "--no-export"]
@@ -97,7 +88,6 @@ def test_resume_continues_an_interrupted_run_without_losing_an_epoch(tmp_path, c
     assert status == 130 and "interrupted" in err
     assert (run / "checkpoints" / "backup").exists() and not (run / "metrics.json").exists()
     config = (run / "config.json").read_text()
-    monkeypatch.setattr(EpochLog, "on_epoch_end", original)
 
     status, out, err = run_cli(["caption", "train", "--resume", run], capsys)
     assert status == 0, err

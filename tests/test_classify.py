@@ -81,23 +81,13 @@ def test_predict_prints_top_k_per_image(trained, tmp_path, capsys):
     assert out.startswith(f"{paths[0]}: 0 ")
 
 
-def test_resume_continues_after_an_interruption_without_losing_an_epoch(tmp_path, capsys, monkeypatch):
-    from dlsuite.callbacks import EpochLog
-
-    original = EpochLog.on_epoch_end
-
-    def interrupt_after_second_epoch(self, epoch, logs=None):
-        original(self, epoch, logs)
-        if epoch == 1:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(EpochLog, "on_epoch_end", interrupt_after_second_epoch)
+def test_resume_continues_after_an_interruption_without_losing_an_epoch(tmp_path, capsys, interrupt_at_epoch_end):
+    interrupt_at_epoch_end(2)
     run_dir = tmp_path / "run"
     argv = ["classify", "train", "--epochs", "4", "--out", str(run_dir), "--no-export"]
     status, _, err = run(argv, capsys)
     assert status == 130 and "interrupted" in err
     assert (run_dir / "checkpoints" / "backup").exists()
-    monkeypatch.setattr(EpochLog, "on_epoch_end", original)
 
     status, out, err = run(["classify", "train", "--resume", str(run_dir)], capsys)
     assert status == 0, err

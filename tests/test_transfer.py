@@ -240,18 +240,8 @@ def test_finetuning_a_trained_backbone_beats_training_from_scratch_on_few_labels
     assert served.class_names == list(shapes.SHAPES)
 
 
-def test_resume_reads_the_finished_phase_back_and_goes_on_with_the_interrupted_one(source, tmp_path, capsys, monkeypatch):
-    from dlsuite.callbacks import EpochLog
-
-    original, ends = EpochLog.on_epoch_end, []
-
-    def interrupt_in_the_second_phase(self, epoch, logs=None):
-        original(self, epoch, logs)
-        ends.append(epoch)
-        if len(ends) == 3:  # freeze epochs 0 and 1, then finetune epoch 0
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(EpochLog, "on_epoch_end", interrupt_in_the_second_phase)
+def test_resume_reads_the_finished_phase_back_and_goes_on_with_the_interrupted_one(source, tmp_path, capsys, interrupt_at_epoch_end):
+    interrupt_at_epoch_end(3)  # freeze epochs 0 and 1, then finetune epoch 0
     run = tmp_path / "run"
     status, _, err = run_cli(["transfer", "finetune", "--weights", source["export"], "--dataset", "shapes",
                               "--shapes-size", "32", "--shapes-count", "200", "--freeze-epochs", "2",
@@ -259,7 +249,6 @@ def test_resume_reads_the_finished_phase_back_and_goes_on_with_the_interrupted_o
     assert status == 130 and "interrupted" in err
     assert (run / "finetune" / "checkpoints" / "backup").exists() and not (run / "freeze" / "checkpoints" / "backup").exists()
     freeze_history = (run / "freeze" / "history.csv").read_text()
-    monkeypatch.setattr(EpochLog, "on_epoch_end", original)
 
     status, out, err = run_cli(["transfer", "finetune", "--resume", run], capsys)
     assert status == 0, err
