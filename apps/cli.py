@@ -9,10 +9,13 @@ subparsers and sets the function to run::
         parser.add_argument(...)
         parser.set_defaults(func=run)   # run(args) -> exit status or None
 
-A user error, bad input rather than a bug, is raised as `UsageError` (or a
-`ValueError` from a builder or registry check): `main` prints it as one line,
-`dlsuite: error: <message>`, on stderr and exits with status 2, never with a
-traceback. argparse's own errors also exit with 2.
+A user error, bad input rather than a bug, is raised as
+`core.errors.UsageError` (or `models.errors.ArgumentError` from a builder):
+`main` prints it as one line, `dlsuite: error: <message>`, on stderr and
+exits with status 2, with the option's flag where the error names its
+field. So is an operating-system error on a path (a missing file, a full
+disk, a folder without write permission), with the path named. Anything
+else is a bug and keeps its traceback. argparse's own errors also exit 2.
 """
 
 import argparse
@@ -20,15 +23,17 @@ import importlib
 import os
 import sys
 
+from dlsuite.apps.core import errors
+
 # Modules that each add one subcommand; a new app is one more line.
 SUBCOMMANDS = (
     "dlsuite.apps.models_cli",
-    "dlsuite.apps.classify",
-    "dlsuite.apps.lm",
-    "dlsuite.apps.transfer",
-    "dlsuite.apps.tune",
-    "dlsuite.apps.caption",
-    "dlsuite.apps.diagnose",
+    "dlsuite.apps.classify.cli",
+    "dlsuite.apps.lm.cli",
+    "dlsuite.apps.transfer.cli",
+    "dlsuite.apps.tune.cli",
+    "dlsuite.apps.caption.cli",
+    "dlsuite.apps.diagnose.cli",
 )
 
 EXIT_USAGE = 2
@@ -44,14 +49,6 @@ EPILOG = """examples:
   dlsuite diagnose run runs/classify/<time>          # or init, overfit, lr-range, memory
   dlsuite <command> --help
 """
-
-
-class UsageError(ValueError):
-    """Bad input from the user; `main` prints the message as one line, exit 2.
-
-    A ValueError, like the builders' and registry's argument errors, so code
-    that checks input either way is handled alike.
-    """
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -71,14 +68,7 @@ class OneLineParser(argparse.ArgumentParser):
 
     def _command(self, argv):
         """The prog of the deepest subcommand `argv` names, e.g. "dlsuite tune caption"."""
-        parser = self
-        for word in argv:
-            choices = next((action.choices for action in parser._actions
-                            if isinstance(action, argparse._SubParsersAction)), None)
-            if not choices or word not in choices:
-                break
-            parser = choices[word]
-        return parser.prog
+        return _subcommand_parser(self, argv).prog
 
 
 def build_parser():
@@ -97,6 +87,40 @@ def build_parser():
 
 def _one_line(error):
     return " ".join(str(error).split()) or type(error).__name__
+
+
+def _flags(parser, argv):
+    """{dest: flag} of the options of the (sub)command `argv` runs."""
+    parser = _subcommand_parser(parser, argv)
+    return {action.dest: action.option_strings[-1] for action in parser._actions if action.option_strings}
+
+
+def _subcommand_parser(parser, argv):
+    """The deepest subcommand parser `argv` names."""
+    for word in argv:
+        choices = next((action.choices for action in parser._actions
+                        if isinstance(action, argparse._SubParsersAction)), None)
+        if not choices or word not in choices:
+            break
+        parser = choices[word]
+    return parser
+
+
+def user_error_line(error, flags):
+    """One line for a user error: the field it names is shown as its flag
+    (`lr must be > 0` -> `--lr must be > 0`)."""
+    text = _one_line(error)
+    option = errors.option_of(error)
+    flag = flags.get(option) if option else None
+    if flag:
+        text = f"{flag}{text[len(option):]}" if text.startswith(option) else f"{flag}: {text}"
+    return text
+
+
+def os_error_line(error):
+    """One line for an operating-system error on a path: what and where."""
+    where = error.filename if error.filename2 is None else f"{error.filename} -> {error.filename2}"
+    return f"{error.strerror or _one_line(error)}: {where!s}"
 
 
 def _quiet_tensorflow_start():
@@ -135,8 +159,13 @@ def main(argv=None):
     _quiet_tensorflow_start()
     try:
         status = args.func(args)
-    except ValueError as error:  # UsageError included
-        print(f"dlsuite: error: {_one_line(error)}", file=sys.stderr)
+    except errors.user_errors() as error:
+        print(f"dlsuite: error: {user_error_line(error, _flags(parser, parser._argv))}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as error:
+        if error.filename is None:  # not about a path the user gave: a bug, or TensorFlow's
+            raise
+        print(f"dlsuite: error: {os_error_line(error)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("dlsuite: interrupted", file=sys.stderr)

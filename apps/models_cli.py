@@ -9,8 +9,8 @@ memory for a batch size and an optimizer.
 import argparse
 import json
 
-from dlsuite.apps import choices
-from dlsuite.apps.cli import UsageError
+from dlsuite.apps.core import choices
+from dlsuite.apps.core.errors import UsageError
 
 # Time steps assumed when a sequence model's default input leaves the length
 # open; FLOPs and activations grow linearly with it.

@@ -58,7 +58,9 @@ QUICK_OPTIONS = ["--scenes-count", "20", "--scenes-size", "32", "--units", "32",
 
 def _config(options):
     """The `dlsuite caption train` config for these options, the app's defaults elsewhere (its own parser)."""
-    from dlsuite.apps import caption, cli, train_args
+    from dlsuite.apps.caption import cli as caption
+    from dlsuite.apps import cli
+    from dlsuite.apps.core import train_args
 
     args = cli.build_parser().parse_args(["caption", "train", *options])
     config = train_args.config_from_args(caption.CaptionConfig, args)
@@ -87,7 +89,8 @@ def _quiet(fn, *args, **kwargs):
 
 def _compile(model, config, *, steps_per_epoch):
     """As `engine.fit` compiles: the app's optimizer, loss and jit setting."""
-    from dlsuite.apps import caption_model, engine, optim
+    from dlsuite.apps.caption import model as caption_model
+    from dlsuite.apps.core import engine, optim
 
     optimizer = optim.make_optimizer(optim.OptimizerConfig(**config.optimizer), steps_per_epoch=steps_per_epoch,
                                      epochs=config.epochs)
@@ -100,7 +103,8 @@ def cached_vs_encoder(config, weights, *, work, repeats, mode):
     """The first result; returns what the beam result reuses (decoder, test cache, data, base)."""
     import dataclasses
 
-    from dlsuite.apps import caption, caption_data, caption_model, engine
+    from dlsuite.apps.caption import cli as caption, data as caption_data, model as caption_model
+    from dlsuite.apps.core import engine
 
     device = engine.device_kind()
     engine.set_seed(config.seed, deterministic=device == "cpu")
@@ -180,7 +184,7 @@ def cached_vs_encoder(config, weights, *, work, repeats, mode):
 def beam_vs_greedy(config, decoder, test_cache, *, epochs_trained, repeats, mode):
     import tensorflow as tf
 
-    from dlsuite.apps import caption_decode
+    from dlsuite.apps.caption import decode as caption_decode
 
     @tf.function(reduce_retracing=True)
     def run(rows, beam):
@@ -217,7 +221,7 @@ def beam_vs_greedy(config, decoder, test_cache, *, epochs_trained, repeats, mode
 def export_beam_vs_greedy(config, decoder, data, base, *, work, repeats, mode):
     import tensorflow as tf
 
-    from dlsuite.apps import caption_export
+    from dlsuite.apps.caption import export as caption_export
 
     path = caption_export.export_captioner(base.model, decoder, name="benchmark", base_dir=work / "export",
                                            beam_size=BEAM, alpha=config.alpha, max_length=config.max_length)

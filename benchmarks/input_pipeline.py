@@ -43,7 +43,7 @@ import tensorflow as tf
 from PIL import Image
 
 from benchmarks import common
-from dlsuite.apps import classifier, datasets, pipeline, shapes
+from dlsuite.apps.vision import classifier, datasets, pipeline, shapes
 
 BAR = 0.9
 CLASSES = 4

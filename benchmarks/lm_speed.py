@@ -17,7 +17,7 @@ VOCAB_CHARS = "".join(chr(c) for c in range(32, 127)) + "\n"
 
 
 def _vocabulary():
-    from dlsuite.apps.text import Vocabulary
+    from dlsuite.apps.lm.text import Vocabulary
 
     return Vocabulary(level="char", tokens=["", "[UNK]", *VOCAB_CHARS])
 
@@ -43,7 +43,7 @@ def _plain_model(cell, *, units, vocab_size):
 
 
 def generation(*, units, length, repeats, mode):
-    from dlsuite.apps import generate, lm_export
+    from dlsuite.apps.lm import export as lm_export, generate
 
     vocabulary = _vocabulary()
     model = _app_model("lstm", units=units, vocab_size=vocabulary.size)

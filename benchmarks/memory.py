@@ -57,7 +57,7 @@ def measure_steps(name, *, input_shape, classes, batch_size, processes, parallel
     measured steps; one step's total (weights + slots + that step's peak) is
     one sample.
     """
-    from dlsuite.apps import memory_probe
+    from dlsuite.apps.diagnose import memory_probe
 
     def one():
         return memory_probe.measure(name, batch_size=batch_size, optimizer=OPTIMIZER, input_shape=input_shape,
@@ -70,7 +70,7 @@ def measure_steps(name, *, input_shape, classes, batch_size, processes, parallel
 
 
 def main(argv=None):
-    from dlsuite.apps import memory_probe
+    from dlsuite.apps.diagnose import memory_probe
 
     args = common.parse_args(__doc__, argv)
     mode = "quick" if args.quick else "full"

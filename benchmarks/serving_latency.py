@@ -64,7 +64,7 @@ print(sys.argv[2] + ": class " + str(int(probabilities.argmax())))
 
 
 def _classifier(name):
-    from dlsuite.apps import classifier
+    from dlsuite.apps.vision import classifier
 
     size, channels, classes = MODELS[name]
     # ImageNet's channel statistics; any plausible values serve, the weights are untrained.
@@ -121,7 +121,7 @@ def classifier_latency(name, *, calls, repeats, mode, folder):
     """
     import tensorflow as tf
 
-    from dlsuite.apps import export
+    from dlsuite.apps.vision import export
 
     size, channels, classes = MODELS[name]
     model = _classifier(name)
@@ -223,7 +223,7 @@ def command_line(name, *, model, export_path, image, repeats, mode, folder):
 
 def generation(*, units, length, repeats, mode, folder):
     from benchmarks.lm_speed import _app_model, _vocabulary
-    from dlsuite.apps import generate, lm_export
+    from dlsuite.apps.lm import export as lm_export, generate
 
     vocabulary = _vocabulary()
     model = _app_model("lstm", units=units, vocab_size=vocabulary.size)

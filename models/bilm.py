@@ -11,6 +11,7 @@ concatenated, are the contextual embeddings `dlsuite lm embed` writes.
 import keras
 from keras import layers
 
+from dlsuite.models.errors import ArgumentError
 from dlsuite.models.layers import ReverseSequence
 from dlsuite.models.registry import ModelSpec, register
 from dlsuite.models.rnn import CELLS
@@ -42,18 +43,18 @@ def BiLanguageModel(
         second token t-1.
     """
     if cell not in CELLS:
-        raise ValueError(f"Unknown cell {cell!r}; choose one of {', '.join(CELLS)}.")
+        raise ArgumentError(f"Unknown cell {cell!r}; choose one of {', '.join(CELLS)}.")
     for label, value in (("vocab_size", vocab_size), ("layers_per_direction", layers_per_direction),
                          ("units", units), ("embedding_dim", embedding_dim)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{label} must be a positive integer, received {value!r}.")
+            raise ArgumentError(f"{label} must be a positive integer, received {value!r}.")
     if not 0 <= dropout < 1:
-        raise ValueError(f"dropout must be in [0, 1), received {dropout!r}.")
+        raise ArgumentError(f"dropout must be in [0, 1), received {dropout!r}.")
     if classes is not None and classes != vocab_size:
-        raise ValueError(f"a language model predicts its vocabulary: classes must equal vocab_size {vocab_size}, received {classes}.")
+        raise ArgumentError(f"a language model predicts its vocabulary: classes must equal vocab_size {vocab_size}, received {classes}.")
     if input_shape is not None:
         if len(tuple(input_shape)) != 1:
-            raise ValueError(f"input_shape must be (T,) token ids, received {input_shape!r}.")
+            raise ArgumentError(f"input_shape must be (T,) token ids, received {input_shape!r}.")
         seq_len = input_shape[0]
 
     tokens = keras.Input((seq_len,), dtype="int32", name="input")

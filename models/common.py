@@ -14,6 +14,7 @@ import os
 import keras
 from keras import layers
 
+from dlsuite.models.errors import ArgumentError
 from dlsuite.models.layers import Maxout
 
 ACTIVATIONS = ("relu", "leaky_relu", "elu", "tanh", "sigmoid", "maxout")
@@ -62,25 +63,25 @@ class Knobs:
 
     def __post_init__(self):
         if self.activation not in ACTIVATIONS:
-            raise ValueError(
+            raise ArgumentError(
                 f"Unknown activation {self.activation!r}; "
                 f"choose one of {', '.join(ACTIVATIONS)}."
             )
         if self.kernel_initializer is not None and self.kernel_initializer not in INITIALIZERS:
-            raise ValueError(
+            raise ArgumentError(
                 f"Unknown kernel_initializer {self.kernel_initializer!r}; "
                 f"choose one of {', '.join(INITIALIZERS)}."
             )
         for field in ("l1", "l2"):
             value = getattr(self, field)
             if not isinstance(value, (int, float)) or value < 0:
-                raise ValueError(f"{field} must be a number >= 0, received {value!r}.")
+                raise ArgumentError(f"{field} must be a number >= 0, received {value!r}.", argument=field)
         if self.max_norm is not None and (
             not isinstance(self.max_norm, (int, float)) or self.max_norm <= 0
         ):
-            raise ValueError(f"max_norm must be > 0 or None, received {self.max_norm!r}.")
+            raise ArgumentError(f"max_norm must be > 0 or None, received {self.max_norm!r}.", argument="max_norm")
         if not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1), received {self.dropout!r}.")
+            raise ArgumentError(f"dropout must be in [0, 1), received {self.dropout!r}.", argument="dropout")
 
     @property
     def pieces(self):
@@ -210,24 +211,24 @@ def check_arguments(
     the received value and says what to pass instead.
     """
     if not isinstance(include_top, bool):
-        raise ValueError(f"include_top must be True or False, received {include_top!r}.")
+        raise ArgumentError(f"include_top must be True or False, received {include_top!r}.")
     if pooling not in POOLINGS:
-        raise ValueError(f"pooling must be None, 'avg' or 'max', received {pooling!r}.")
+        raise ArgumentError(f"pooling must be None, 'avg' or 'max', received {pooling!r}.")
     if include_top and (isinstance(classes, bool) or not isinstance(classes, int) or classes < 1):
-        raise ValueError(f"classes must be a positive integer, received {classes!r}.")
+        raise ArgumentError(f"classes must be a positive integer, received {classes!r}.")
     if weights == "imagenet":
         if not imagenet:
-            raise ValueError(
+            raise ArgumentError(
                 f"No ImageNet weights are published for {model_name}; "
                 "use weights=None or the path of a weights file."
             )
         if include_top and classes != 1000:
-            raise ValueError(
+            raise ArgumentError(
                 "weights='imagenet' with include_top=True needs classes=1000, "
                 f"received classes={classes}; use include_top=False for other classes."
             )
     elif weights is not None and not os.path.exists(str(weights)):
-        raise ValueError(
+        raise ArgumentError(
             f"weights must be None, 'imagenet' or an existing weights file, "
             f"received {weights!r}."
         )
@@ -239,27 +240,27 @@ def check_arguments(
     try:
         input_shape = tuple(None if dim is None else int(dim) for dim in input_shape)
     except (TypeError, ValueError):
-        raise ValueError(
+        raise ArgumentError(
             f"input_shape must be (height, width, channels), received {input_shape!r}."
         ) from None
     if len(input_shape) != 3 or input_shape[2] is None or input_shape[2] < 1:
-        raise ValueError(
+        raise ArgumentError(
             f"input_shape must be (height, width, channels) with channels >= 1, "
             f"received {input_shape!r}."
         )
     if weights == "imagenet" and input_shape[2] != 3:
-        raise ValueError(
+        raise ArgumentError(
             f"ImageNet weights need 3 input channels, received input_shape={input_shape}."
         )
     for size in input_shape[:2]:
         if size is None:
             if include_top:
-                raise ValueError(
+                raise ArgumentError(
                     f"{model_name} needs a fixed height and width when include_top=True, "
                     f"received input_shape={input_shape}."
                 )
         elif size < min_size:
-            raise ValueError(
+            raise ArgumentError(
                 f"{model_name} needs inputs of at least {min_size}x{min_size}, "
                 f"received input_shape={input_shape}; resize the images or pick a "
                 "model for small inputs such as lenet5."

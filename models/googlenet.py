@@ -15,6 +15,7 @@ import functools
 import keras
 from keras import layers
 
+from dlsuite.models.errors import ArgumentError
 from dlsuite.models import common
 from dlsuite.models.layers import LocalResponseNormalization
 from dlsuite.models.registry import ModelSpec, register
@@ -98,7 +99,7 @@ def GoogLeNet(
         classes=classes, default_shape=(224, 224, 3), min_size=MIN_SIZE,
     )
     if not isinstance(aux_classifiers, bool):
-        raise ValueError(f"aux_classifiers must be True or False, received {aux_classifiers!r}.")
+        raise ArgumentError(f"aux_classifiers must be True or False, received {aux_classifiers!r}.")
     img_input, inputs = common.make_input(input_tensor, input_shape)
 
     x = common.conv_block(img_input, 64, 7, strides=2, padding="same", knobs=knobs, name="conv1")

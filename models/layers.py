@@ -8,6 +8,8 @@ that uses them saves to `.keras` and loads back with `safe_mode=True` and no
 import keras
 from keras import ops
 
+from dlsuite.models.errors import ArgumentError
+
 
 @keras.saving.register_keras_serializable(package="dlsuite")
 class LocalResponseNormalization(keras.layers.Layer):
@@ -24,7 +26,7 @@ class LocalResponseNormalization(keras.layers.Layer):
     def __init__(self, depth_radius=2, bias=2.0, alpha=1e-4, beta=0.75, **kwargs):
         super().__init__(**kwargs)
         if int(depth_radius) < 0:
-            raise ValueError(f"depth_radius must be >= 0, received {depth_radius}.")
+            raise ArgumentError(f"depth_radius must be >= 0, received {depth_radius}.")
         self.depth_radius = int(depth_radius)
         self.bias = float(bias)
         self.alpha = float(alpha)
@@ -76,9 +78,9 @@ class Maxout(keras.layers.Layer):
     def __init__(self, pieces=2, units=None, kernel_initializer="glorot_uniform", **kwargs):
         super().__init__(**kwargs)
         if int(pieces) < 2:
-            raise ValueError(f"Maxout needs pieces >= 2, received {pieces}.")
+            raise ArgumentError(f"Maxout needs pieces >= 2, received {pieces}.")
         if units is not None and int(units) < 1:
-            raise ValueError(f"Maxout units must be >= 1, received {units}.")
+            raise ArgumentError(f"Maxout units must be >= 1, received {units}.")
         self.pieces = int(pieces)
         self.units = None if units is None else int(units)
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
@@ -87,7 +89,7 @@ class Maxout(keras.layers.Layer):
         features = input_shape[-1]
         if self.units is None:
             if features is None or features % self.pieces:
-                raise ValueError(
+                raise ArgumentError(
                     f"Maxout with pieces={self.pieces} needs a feature count "
                     f"divisible by {self.pieces}, received {features}."
                 )
@@ -165,7 +167,7 @@ class ImagePreprocessing(keras.layers.Layer):
     def __init__(self, mode, **kwargs):
         super().__init__(**kwargs)
         if mode not in self.MODES:
-            raise ValueError(f"mode must be one of {', '.join(self.MODES)}, received {mode!r}.")
+            raise ArgumentError(f"mode must be one of {', '.join(self.MODES)}, received {mode!r}.")
         self.mode = mode
 
     def call(self, inputs):

@@ -8,6 +8,8 @@ is one `register(...)` call next to its family's table.
 import dataclasses
 from typing import Callable
 
+from dlsuite.models.errors import ArgumentError
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
@@ -38,7 +40,7 @@ _REGISTRY: dict = {}
 def register(spec):
     """Adds `spec` to the registry; a name can be registered once."""
     if spec.name in _REGISTRY:
-        raise ValueError(f"Model name {spec.name!r} is already registered.")
+        raise ArgumentError(f"Model name {spec.name!r} is already registered.")
     _REGISTRY[spec.name] = spec
     return spec
 
@@ -58,8 +60,8 @@ def get(name):
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise ValueError(
-            f"Unknown model {name!r}. Known models: {', '.join(names())}."
+        raise ArgumentError(
+            f"Unknown model {name!r}. Known models: {', '.join(names())}.", argument="model"
         ) from None
 
 

@@ -18,6 +18,7 @@ import functools
 
 import keras
 
+from dlsuite.models.errors import ArgumentError
 from dlsuite.models.common import Knobs
 from dlsuite.models.registry import ModelSpec, register
 
@@ -37,17 +38,17 @@ def _check_positive_int(name, value, *, allow_none=False):
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         extra = " or None" if allow_none else ""
-        raise ValueError(f"{name} must be a positive integer{extra}, received {value!r}.")
+        raise ArgumentError(f"{name} must be a positive integer{extra}, received {value!r}.")
 
 
 def _check_rate(name, value):
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
-        raise ValueError(f"{name} must be a number in [0, 1), received {value!r}.")
+        raise ArgumentError(f"{name} must be a number in [0, 1), received {value!r}.")
 
 
 def _check_bool(name, value):
     if not isinstance(value, bool):
-        raise ValueError(f"{name} must be True or False, received {value!r}.")
+        raise ArgumentError(f"{name} must be True or False, received {value!r}.")
 
 
 def _resolve_inputs(*, vocab_size, input_dim, seq_len, input_shape):
@@ -60,7 +61,7 @@ def _resolve_inputs(*, vocab_size, input_dim, seq_len, input_shape):
     _check_positive_int("input_dim", input_dim, allow_none=True)
     _check_positive_int("seq_len", seq_len, allow_none=True)
     if vocab_size is not None and input_dim is not None:
-        raise ValueError(
+        raise ArgumentError(
             f"Pass vocab_size (token ids) or input_dim (float features), not both; "
             f"received vocab_size={vocab_size!r} and input_dim={input_dim!r}."
         )
@@ -70,35 +71,35 @@ def _resolve_inputs(*, vocab_size, input_dim, seq_len, input_shape):
         except (TypeError, ValueError):
             shape = ()
         if len(shape) not in (1, 2) or any(dim is not None and dim < 1 for dim in shape):
-            raise ValueError(
+            raise ArgumentError(
                 f"input_shape must be (time,) for token ids or (time, features) for "
                 f"float features, received {input_shape!r}."
             )
         if shape[0] is not None:
             if seq_len is not None and seq_len != shape[0]:
-                raise ValueError(
+                raise ArgumentError(
                     f"seq_len={seq_len!r} conflicts with input_shape={input_shape!r}; "
                     "pass one of them or make them agree."
                 )
             seq_len = shape[0]
         if len(shape) == 1 and input_dim is not None:
-            raise ValueError(
+            raise ArgumentError(
                 f"input_shape={input_shape!r} means token ids but input_dim={input_dim!r} "
                 "means float features; pass input_shape=(time, input_dim) for features."
             )
         if len(shape) == 2:
             if vocab_size is not None:
-                raise ValueError(
+                raise ArgumentError(
                     f"input_shape={input_shape!r} means float features but "
                     f"vocab_size={vocab_size!r} means token ids; pass input_shape=(time,)."
                 )
             if shape[1] is None:
-                raise ValueError(
+                raise ArgumentError(
                     f"input_shape={input_shape!r} needs a fixed feature count, "
                     "e.g. (None, 8)."
                 )
             if input_dim is not None and input_dim != shape[1]:
-                raise ValueError(
+                raise ArgumentError(
                     f"input_dim={input_dim!r} conflicts with input_shape={input_shape!r}; "
                     "pass one of them or make them agree."
                 )
@@ -185,7 +186,7 @@ def rnn_stack(
         ValueError: for any invalid argument, before a layer is built.
     """
     if cell not in CELLS:
-        raise ValueError(f"Unknown cell {cell!r}; choose one of {', '.join(CELLS)}.")
+        raise ArgumentError(f"Unknown cell {cell!r}; choose one of {', '.join(CELLS)}.")
     _check_bool("bidirectional", bidirectional)
     _check_bool("irnn", irnn)
     _check_bool("unit_forget_bias", unit_forget_bias)
@@ -195,7 +196,7 @@ def rnn_stack(
     _check_rate("dropout", dropout)
     _check_rate("recurrent_dropout", recurrent_dropout)
     if irnn and cell != "simple_rnn":
-        raise ValueError(
+        raise ArgumentError(
             f"irnn=True needs cell='simple_rnn', received cell={cell!r}; "
             "use cell='simple_rnn' or irnn=False."
         )
@@ -207,9 +208,9 @@ def rnn_stack(
     if head is None:
         head = "sequence" if bidirectional else "next_token"
     if head not in HEADS:
-        raise ValueError(f"Unknown head {head!r}; choose one of {', '.join(HEADS)}.")
+        raise ArgumentError(f"Unknown head {head!r}; choose one of {', '.join(HEADS)}.")
     if bidirectional and head == "next_token":
-        raise ValueError(
+        raise ArgumentError(
             "head='next_token' cannot be used with bidirectional=True: the backward "
             "pass reads the very token it must predict. Use head='sequence', or the "
             "language-model app's ELMo-style separate forward and backward models."
@@ -220,7 +221,7 @@ def rnn_stack(
         elif vocab_size is not None:
             classes = vocab_size
         else:
-            raise ValueError(
+            raise ArgumentError(
                 f"head='next_token' with float features (input_dim={input_dim!r}) "
                 "needs classes=<number of output classes per step>."
             )
@@ -229,14 +230,14 @@ def rnn_stack(
         try:
             keras.activations.get(classifier_activation)
         except (ValueError, TypeError):
-            raise ValueError(
+            raise ArgumentError(
                 f"Unknown classifier_activation {classifier_activation!r}; pass a "
                 "Keras activation name such as 'softmax', or None for logits."
             ) from None
     if name is None:
         name = ("bi" if bidirectional else "") + ("irnn" if irnn else cell)
     if not isinstance(name, str) or not name:
-        raise ValueError(f"name must be a non-empty string or None, received {name!r}.")
+        raise ArgumentError(f"name must be a non-empty string or None, received {name!r}.")
 
     # Left at the Keras defaults (tanh, sigmoid, unroll=False, use_bias=True,
     # reset_after=True) so TensorFlow picks the cuDNN kernel on GPU;

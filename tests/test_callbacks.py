@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import pytest
 
-from dlsuite.apps import optim
+from dlsuite.apps.core import optim
 from dlsuite.callbacks import BestCheckpoint, LearningRateLogger, NaNGuard, StepDecay
 
 

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dlsuite.apps import caption_data, caption_decode, caption_export, caption_model, cli
+from dlsuite.apps.caption import data as caption_data, decode as caption_decode, export as caption_export, model as caption_model
+from dlsuite.apps import cli
 
 SCENES = ["--scenes-count", "400", "--validation-fraction", "0.1", "--test-fraction", "0.15"]
 SMALL = ["--units", "64", "--embedding", "32", "--batch-size", "32", "--dropout", "0.1", "--max-length", "12"]
@@ -114,7 +115,7 @@ def test_an_image_blind_decoder_scores_far_lower(trained):
     model.compile(optimizer=keras.optimizers.Adam(0.005, clipnorm=5.0), loss=caption_model.caption_loss())
     model.fit(caption_data.caption_batches(cache["train"], pairs, batch_size=32, shuffle=True), epochs=12, verbose=0,
               shuffle=False)  # the dataset shuffles itself
-    from dlsuite.apps.caption import evaluate_split
+    from dlsuite.apps.caption.cli import evaluate_split
 
     blind_figures = evaluate_split(blind, cache["test"], data.test.captions, vocabulary, encoder=None, beam_size=3,
                                    max_length=12, alpha=0.7, batch_size=64)
@@ -237,7 +238,7 @@ def test_an_attention_gru_trained_end_to_end_exports_and_captions(trained, test_
     found = captioner.caption_files(test_images[0][:2], beam_size=2)
     assert len(found["caption"]) == 2 and all(found["caption"]) and np.isfinite(found["log_likelihood"]).all()
     # The encoder learned: its filters left their initial values, which a frozen run keeps.
-    from dlsuite.apps import backbones
+    from dlsuite.apps.vision import backbones
 
     for name, conv, run, changed in (("lenet5_caffe", "conv1", tmp_path / "run", True),
                                      ("vgg11", "block1_conv1", trained["run"], False)):

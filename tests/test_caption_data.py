@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dlsuite.apps import caption_data, caption_model, cli
+from dlsuite.apps.caption import data as caption_data, model as caption_model
+from dlsuite.apps import cli
 
 
 def run_cli(argv, capsys):

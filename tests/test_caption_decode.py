@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from dlsuite.apps import caption_decode, caption_model
+from dlsuite.apps.caption import decode as caption_decode, model as caption_model
 
 TOKENS = ["", "[UNK]", "<start>", "<end>", "a", "red", "circle"]
 

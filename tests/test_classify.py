@@ -246,7 +246,7 @@ def test_multi_worker_training_from_the_command_line(tmp_path):
 
 
 def test_folder_dataset_skips_a_corrupt_file_and_strict_refuses_it(tmp_path, capsys):
-    from dlsuite.apps import shapes
+    from dlsuite.apps.vision import shapes
 
     images, labels, names = shapes.generate(classes=2, size=32, count=60, seed=0)
     root = tmp_path / "photos"

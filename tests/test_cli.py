@@ -160,7 +160,7 @@ def test_parsers_import_no_tensorflow():
 
 
 def test_command_line_choices_match_the_libraries():
-    from dlsuite.apps import choices, optim
+    from dlsuite.apps.core import choices, optim
     from dlsuite.models import common
 
     assert choices.ACTIVATIONS == common.ACTIVATIONS

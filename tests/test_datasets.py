@@ -10,8 +10,8 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from dlsuite.apps import datasets, shapes
-from dlsuite.apps.cli import UsageError
+from dlsuite.apps.vision import datasets, shapes
+from dlsuite.apps.core.errors import UsageError
 
 SPLITS = ("train", "validation", "test")
 

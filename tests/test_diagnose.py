@@ -9,7 +9,9 @@ import math
 import keras
 import pytest
 
-from dlsuite.apps import choices, cli, curve_doctor, diagnose_setup, init_study, lr_range, rundir
+from dlsuite.apps.core import choices, rundir
+from dlsuite.apps import cli
+from dlsuite.apps.diagnose import curve_doctor, init_study, lr_range, setup as diagnose_setup
 from dlsuite.models import summary
 
 

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from dlsuite.apps.cli import UsageError
-from dlsuite.apps.distribute import (
+from dlsuite.apps.core.errors import UsageError
+from dlsuite.apps.core.distribute import (
     STRATEGIES,
     NonFiniteLoss,
     is_chief,

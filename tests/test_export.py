@@ -13,9 +13,10 @@ import tensorflow as tf
 from PIL import Image
 
 from dlsuite import models
-from dlsuite.apps import export
-from dlsuite.apps.cli import UsageError
-from dlsuite.apps.export import ExportedClassifier
+from dlsuite.apps.core import versions
+from dlsuite.apps.vision import export
+from dlsuite.apps.core.errors import UsageError
+from dlsuite.apps.vision.export import ExportedClassifier
 
 CLASS_NAMES = ["cat", "dog", "eel"]
 
@@ -141,12 +142,12 @@ def test_layout_metadata_and_next_version(exported, tmp_path):
 
 
 def test_next_version_counts_integer_folders_only(tmp_path):
-    assert export.next_version(tmp_path / "missing") == 1
-    assert export.next_version(tmp_path) == 1
+    assert versions.next_version(tmp_path / "missing") == 1
+    assert versions.next_version(tmp_path) == 1
     for folder in ("1", "7", "abc", ".tmp-9-abcd"):
         (tmp_path / folder).mkdir()
     (tmp_path / "12").write_text("a file, not a version")
-    assert export.next_version(tmp_path) == 8
+    assert versions.next_version(tmp_path) == 8
 
 
 # Run with TensorFlow and numpy only: what TF Serving or any other client has.
@@ -319,7 +320,7 @@ def _fail(*args, **kwargs):
         # ExportArchive() builds the backend's archive class; patch that one.
         (type(keras.export.ExportArchive()), "write_out", _fail_in_write_out),
         (export, "_write_metadata", _fail),  # the SavedModel is written by then
-        (export.os, "rename", _fail),  # the very last step
+        (versions.os, "rename", _fail),  # the very last step
     ],
     ids=["saving", "metadata", "rename"],
 )
@@ -340,7 +341,7 @@ def test_failed_export_leaves_nothing_behind(tmp_path, monkeypatch, target, attr
 @pytest.mark.parametrize("name", ["a/b", "..", ".", "", "a b", "../up", "x\\y", None])
 def test_bad_export_names_are_usage_errors(name, tmp_path):
     with pytest.raises(UsageError, match=r"Invalid export name .*e\.g\. 'mnist-lenet5'"):
-        export.check_export_name(name)
+        versions.check_export_name(name)
     with pytest.raises(UsageError, match="Invalid export name"):
         export.export_classifier(
             _tiny_classifier(), class_names=CLASS_NAMES, name=name, base_dir=tmp_path
@@ -350,7 +351,7 @@ def test_bad_export_names_are_usage_errors(name, tmp_path):
 
 @pytest.mark.parametrize("name", ["mnist-lenet5", "v1.2_final", "A"])
 def test_good_export_names_pass(name):
-    assert export.check_export_name(name) == name
+    assert versions.check_export_name(name) == name
 
 
 class _Subclassed(keras.Model):

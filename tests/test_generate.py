@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from dlsuite import models
-from dlsuite.apps import generate as generation
-from dlsuite.apps.cli import UsageError
-from dlsuite.apps.text import Vocabulary
+from dlsuite.apps.lm import generate as generation
+from dlsuite.apps.core.errors import UsageError
+from dlsuite.apps.lm.text import Vocabulary
 
 CHAR_TOKENS = ["", "[UNK]", "a", "b", "c", "\n", " ", "é"]
 

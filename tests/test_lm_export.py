@@ -13,11 +13,12 @@ import pytest
 import tensorflow as tf
 
 from dlsuite import models
-from dlsuite.apps import generate as generation
-from dlsuite.apps import export, lm_export
-from dlsuite.apps.cli import UsageError
-from dlsuite.apps.lm_export import ExportedLanguageModel
-from dlsuite.apps.text import Vocabulary
+from dlsuite.apps.lm import generate as generation
+from dlsuite.apps.core import versions
+from dlsuite.apps.lm import export as lm_export
+from dlsuite.apps.core.errors import UsageError
+from dlsuite.apps.lm.export import ExportedLanguageModel
+from dlsuite.apps.lm.text import Vocabulary
 from dlsuite.models.bilm import embedding_model
 
 # Longer than one scoring chunk, with characters the vocabulary lacks.
@@ -291,7 +292,7 @@ def test_failed_export_leaves_nothing_behind(tmp_path, monkeypatch, attribute):
     (tmp_path / "kept" / "1").mkdir(parents=True)
     monkeypatch.setattr(lm_export, "_write_saved_model", _write_partly)
     # The rename is the shared atomic writer's, in apps/export.py.
-    target = export.os if attribute == "os.rename" else lm_export
+    target = versions.os if attribute == "os.rename" else lm_export
     monkeypatch.setattr(target, attribute.split(".")[-1], _fail)
 
     for name in ("kept", "fresh"):

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from dlsuite.apps import choices, cli
+from dlsuite.apps.core import choices
+from dlsuite.apps import cli
 from dlsuite.callbacks import monitors
 
 

@@ -5,8 +5,8 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from dlsuite.apps import datasets, pipeline
-from dlsuite.apps.cli import UsageError
+from dlsuite.apps.vision import datasets, pipeline
+from dlsuite.apps.core.errors import UsageError
 
 
 def _toy(images, labels=None):

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from dlsuite.apps import text
-from dlsuite.apps.cli import UsageError
+from dlsuite.apps.lm import text
+from dlsuite.apps.core.errors import UsageError
 
 # --- the default corpus ----------------------------------------------------------
 

@@ -16,7 +16,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dlsuite.apps import backbones, cli, shapes, transfer
+from dlsuite.apps.vision import backbones, shapes
+from dlsuite.apps import cli
+from dlsuite.apps.transfer import cli as transfer
 from dlsuite.models.layers import ImagePreprocessing
 
 
@@ -65,7 +67,7 @@ def test_backbone_names_cover_the_registry_and_keras_applications():
 
 
 def test_command_line_preprocessing_choices_match_the_layer():
-    from dlsuite.apps import choices
+    from dlsuite.apps.core import choices
 
     assert choices.TRANSFER_PREPROCESSING == backbones.PREPROCESSING
 
@@ -234,7 +236,7 @@ def test_finetuning_a_trained_backbone_beats_training_from_scratch_on_few_labels
     print(accuracy)
     assert accuracy["transfer"] >= accuracy["scratch"] + 0.15, accuracy
 
-    from dlsuite.apps import export
+    from dlsuite.apps.vision import export
 
     served = export.ExportedClassifier.load(tmp_path / "saved_models" / "transfer")
     assert served.class_names == list(shapes.SHAPES)
@@ -315,6 +317,6 @@ def test_tune_searches_how_to_finetune(source, tmp_path, capsys):
     assert len((tmp_path / "search" / "trials.csv").read_text().splitlines()) == 3
     metrics = json.loads((tmp_path / "search" / "metrics.json").read_text())
     assert 0 <= metrics["test_accuracy"] <= 1
-    from dlsuite.apps import export
+    from dlsuite.apps.vision import export
 
     assert export.ExportedClassifier.load(metrics["export"]).class_names == list(shapes.SHAPES)

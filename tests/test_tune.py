@@ -16,7 +16,8 @@ import tempfile
 import numpy as np
 import pytest
 
-from dlsuite.apps import cli, search_space
+from dlsuite.apps import cli
+from dlsuite.apps.tune import space as search_space
 
 # LeNet-5 trains; AlexNet needs 67-pixel images, so at --image-size 32 its
 # trials fail when built: the recorded error and the search going on.
@@ -98,7 +99,7 @@ def test_best_hyperparameters_and_plot(search):
 def test_best_model_is_the_best_epoch_scored_once_on_test_and_exported(search):
     import keras
 
-    from dlsuite.apps import datasets, export, pipeline
+    from dlsuite.apps.vision import datasets, export, pipeline
 
     metrics = json.loads((search / "search" / "metrics.json").read_text())
     best = json.loads((search / "search" / "best_hyperparameters.json").read_text())
@@ -177,7 +178,7 @@ def test_search_stops_after_max_failures_in_a_row(tmp_path, capsys):
 
 
 def test_language_model_search_reports_perplexity_and_exports(tmp_path, capsys):
-    from dlsuite.apps import text
+    from dlsuite.apps.lm import text
 
     (tmp_path / "corpus.txt").write_text(text.default_corpus(max_chars=20_000))
     space = tmp_path / "lm.json"

@@ -1,0 +1,1 @@
+"""`dlsuite caption`: image captioning: data, decoder, beam search, export."""

@@ -1,0 +1,1 @@
+"""`dlsuite classify`: train, evaluate and predict image classifiers."""

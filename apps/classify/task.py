@@ -1,0 +1,209 @@
+"""The image-classification task: a registry CNN on an image dataset.
+
+The recipe: load the dataset and split it by seed, standardize with the
+training split's channel statistics inside the model, train, score the test
+split (accuracy, per-class precision and recall, a confusion matrix), export
+a SavedModel that takes raw images.
+"""
+
+import dataclasses
+import sys
+
+from dlsuite.apps.core import task, train_args
+from dlsuite.apps.core.errors import UsageError
+
+KNOBS = ("activation", "kernel_initializer", "l1", "l2", "max_norm", "dropout", "batch_norm")
+
+
+@dataclasses.dataclass
+class TrainConfig(train_args.TrainingConfig):
+    """Everything a classification run needs; saved as config.json and enough
+    to repeat the run (`--resume` reads it back)."""
+
+    model: str = "lenet5"
+    dataset: str = "digits"
+    epochs: int = 30
+    batch_size: int | None = None  # None: the device default (32 on CPU)
+    image_size: int | None = None  # None: native size if the model takes it, else the model's
+    augment: list | None = None  # kinds of augmentation, see classifier.AUGMENTATIONS
+    strict: bool = False
+    validation_fraction: float = 0.15
+    test_fraction: float = 0.15
+    shapes_classes: int = 4
+    shapes_size: int = 64
+    shapes_count: int = 1200
+    data_dir: str | None = None
+    activation: str | None = None
+    kernel_initializer: str | None = None
+    l1: float | None = None
+    l2: float | None = None
+    max_norm: float | None = None
+    dropout: float | None = None
+    # On by default in this app: from scratch, batch norm made LeNet-5 on digits
+    # reach 97.8-99.6% test accuracy over three split seeds against 95.9-98.5%
+    # without, and deep plain nets (VGG, AlexNet) train at all on a CPU budget.
+    # --no-batch-norm gives the paper's exact configuration.
+    batch_norm: bool | None = True
+
+
+def load_images(config):
+    """The image dataset `config` names, split by its seed and fractions;
+    files left out as unreadable are reported on stderr."""
+    from dlsuite.apps.vision import datasets
+
+    data = datasets.load(
+        config.dataset, seed=config.seed, validation_fraction=config.validation_fraction,
+        test_fraction=config.test_fraction, strict=config.strict, shapes_classes=config.shapes_classes,
+        shapes_size=config.shapes_size, shapes_count=config.shapes_count, data_dir=config.data_dir,
+    )
+    for path, reason in data.skipped:
+        print(f"skipped {path}: {reason}", file=sys.stderr)
+    return data
+
+
+def image_size(config, spec, data):
+    """The side the model sees: --image-size, else the data's own size when the
+    architecture accepts it (fast on CPU), else the model's default input."""
+    if config.image_size is not None:
+        size = config.image_size
+        if size < spec.min_input_size:
+            raise UsageError(
+                f"image_size {size} is too small for {config.model}, which needs at least "
+                f"{spec.min_input_size}; pass {spec.min_input_size} or more", option="image_size")
+        return size
+    native = data.image_shape[0] if data.image_shape and data.image_shape[0] == data.image_shape[1] else None
+    if native and native >= spec.min_input_size:
+        return native
+    return spec.default_input_shape[0]
+
+
+class ClassifyTask(task.Task):
+    """`dlsuite classify train`: a registry CNN with the app's knobs."""
+
+    app = "classify"
+    config_class = TrainConfig
+
+    def check(self):
+        from dlsuite import models
+
+        self.spec = models.get(self.config.model)  # unknown names list the known ones
+        if self.spec.kind != "cnn":
+            raise UsageError(f"model {self.config.model} is a {self.spec.kind} model; classify needs a CNN such as "
+                             "lenet5 or resnet18 (see `dlsuite models list`)", option="model")
+        if self.config.early_stopping < 0:
+            raise UsageError(f"early_stopping must be >= 0 epochs, received {self.config.early_stopping}",
+                             option="early_stopping")
+
+    def load_data(self):
+        self.data = load_images(self.config)
+        self.statistics = {}
+        self._batches = {}
+        self.check_knobs()
+        self.size_for(self.config.model)  # a too small --image-size fails before anything is written
+
+    def check_knobs(self):
+        """The model knobs, checked as the builders will (before any training)."""
+        from dlsuite.models.common import Knobs
+
+        Knobs(**{knob: getattr(self.config, knob) for knob in KNOBS if getattr(self.config, knob) is not None})
+
+    def size_for(self, model_name):
+        from dlsuite import models
+
+        config = dataclasses.replace(self.config, model=model_name)
+        return image_size(config, models.get(model_name), self.data)
+
+    def train_examples(self):
+        return self.data.sizes["train"]
+
+    def batch_size(self, requested):
+        if requested > self.data.sizes["train"]:
+            raise UsageError(
+                f"batch_size {requested} is larger than the {self.data.sizes['train']} training images; "
+                f"pass {self.data.sizes['train']} (full batch) or less", option="batch_size")
+        return requested
+
+    def split(self, name, batch_size, *, training=False):
+        """The batches of one split at the model's input size (evaluation ones kept for every trial)."""
+        from dlsuite.apps.vision import pipeline
+
+        size = self.size_for(self.config.model)
+        shape = dict(image_size=(size, size), channels=self.data.channels, batch_size=batch_size)
+        if training:  # a new dataset each time: its shuffle order depends on the seed alone
+            return pipeline.batches(getattr(self.data, name), training=True, seed=self.config.seed, **shape)
+        key = (name, size, batch_size)
+        if key not in self._batches:
+            self._batches[key] = pipeline.batches(getattr(self.data, name), training=False, **shape)
+        return self._batches[key]
+
+    def batches(self, batch_size):
+        train_size = self.data.sizes["train"]
+        return task.Batches(train=self.split("train", batch_size, training=True),
+                            validation=self.split("validation", batch_size), batch_size=batch_size,
+                            steps_per_epoch=-(-train_size // batch_size), train_examples=train_size)
+
+    def channel_statistics(self):
+        from dlsuite.apps.vision import classifier
+
+        size = self.size_for(self.config.model)
+        if size not in self.statistics:
+            self.statistics[size] = classifier.channel_statistics(self.split("train", 256))
+        return self.statistics[size]
+
+    def knobs(self):
+        return {knob: getattr(self.config, knob) for knob in KNOBS}
+
+    def build_model(self):
+        from dlsuite.apps.vision import classifier
+
+        size = self.size_for(self.config.model)
+        mean, variance = self.channel_statistics()
+        return classifier.build_classifier(
+            self.config.model, classes=len(self.data.class_names), image_size=(size, size),
+            channels=self.data.channels, mean=mean, variance=variance, augment=self.config.augment,
+            seed=self.config.seed, **self.knobs())
+
+    def loss(self):
+        import keras
+
+        return keras.losses.SparseCategoricalCrossentropy()
+
+    def resolved(self, model, batches):
+        size = self.size_for(self.config.model)
+        return {"image_size": size, "channels": self.data.channels, "class_names": self.data.class_names,
+                "sizes": self.data.sizes, "skipped": [list(item) for item in self.data.skipped]}
+
+    def describe(self, model, batches):
+        data, size = self.data, self.size_for(self.config.model)
+        return (f"{self.config.model} on {data.name}: {data.sizes['train']} train / {data.sizes['validation']} "
+                f"validation / {data.sizes['test']} test images, {len(data.class_names)} classes, input "
+                f"{size}x{size}x{data.channels}")
+
+    def title(self):
+        return f"{self.config.model} on {self.data.name}"
+
+    def evaluate(self, model, run_dir):
+        from dlsuite.apps.vision import metrics
+
+        return metrics.score_classifier(model, self.split("test", 256), self.data.class_names, run_dir)
+
+    def architecture(self):
+        """What rebuilds the backbone from the export, for `dlsuite transfer --weights EXPORT`."""
+        mean, variance = self.channel_statistics()
+        return {
+            "backbone": self.config.model, "knobs": self.knobs(), "preprocessing": "standardize",
+            "statistics": {"mean": [float(v) for v in mean], "variance": [float(v) for v in variance]},
+        }
+
+    def export(self, model, figures, *, name=None, base_dir=None):
+        from dlsuite.apps.core import rundir
+        from dlsuite.apps.vision import export
+
+        return export.export_classifier(
+            model, class_names=self.data.class_names, base_dir=base_dir,
+            name=name or f"{self.config.model}_{rundir.slug(self.data.name)}", architecture=self.architecture())
+
+    def report(self, figures):
+        from dlsuite.apps.vision import metrics
+
+        return metrics.report_line(figures)

@@ -1,0 +1,320 @@
+"""The training engine every app shares: device defaults, the callbacks of a
+run directory, and training by `model.fit`, by a custom multi-worker loop or
+by full-batch L-BFGS.
+
+An app builds its model inside `strategy.scope()`, then calls `fit(...)`; the
+engine compiles, trains with checkpoints, resume, logs and NaN guard, and
+returns what happened.
+"""
+
+import contextlib
+import dataclasses
+import os
+import pathlib
+import shutil
+import sys
+
+import keras
+import tensorflow as tf
+
+from dlsuite import callbacks as dl_callbacks
+from dlsuite.apps.core import distribute, lbfgs, optim, rundir
+from dlsuite.apps.core.choices import SWITCHES
+from dlsuite.apps.core.errors import UsageError
+
+
+@dataclasses.dataclass
+class FitResult:
+    history: dict
+    stopped_reason: str | None  # None, or a message (NaN loss, ...)
+    best_checkpoint: str | None
+    epochs_run: int
+
+
+def device_kind():
+    """"tpu", "gpu" or "cpu": the accelerator this process trains on."""
+    if tf.config.list_logical_devices("TPU"):
+        return "tpu"
+    if tf.config.list_physical_devices("GPU"):
+        return "gpu"
+    return "cpu"
+
+
+def default_batch_size(device=None):
+    """The seed's ranges: 32-256 is common on CPU, 32-1024 on GPU."""
+    return {"cpu": 32, "gpu": 128, "tpu": 1024}[device or device_kind()]
+
+
+def set_precision(mode, device=None):
+    """Sets the global dtype policy for --mixed-precision auto|on|off.
+
+    auto turns mixed precision on where it pays: float16 on GPUs with tensor
+    cores (compute capability >= 7.0), bfloat16 on TPUs; off on CPUs, where
+    float16 arithmetic is emulated and slower. Returns the policy name.
+    """
+    if mode not in SWITCHES:
+        raise UsageError(f"mixed_precision must be one of {', '.join(SWITCHES)}, received {mode!r}.", option="mixed_precision")
+    device = device or device_kind()
+    policy = "float32"
+    if mode == "on":
+        policy = "mixed_bfloat16" if device in ("tpu", "cpu") else "mixed_float16"
+    elif mode == "auto" and device == "tpu":
+        policy = "mixed_bfloat16"
+    elif mode == "auto" and device == "gpu":
+        details = tf.config.experimental.get_device_details(tf.config.list_physical_devices("GPU")[0])
+        if details.get("compute_capability", (0, 0)) >= (7, 0):
+            policy = "mixed_float16"
+    keras.mixed_precision.set_global_policy(policy)
+    return policy
+
+
+def jit_setting(mode):
+    """--jit-compile auto|on|off as Keras's compile argument.
+
+    auto leaves the choice to Keras, which enables XLA only off CPU and outside
+    tf.distribute; on CPU, XLA made ResNet-50 training about 2x slower in our
+    trials.
+    """
+    if mode not in SWITCHES:
+        raise UsageError(f"jit_compile must be one of {', '.join(SWITCHES)}, received {mode!r}.", option="jit_compile")
+    return {"auto": "auto", "on": True, "off": False}[mode]
+
+
+def set_seed(seed, *, deterministic):
+    """Seeds Python, NumPy and TensorFlow; `deterministic` also makes ops so."""
+    keras.utils.set_random_seed(seed)
+    if deterministic:
+        tf.config.experimental.enable_op_determinism()
+
+
+def run_paths(run_dir):
+    run_dir = os.fspath(run_dir)
+    return {
+        "history": os.path.join(run_dir, "history.csv"),
+        "log": os.path.join(run_dir, "train.log"),
+        "best": os.path.join(run_dir, "checkpoints", "best.keras"),
+        "backup": os.path.join(run_dir, "checkpoints", "backup"),
+        "tensorboard": os.path.join(run_dir, "tensorboard"),
+    }
+
+
+def _tensorboard(path):
+    """TensorBoard logs when the tensorboard package is present (it is optional)."""
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        return []
+    return [keras.callbacks.TensorBoard(path, write_graph=False)]
+
+
+def fit(
+    model, train, validation, *, strategy, optimizer_config, loss, epochs, steps_per_epoch,
+    global_batch_size, run_dir, early_stopping=0, jit_compile="auto", resume=False,
+    metrics=("accuracy",), monitors=(), callbacks=(), initial_epoch=0, compile=True, best_checkpoint=True,
+    verbose=None,
+):
+    """Compiles and trains `model`, writing checkpoints and logs into `run_dir`.
+
+    Args:
+        model: built inside `strategy.scope()`.
+        train, validation: batched (x, y) tf.data datasets (global batch size).
+        strategy: the tf.distribute strategy the model was built under.
+        optimizer_config: an `optim.OptimizerConfig`.
+        loss: a Keras loss object.
+        epochs: total epochs (iterations for lbfgs).
+        steps_per_epoch: batches in one pass over `train`, for the schedules.
+        global_batch_size: batch size across all replicas.
+        run_dir: the run directory (`rundir.create`).
+        early_stopping: patience in epochs on val_loss; 0 disables it.
+        jit_compile: "auto", True or False (`jit_setting`).
+        metrics: Keras metric names, or one list per output.
+        monitors: names of `dlsuite.callbacks.monitors.MONITORS` ("updates",
+            "gradients", "dead-relu") to watch while training (model.fit only).
+        resume: continue from the backup an interrupted run left in run_dir.
+        callbacks: more Keras callbacks, run first (metrics they add to the
+            logs reach the checkpoints and the history); model.fit only.
+        initial_epoch: the epoch to start at (Hyperband continuing a trial).
+        compile: False when the caller compiled the model already (`compile`).
+        best_checkpoint: keep checkpoints/best.keras (a tuner trial keeps
+            keras-tuner's own instead).
+        verbose: model.fit's verbosity (default: a progress bar on a
+            terminal, a line an epoch otherwise).
+
+    Returns:
+        A FitResult; the model holds the final weights (the caller may load the
+        best checkpoint).
+    """
+    paths = run_paths(run_dir)
+    os.makedirs(os.path.dirname(paths["best"]), exist_ok=True)
+    if monitors and (optimizer_config.optimizer == "lbfgs" or distribute.needs_custom_loop(strategy)):
+        path = "L-BFGS" if optimizer_config.optimizer == "lbfgs" else "the multi-worker loop"
+        print(f"dlsuite: --monitor watches model.fit training; {path} trains without it", file=sys.stderr)
+    if optimizer_config.optimizer == "lbfgs":
+        return _fit_lbfgs(model, train, validation, optimizer_config=optimizer_config, loss=loss, epochs=epochs, paths=paths)
+    if distribute.needs_custom_loop(strategy):
+        return _fit_custom_loop(
+            model, train, validation, strategy=strategy, optimizer_config=optimizer_config, loss=loss,
+            epochs=epochs, steps_per_epoch=steps_per_epoch, global_batch_size=global_batch_size, paths=paths,
+        )
+
+    if compile:
+        compile_model(model, strategy=strategy, optimizer_config=optimizer_config, loss=loss, metrics=metrics,
+                      steps_per_epoch=steps_per_epoch, epochs=epochs, jit_compile=jit_compile)
+
+    best_value = None
+    if resume:
+        previous = rundir.read_history(paths["history"])
+        if previous.get("val_loss"):
+            best_value = min(previous["val_loss"])
+    nan_guard = dl_callbacks.NaNGuard()
+    run_callbacks = [
+        *callbacks,
+        *optim.schedule_callbacks(optimizer_config),
+        dl_callbacks.LearningRateLogger(),
+        nan_guard,
+        *([dl_callbacks.BestCheckpoint(paths["best"], monitor="val_loss", best=best_value)] if best_checkpoint else []),
+        # Saves model, optimizer and epoch after every epoch; an interrupted
+        # run restarted with --resume continues from the last finished epoch.
+        keras.callbacks.BackupAndRestore(paths["backup"], delete_checkpoint=True),
+        keras.callbacks.CSVLogger(paths["history"], append=resume or initial_epoch > 0),
+        dl_callbacks.EpochLog(paths["log"], epochs),
+        *_tensorboard(paths["tensorboard"]),
+    ]
+    if early_stopping:
+        run_callbacks.append(keras.callbacks.EarlyStopping(monitor="val_loss", patience=early_stopping))
+    if monitors:
+        run_callbacks += _monitor_callbacks(monitors, train, paths, run_dir, steps_per_epoch)
+
+    history = model.fit(
+        train, validation_data=validation, epochs=epochs, initial_epoch=initial_epoch, callbacks=run_callbacks,
+        shuffle=False,  # tf.data shuffles
+        verbose=(1 if sys.stdout.isatty() else 2) if verbose is None else verbose,
+    )
+    full_history = rundir.read_history(paths["history"]) or history.history
+    full_history.pop("epoch", None)
+    return FitResult(
+        history=full_history,
+        stopped_reason=nan_guard.message,
+        best_checkpoint=paths["best"] if os.path.exists(paths["best"]) else None,
+        epochs_run=len(history.history.get("loss", [])),
+    )
+
+
+def compile_model(model, *, strategy, optimizer_config, loss, metrics, steps_per_epoch, epochs, jit_compile="auto"):
+    """Compiles `model` with the optimizer and schedule of `optimizer_config`;
+    returns the optimizer."""
+    with strategy.scope():
+        optimizer = optim.make_optimizer(optimizer_config, steps_per_epoch=steps_per_epoch, epochs=epochs)
+        # A list of lists gives each output of a multi-output model its own.
+        model.compile(optimizer=optimizer, loss=loss, metrics=list(metrics), jit_compile=jit_compile)
+    return optimizer
+
+
+def _monitor_callbacks(names, train, paths, run_dir, steps_per_epoch):
+    """--monitor: the monitors, measuring about 4 times an epoch (at most
+    every 100 batches) on the first training batch, held."""
+    sample = next(iter(train))
+    every = max(1, min(100, steps_per_epoch // 4))
+    return dl_callbacks.make_monitors(
+        names, sample=sample, log_dir=os.path.join(paths["tensorboard"], "monitors"), every=every,
+        summary_path=os.path.join(os.fspath(run_dir), "monitors.json"),
+    )
+
+
+def _fit_custom_loop(model, train, validation, *, strategy, optimizer_config, loss, epochs, steps_per_epoch, global_batch_size, paths):
+    """Multi-worker training: Keras 3.15's fit fails under
+    MultiWorkerMirroredStrategy (keras#20585), so a custom loop over
+    strategy.run trains the same model and optimizer."""
+    with strategy.scope():
+        optimizer = optim.make_optimizer(optimizer_config, steps_per_epoch=steps_per_epoch, epochs=epochs)
+    chief = distribute.is_chief(strategy)
+    best_path = paths["best"] if chief else os.path.join(distribute.worker_dir(os.path.dirname(paths["best"]), strategy), "best.keras")
+    best = dl_callbacks.BestCheckpoint(best_path, monitor="val_loss")
+    best.set_model(model)
+    step_decay = [c for c in optim.schedule_callbacks(optimizer_config) if isinstance(c, dl_callbacks.StepDecay)]
+    log = dl_callbacks.EpochLog(paths["log"], epochs) if chief else None
+
+    def on_epoch_end(epoch, logs):
+        best.on_epoch_end(epoch, logs)
+        if log:
+            log.on_epoch_end(epoch, logs)
+        for callback in step_decay:  # set the next epoch's rate
+            optimizer.learning_rate = callback.rate(epoch + 1)
+
+    for callback in step_decay:
+        optimizer.learning_rate = callback.rate(0)
+    try:
+        history, reason = distribute.train_custom_loop(
+            strategy=strategy, model=model, optimizer=optimizer, loss=loss, train_dataset=train,
+            validation_dataset=validation, epochs=epochs, global_batch_size=global_batch_size,
+            on_epoch_end=on_epoch_end, verbose=chief,
+        ), None
+    except distribute.NonFiniteLoss as stop:
+        history, reason = stop.history, str(stop)
+    if chief:
+        rundir.write_history(paths["history"], history)
+    return FitResult(history, reason, best_path if os.path.exists(best_path) else None, len(history.get("loss", [])))
+
+
+def _fit_lbfgs(model, train, validation, *, optimizer_config, loss, epochs, paths):
+    best = dl_callbacks.BestCheckpoint(paths["best"], monitor="val_loss")
+    best.set_model(model)
+    log = dl_callbacks.EpochLog(paths["log"], epochs)
+
+    def on_iteration(iteration, logs):
+        best.on_epoch_end(iteration, logs)
+        log.on_epoch_end(iteration, logs)
+        print(f"L-BFGS iteration {iteration + 1}/{epochs}: "
+              + " ".join(f"{k} {v:.4f}" for k, v in logs.items()), flush=True)
+        return False
+
+    # Compiled only so that evaluate/predict/save behave as after fit.
+    model.compile(optimizer="sgd", loss=loss, metrics=["accuracy"])
+    history, message = lbfgs.train_lbfgs(
+        model, train, validation, iterations=epochs, loss=loss, on_iteration=on_iteration,
+    )
+    rundir.write_history(paths["history"], history)
+    reason = None
+    losses = history.get("loss", [])
+    if losses and not all(map(lambda v: v == v and abs(v) != float("inf"), losses)):
+        reason = dl_callbacks.nan_guard.NAN_ADVICE.format(value=losses[-1], epoch=len(losses), batch="all")
+    return FitResult(history, reason, paths["best"] if os.path.exists(paths["best"]) else None, len(losses))
+
+
+def release_worker_dir(run_dir):
+    """A non-chief worker's scratch run directory, and its empty
+    `workertemp_<id>` parent, removed once training is over."""
+    run_dir = pathlib.Path(run_dir)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        run_dir.parent.rmdir()
+
+
+def report_stop(result, run_dir):
+    """Records and prints why training stopped early (a NaN loss); returns
+    the exit status 1. The best checkpoint written so far stays."""
+    rundir.write_json(pathlib.Path(run_dir) / "metrics.json", {
+        "status": "stopped", "reason": result.stopped_reason, "best_checkpoint": result.best_checkpoint,
+    })
+    kept = f"; the last good model is {result.best_checkpoint}" if result.best_checkpoint else ""
+    print(f"dlsuite: training stopped: {result.stopped_reason}{kept}", file=sys.stderr)
+    return 1
+
+
+def final_model(result, model):
+    """The model that validated best, loaded outside the strategy (a
+    multi-worker model would need every worker for predict()); without a
+    checkpoint, a plain copy of the trained one."""
+    if result.best_checkpoint:
+        return keras.saving.load_model(result.best_checkpoint)
+    weights, copy = model.get_weights(), keras.models.clone_model(model)
+    copy.set_weights(weights)
+    return copy
+
+
+def save_model(model, path):
+    """Saves a `.keras` file beside `path` and renames it into place."""
+    path = pathlib.Path(path)
+    temporary = path.with_name(f"{path.stem}.tmp.keras")
+    model.save(temporary)
+    os.replace(temporary, path)

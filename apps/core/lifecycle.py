@@ -1,0 +1,240 @@
+"""The run lifecycle: one recipe that trains, scores and ships any task.
+
+    1. check the config and every output path (nothing written yet)
+    2. strategy (first: multi-worker needs it before any TensorFlow op),
+       seed, precision
+    3. load the data, fix the batch size, build the model in the strategy's
+       scope: a bad dataset, weight file or layer count fails here, and a run
+       directory this step made is removed again
+    4. the run directory (the chief's; a scratch one on the other workers),
+       config.json
+    5. each phase through `engine.fit`, resumed where an interrupted run left it
+    6. on the chief: curves, the best model, test scoring, model.keras,
+       export, metrics.json
+
+`--resume RUN_DIR` goes through the same steps with the run's saved config:
+a phase that finished is read back, the interrupted one continues from its
+backup, a phase not reached yet starts.
+"""
+
+import dataclasses
+import os
+import pathlib
+import shutil
+
+from dlsuite.apps.core import train_args, versions
+from dlsuite.apps.core.errors import UsageError
+
+# What a finished or stopped run leaves; a run that has it is not resumed.
+METRICS_FILE = "metrics.json"
+
+
+def check_outputs(config):
+    """Raises UsageError for an export name or folder that cannot be written."""
+    if config.no_export:
+        return
+    if config.export is not None:
+        versions.check_export_name(config.export)
+    versions.check_export_dir(config.export_dir)
+
+
+def check_resumable(run_dir):
+    """Raises UsageError unless `run_dir` holds a run that can go on."""
+    run_dir = pathlib.Path(run_dir)
+    if (run_dir / METRICS_FILE).exists():
+        raise UsageError(f"{str(run_dir)!r}: that run finished ({run_dir / METRICS_FILE} says how); "
+                         "start a new run instead", option="resume")
+
+
+def resumed_config(config_class, run_dir):
+    """The config an interrupted run saved, checked to be resumable."""
+    config = train_args.saved_config(config_class, run_dir)
+    check_resumable(run_dir)
+    return config
+
+
+def phase_state(phase_dir):
+    """"new", "interrupted" (a backup to go on from) or "finished", from what a phase left."""
+    from dlsuite.apps.core import engine, rundir
+
+    paths = engine.run_paths(phase_dir)
+    if os.path.exists(paths["backup"]):
+        return "interrupted"
+    if rundir.read_history(paths["history"]).get("loss"):
+        return "finished"
+    return "new"  # not started, or stopped before its first epoch ended
+
+
+def run(task, *, run_dir=None):
+    """Runs `task` end to end; returns the exit status.
+
+    Args:
+        task: a `task.Task` holding its config.
+        run_dir: an interrupted run's directory to resume, or None for a new run.
+    """
+    config = task.config
+    task.check()
+    check_outputs(config)
+    if run_dir is not None:
+        check_resumable(run_dir)
+
+    from dlsuite.apps.core import distribute
+
+    strategy = distribute.make_strategy(config.strategy)  # before any other TensorFlow op
+
+    from dlsuite.apps.core import engine
+
+    chief = distribute.is_chief(strategy)
+    device = engine.device_kind()
+    engine.set_seed(config.seed, deterministic=device == "cpu")
+    policy = engine.set_precision(config.mixed_precision, device)
+    task.load_data()
+    batch_size = task.batch_size(config.batch_size or engine.default_batch_size(device))
+
+    resume = run_dir is not None
+    run_dir, created = _run_directory(task, run_dir, strategy, chief)
+    try:
+        task.prepare_inputs(run_dir)
+        with strategy.scope():
+            model = task.build_model()
+        batches = task.batches(batch_size)
+    except UsageError:
+        if created:  # bad input found only now: leave nothing behind
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    if chief and not resume:
+        from dlsuite.apps.core import rundir
+
+        rundir.write_json(run_dir / "config.json", {"config": config, "resolved": {
+            **task.resolved(model, batches), "batch_size": batches.batch_size, "policy": policy, "device": device,
+            "strategy": type(strategy).__name__, "replicas": strategy.num_replicas_in_sync,
+            "parameters": model.count_params()}})
+        task.write_inputs(run_dir)
+    print(f"{task.describe(model, batches)}, {model.count_params():,} parameters, "
+          f"{type(strategy).__name__} x{strategy.num_replicas_in_sync}; run dir {run_dir}", flush=True)
+
+    trained = train_phases(task, model, batches, strategy=strategy, run_dir=run_dir, resume=resume)
+    if not chief:  # the chief scores and exports
+        engine.release_worker_dir(run_dir)
+        return 0
+    return finish(task, model, trained, run_dir=run_dir)
+
+
+def _run_directory(task, run_dir, strategy, chief):
+    """(run directory, whether this call created it): the resumed one, the
+    chief's new one, or a worker's scratch copy (TensorFlow's convention)."""
+    from dlsuite.apps.core import distribute, rundir
+
+    if not chief:
+        config = task.config
+        return pathlib.Path(distribute.worker_dir(config.out or f"runs/{task.app}/worker", strategy)), False
+    if run_dir is not None:
+        return pathlib.Path(run_dir), False
+    existed = task.config.out is not None and pathlib.Path(task.config.out).exists()
+    return rundir.create(task.config.out, task.app), not existed
+
+
+@dataclasses.dataclass
+class Trained:
+    """What the phases of a run left: the merged history, the best
+    checkpoint over all phases, each phase's epochs, or why training stopped."""
+
+    history: dict
+    best_checkpoint: str | None
+    phase_epochs: dict
+    stopped: object = None  # the engine.FitResult of a phase that stopped (NaN)
+
+
+def train_phases(task, model, batches, *, strategy, run_dir, resume=False, callbacks=(), initial_epoch=0,
+                 verbose=None):
+    """Trains `model` through each of `task.phases()`; returns a `Trained`.
+
+    A phase with a name trains in `run_dir/<name>`; the model goes into the
+    next phase with the best weights of the one before. Fine-tuning may not
+    beat the phase before it, so the best checkpoint over all phases counts.
+    """
+    from dlsuite.apps.core import engine, rundir
+
+    phases = [phase for phase in task.phases() if phase.epochs > 0]
+    history, phase_epochs, best = {}, {}, (float("inf"), None)
+    for index, phase in enumerate(phases):
+        phase_dir = run_dir / phase.name if phase.name else run_dir
+        state = phase_state(phase_dir) if resume else "new"
+        with strategy.scope():
+            described = phase.prepare(model) if phase.prepare else None
+        if state == "finished":
+            result = _read_back(phase_dir)
+            print(f"phase {phase.name or 'train'}: finished before ({len(result.history.get('loss', []))} epochs), "
+                  "read back", flush=True)
+        else:
+            if len(phases) > 1:
+                print(f"phase {phase.name}: {phase.epochs} epochs"
+                      + (f", {described}" if described else "") + f", lr {phase.optimizer.learning_rate:g}"
+                      + (", resumed" if state == "interrupted" else ""), flush=True)
+            result = engine.fit(
+                model, batches.train, batches.validation, strategy=strategy, optimizer_config=phase.optimizer,
+                loss=task.loss(), metrics=task.metrics, epochs=phase.epochs, steps_per_epoch=batches.steps_per_epoch,
+                global_batch_size=batches.batch_size, run_dir=phase_dir, early_stopping=task.config.early_stopping,
+                jit_compile=engine.jit_setting(task.config.jit_compile), resume=state == "interrupted",
+                monitors=task.config.monitor or (), callbacks=[*task.metric_callbacks(), *callbacks],
+                initial_epoch=initial_epoch, verbose=verbose,
+            )
+        phase_epochs[phase.name] = len(result.history.get("loss", []))
+        for key, values in result.history.items():
+            history.setdefault(key, []).extend(values)
+        if result.stopped_reason:
+            return Trained(history, best[1], phase_epochs, stopped=result)
+        phase_best = min(result.history.get("val_loss") or [float("inf")])
+        if result.best_checkpoint and (best[1] is None or phase_best <= best[0]):
+            best = (phase_best, result.best_checkpoint)
+        if result.best_checkpoint and index + 1 < len(phases):
+            model.load_weights(result.best_checkpoint)  # the next phase starts from this one's best
+    if len(phases) > 1:
+        rundir.write_history(run_dir / "history.csv", history)
+    return Trained(history, best[1], phase_epochs)
+
+
+def _read_back(phase_dir):
+    """The FitResult of a phase that finished before the run was interrupted."""
+    from dlsuite.apps.core import engine, rundir
+
+    paths = engine.run_paths(phase_dir)
+    history = rundir.read_history(paths["history"])
+    history.pop("epoch", None)
+    best = paths["best"] if os.path.exists(paths["best"]) else None
+    return engine.FitResult(history=history, stopped_reason=None, best_checkpoint=best,
+                            epochs_run=len(history.get("loss", [])))
+
+
+def finish(task, model, trained, *, run_dir):
+    """The chief's part after training: curves, the best model, its test
+    score, model.keras, the export and metrics.json; returns the exit status."""
+    from dlsuite.apps.core import engine, rundir
+
+    if trained.history:
+        rundir.plot_curves(trained.history, run_dir / "curves.png", title=task.title())
+    if trained.stopped is not None:  # metrics.json says why, and the run is not resumed
+        return engine.report_stop(trained.stopped, run_dir)
+    model = engine.final_model(engine.FitResult(trained.history, None, trained.best_checkpoint, 0), model)
+    figures = task.evaluate(model, run_dir)
+    task.save_model(model, run_dir / "model.keras")
+    config = task.config
+    metrics = {"status": "finished", **figures, "epochs_run": len(trained.history.get("loss", []))}
+    if trained.history.get("val_loss"):
+        metrics.setdefault("validation_loss", min(trained.history["val_loss"]))
+    if len(trained.phase_epochs) > 1:
+        metrics["phases"] = trained.phase_epochs
+    metrics["export"] = None if config.no_export else str(
+        task.export(model, figures, name=config.export, base_dir=config.export_dir))
+    rundir.write_json(run_dir / METRICS_FILE, metrics)
+    print(f"{task.report(metrics)}; run dir {run_dir}" + (f"; export {metrics['export']}" if metrics["export"] else ""))
+    return 0
+
+
+def run_from_args(task_class, args):
+    """`APP train` with parsed `args`: a new run, or `--resume RUN_DIR`."""
+    if getattr(args, "resume", None):
+        config = resumed_config(task_class.config_class, args.resume)
+        return run(task_class(config), run_dir=pathlib.Path(args.resume))
+    return run(task_class(train_args.config_from_args(task_class.config_class, args)))
+

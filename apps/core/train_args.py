@@ -1,0 +1,188 @@
+"""Command-line options every training app shares: the optimizer and its
+schedule, epochs and batch size, the strategy and precision, the run
+directory and export. One definition, so `classify`, `lm` and the apps after
+them speak the same language."""
+
+import argparse
+import dataclasses
+
+from dlsuite.apps.core import choices
+
+
+def positive_int(text):
+    """argparse type: an integer >= 1, with the received text in the error."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, received {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, received {text!r}")
+    return value
+
+
+def size_pair(text):
+    """argparse type for --input-size H,W (or one number for a square)."""
+    parts = [part.strip() for part in text.split(",")]
+    try:
+        size = [int(part) for part in parts]
+    except ValueError:
+        size = []
+    if len(size) == 1:
+        size = size * 2
+    if len(size) != 2 or min(size) < 1:
+        raise argparse.ArgumentTypeError(f"expected HEIGHT,WIDTH such as 224,224, received {text!r}")
+    return size
+
+
+def augment_kinds(text):
+    """--augment KINDS: a comma-separated subset of choices.AUGMENTATIONS."""
+    kinds = [kind.strip() for kind in text.split(",") if kind.strip()]
+    if not kinds or any(kind not in choices.AUGMENTATIONS for kind in kinds):
+        raise argparse.ArgumentTypeError(
+            f"expected a comma-separated list of {', '.join(choices.AUGMENTATIONS)}, received {text!r}; "
+            "for example --augment rotation,zoom,translation"
+        )
+    return kinds
+
+
+def monitor_names(text):
+    """argparse type for --monitor: a comma-separated subset of choices.MONITORS, or all."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if names == ["all"]:
+        return list(choices.MONITORS)
+    if not names or any(name not in choices.MONITORS for name in names):
+        raise argparse.ArgumentTypeError(
+            f"expected a comma-separated list of {', '.join(choices.MONITORS)} (or all), received {text!r}"
+        )
+    return list(dict.fromkeys(names))
+
+
+def add_image_split_arguments(group):
+    """The options every image app shares after --dataset: unreadable files,
+    the split fractions, the generated shapes and the TFDS folder."""
+    group.add_argument("--strict", action="store_true", help="stop at an unreadable image instead of skipping it")
+    group.add_argument("--validation-fraction", type=float, default=0.15)
+    group.add_argument("--test-fraction", type=float, default=0.15)
+    group.add_argument("--shapes-classes", type=positive_int, default=4, help="shapes: number of classes")
+    group.add_argument("--shapes-size", type=positive_int, default=64, help="shapes: image side in pixels")
+    group.add_argument("--shapes-count", type=positive_int, default=1200, help="shapes: number of images")
+    group.add_argument("--data-dir", help="tfds: where TensorFlow Datasets keeps its files")
+
+
+def add_training_arguments(parser, *, app, epochs, optimizer="adam", clip_norm=None, batch_size=None, lr=None, export_default,
+                           resumable=True):
+    """Adds the training, hardware and output option groups to `parser`.
+
+    Args:
+        app: the app's name, for the default run directory in the help.
+        epochs: default --epochs; None: the app counts epochs its own way.
+        optimizer: default --optimizer.
+        clip_norm: default --clip-norm (None: off).
+        batch_size: default --batch-size (None: the device's default).
+        lr: default --lr (None: the optimizer's default).
+        export_default: how the default export name is made, for the help.
+        resumable: offer --resume.
+    """
+    training = parser.add_argument_group("training")
+    if epochs is not None:
+        training.add_argument("--epochs", type=positive_int, default=epochs, help=f"epochs (L-BFGS: iterations), default {epochs}")
+    training.add_argument("--batch-size", type=positive_int, default=batch_size,
+                          help=f"global batch size, split across replicas (default {batch_size or '32 on CPU, 128 on GPU'})")
+    training.add_argument("--optimizer", choices=choices.OPTIMIZERS, default=optimizer)
+    training.add_argument("--lr", type=float, default=lr,
+                          help=f"learning rate (default {lr or '0.001 for adam/rmsprop, 0.01 for the sgd family, 1 for lbfgs'})")
+    training.add_argument("--momentum", type=float, default=0.9)
+    training.add_argument("--weight-decay", type=float, default=0.0)
+    training.add_argument("--clip-norm", type=float, default=clip_norm,
+                          help=f"clip the global gradient norm, e.g. 5 (default {clip_norm or 'off'})")
+    training.add_argument("--lr-schedule", choices=choices.SCHEDULES, default="constant")
+    training.add_argument("--lr-drop", type=float, default=0.5, help="step/plateau factor (default 0.5)")
+    training.add_argument("--lr-every", type=positive_int, default=10, help="step decay period in epochs (default 10)")
+    training.add_argument("--lr-decay", type=float, default=0.1, help="exponential: lr*(1-d)^epoch; 1/t: lr/(1+d*epoch) (default 0.1)")
+    training.add_argument("--warmup-epochs", type=int, default=0)
+    training.add_argument("--lr-patience", type=positive_int, default=3, help="plateau: epochs without improvement")
+    training.add_argument("--early-stopping", type=int, default=0, metavar="PATIENCE",
+                          help="stop after PATIENCE epochs without val_loss improvement (0: off)")
+    training.add_argument("--seed", type=int, default=0, help="seeds splits, initialization and shuffling; on CPU the run is reproducible")
+    training.add_argument("--monitor", type=monitor_names, metavar="NAMES",
+                          help="watch training: updates (update/weight ratio per layer, the seed's ~1e-3), gradients "
+                               "(gradient norm per layer), dead-relu, or all; comma-separated, to TensorBoard and "
+                               "monitors.json (e.g. --monitor updates,gradients)")
+
+    hardware = parser.add_argument_group("hardware")
+    hardware.add_argument("--strategy", default="auto", help="auto, default, one-device, mirrored, multi-worker (reads TF_CONFIG) or tpu")
+    hardware.add_argument("--mixed-precision", choices=choices.SWITCHES, default="auto")
+    hardware.add_argument("--jit-compile", choices=choices.SWITCHES, default="auto")
+
+    output = parser.add_argument_group("output")
+    output.add_argument("--out", help=f"run directory (default runs/{app}/<timestamp>)")
+    output.add_argument("--export", help=f"SavedModel name under --export-dir (default {export_default})")
+    output.add_argument("--export-dir", default="saved_models")
+    output.add_argument("--no-export", action="store_true")
+    if resumable:
+        output.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its directory")
+
+
+def optimizer_config(args):
+    """The `optim.OptimizerConfig` fields from parsed arguments, as a dict."""
+    from dlsuite.apps.core import optim
+
+    config = optim.OptimizerConfig(
+        optimizer=args.optimizer, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
+        clip_norm=args.clip_norm, lr_schedule=args.lr_schedule, lr_drop=args.lr_drop, lr_every=args.lr_every,
+        lr_decay=args.lr_decay, warmup_epochs=args.warmup_epochs, lr_patience=args.lr_patience,
+    )
+    return dataclasses.asdict(config)
+
+
+@dataclasses.dataclass
+class TrainingConfig:
+    """The fields of `add_training_arguments`' options that every app's config
+    shares with the same defaults; each app's config dataclass extends it
+    (epochs and batch size stay with the apps, whose defaults differ)."""
+
+    optimizer: dict = dataclasses.field(default_factory=dict)  # optim.OptimizerConfig fields
+    early_stopping: int = 0
+    monitor: list | None = None  # --monitor: names of callbacks.monitors.MONITORS
+    seed: int = 0
+    strategy: str = "auto"
+    mixed_precision: str = "auto"
+    jit_compile: str = "auto"
+    out: str | None = None
+    export: str | None = None
+    export_dir: str = "saved_models"
+    no_export: bool = False
+
+
+def config_from_args(config_class, args):
+    """An app's config dataclass filled from `args` (field names = option dests)."""
+    fields = {f.name for f in dataclasses.fields(config_class)} - {"optimizer"}
+    values = {name: getattr(args, name) for name in fields if hasattr(args, name)}
+    return config_class(optimizer=optimizer_config(args), **values)
+
+
+def saved_config(config_class, run_dir):
+    """The config a run saved in its config.json (fields `config_class` does not know are dropped)."""
+    import pathlib
+
+    from dlsuite.apps.core import rundir
+    from dlsuite.apps.core.errors import UsageError
+
+    run_dir = pathlib.Path(run_dir)
+    if not (run_dir / "config.json").exists():
+        raise UsageError(f"--resume {str(run_dir)!r}: no config.json there; pass the directory of an interrupted run")
+    saved = rundir.read_json(run_dir / "config.json")["config"]
+    names = {f.name for f in dataclasses.fields(config_class)}
+    return config_class(**{k: v for k, v in saved.items() if k in names})
+
+
+def load_resumed_config(config_class, run_dir):
+    """The config an interrupted run saved, checked to be resumable."""
+    import pathlib
+
+    from dlsuite.apps.core.errors import UsageError
+
+    config = saved_config(config_class, run_dir)
+    if not (pathlib.Path(run_dir) / "checkpoints" / "backup").exists():
+        raise UsageError(f"--resume {str(run_dir)!r}: that run finished (no backup left); start a new run instead")
+    return config

@@ -1,0 +1,1 @@
+"""`dlsuite diagnose`: initialization study, overfit check, LR range test, curve doctor, memory probe."""

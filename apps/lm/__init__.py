@@ -1,0 +1,1 @@
+"""`dlsuite lm`: character- and word-level language models: corpus, training, sampling, export."""

@@ -1,0 +1,207 @@
+"""The language-modeling task: a recurrent LM (LSTM, GRU, IRNN, biLM) on a text.
+
+The recipe: gather the text, build the vocabulary, split by position (the
+last part validates; the tuner also holds out a test part at the very end),
+train with gradient clipping (the seed's fix for exploding RNN gradients),
+report loss, perplexity and bits per character against the unigram
+baseline, export a SavedModel that serves generated text.
+"""
+
+import dataclasses
+import math
+
+from dlsuite.apps.core import task, train_args
+from dlsuite.apps.core.errors import UsageError
+
+
+@dataclasses.dataclass
+class LMConfig(train_args.TrainingConfig):
+    """Everything a language-model run needs; saved as config.json."""
+
+    text: str | None = None
+    dataset: str | None = None
+    data_dir: str | None = None
+    max_chars: int = 1_000_000
+    level: str = "char"
+    max_tokens: int | None = None
+    cell: str = "lstm"
+    layers: int = 2
+    units: int = 512
+    embedding: int = 64
+    seq_len: int = 100
+    dropout: float = 0.0
+    irnn: bool = False
+    validation_fraction: float = 0.1
+    epochs: int = 1
+    batch_size: int | None = 64
+
+
+def build_language_model(config, vocab_size):
+    """The registry model for `config`: logits over the vocabulary at every step."""
+    from dlsuite import models
+
+    if config.cell == "bilstm":
+        return models.build("bilm", vocab_size=vocab_size, cell="lstm", layers_per_direction=config.layers,
+                            units=config.units, embedding_dim=config.embedding, dropout=config.dropout)
+    name = "irnn" if config.irnn else {"rnn": "simple_rnn"}.get(config.cell, config.cell)
+    return models.build(name, vocab_size=vocab_size, layers=config.layers, units=config.units,
+                        embedding_dim=config.embedding, dropout=config.dropout, classifier_activation=None)
+
+
+def load_corpus(config):
+    """(name, text, vocabulary, token ids) of the text `config` names, cut to --max-chars."""
+    from dlsuite.apps.lm import text
+
+    name, corpus = text.load_text(config.text or config.dataset, data_dir=config.data_dir)
+    corpus = corpus[: config.max_chars]
+    vocabulary = text.build_vocabulary(corpus, level=config.level, max_tokens=config.max_tokens)
+    return name, corpus, vocabulary, vocabulary.encode(corpus)
+
+
+def perplexity_figures(nats_per_token, *, tokens, characters, split="validation"):
+    """Loss, perplexity and bits per character from the mean loss per token."""
+    return {
+        f"{split}_loss": float(nats_per_token),
+        f"{split}_perplexity": math.exp(min(float(nats_per_token), 700.0)),
+        "bits_per_character": float(nats_per_token) * tokens / max(1, characters) / math.log(2),
+    }
+
+
+def _bilm_pairs(x, y):
+    """(w[0:T+1], w[1:T+2]) windows -> input w[1:T+1], forward targets w[2:T+2]
+    and backward targets w[0:T]."""
+    return x[:, 1:], (y[:, 1:], x[:, :-1])
+
+
+class LanguageModelTask(task.Task):
+    """`dlsuite lm train`.
+
+    Args:
+        config: an `LMConfig`.
+        test_fraction: the end of the text held out for a test score (the
+            tuner's); 0 scores the validation part, as `lm train` reports.
+    """
+
+    app = "lm"
+    config_class = LMConfig
+
+    def __init__(self, config, *, test_fraction=0.0):
+        super().__init__(config)
+        self.test_fraction = test_fraction
+
+    @property
+    def bidirectional(self):
+        return self.config.cell == "bilstm"
+
+    @property
+    def metrics(self):
+        return [["accuracy"], ["accuracy"]] if self.bidirectional else ("accuracy",)
+
+    def check(self):
+        config = self.config
+        if config.irnn and config.cell != "rnn":
+            raise UsageError(f"irnn applies to cell rnn (a ReLU simple RNN), received cell {config.cell}", option="irnn")
+        if not 0 <= config.dropout < 1:
+            raise UsageError(f"dropout must be in [0, 1), received {config.dropout}", option="dropout")
+        for option, value in (("validation_fraction", config.validation_fraction), ("test_fraction", self.test_fraction)):
+            if not 0 < value < 0.5 and not (option == "test_fraction" and value == 0):
+                raise UsageError(f"{option} must be in (0, 0.5), received {value}", option=option)
+        if config.optimizer.get("optimizer") == "lbfgs":
+            raise UsageError("optimizer lbfgs is for small image models; language models train with adam, rmsprop "
+                             "or sgd", option="optimizer")
+
+    def window(self, seq_len=None):
+        """Tokens a training window holds: the biLM needs one of context each side."""
+        return (seq_len or self.config.seq_len) + (1 if self.bidirectional else 0)
+
+    def load_data(self, *, longest_window=None):
+        from dlsuite.apps.lm import text
+
+        self.name, corpus, self.vocabulary, ids = load_corpus(self.config)
+        self.characters, self.tokens = len(corpus), int(len(ids))
+        window = longest_window or self.window()
+        self.test_ids = None
+        if self.test_fraction:  # the test part is the end of the text; validation the part before it
+            ids, self.test_ids = text.split_by_position(ids, validation_fraction=self.test_fraction, min_tokens=window)
+        self.train_ids, self.validation_ids = text.split_by_position(
+            ids, validation_fraction=self.config.validation_fraction / (1 - self.test_fraction), min_tokens=window + 1)
+        self.baseline_nats = text.unigram_entropy(self.train_ids, self.validation_ids, self.vocabulary.size)
+
+    def windows(self, ids, batch_size, *, shuffle):
+        from dlsuite.apps.lm import text
+
+        batches = text.windows(ids, seq_len=self.window(), batch_size=batch_size, shuffle=shuffle,
+                               seed=self.config.seed)
+        return batches.map(_bilm_pairs) if self.bidirectional else batches
+
+    def train_examples(self):
+        return max(1, (len(self.train_ids) - 1) // self.window())
+
+    def batches(self, batch_size):
+        return task.Batches(
+            train=self.windows(self.train_ids, batch_size, shuffle=True),
+            validation=self.windows(self.validation_ids, batch_size, shuffle=False),
+            steps_per_epoch=max(1, -(-(len(self.train_ids) - 1) // self.window() // batch_size)),
+            batch_size=batch_size, train_examples=self.train_examples())
+
+    def build_model(self):
+        return build_language_model(self.config, self.vocabulary.size)
+
+    def loss(self):
+        import keras
+
+        loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        return [loss, loss] if self.bidirectional else loss
+
+    def resolved(self, model, batches):
+        return {"corpus": self.name, "characters": self.characters, "tokens": self.tokens,
+                "vocabulary_size": self.vocabulary.size, "train_tokens": int(len(self.train_ids)),
+                "validation_tokens": int(len(self.validation_ids)),
+                "unigram_perplexity": math.exp(self.baseline_nats)}
+
+    def write_inputs(self, run_dir):
+        from dlsuite.apps.core import rundir
+
+        rundir.write_json(run_dir / "vocabulary.json", self.vocabulary.to_json())
+
+    def describe(self, model, batches):
+        config = self.config
+        return (f"{config.layers}x{config.units} {config.cell} on {self.name}: {self.characters:,} characters, "
+                f"{self.tokens:,} {config.level} tokens ({self.vocabulary.size} in the vocabulary); unigram baseline "
+                f"perplexity {math.exp(self.baseline_nats):.2f}")
+
+    def title(self):
+        return f"{self.config.cell} on {self.name}"
+
+    def evaluate(self, model, run_dir):
+        split, ids = ("test", self.test_ids) if self.test_ids is not None else ("validation", self.validation_ids)
+        model.compile(loss=self.loss())
+        evaluation = model.evaluate(self.windows(ids, self.config.batch_size or 64, shuffle=False), verbose=0,
+                                    return_dict=True)
+        forward = evaluation["forward_predictions_loss"] if self.bidirectional else evaluation["loss"]
+        figures = perplexity_figures(forward, tokens=len(ids), characters=len(self.vocabulary.decode(ids)), split=split)
+        figures["unigram_perplexity"] = math.exp(self.baseline_nats)
+        figures["unigram_bits_per_character"] = (self.baseline_nats * len(self.validation_ids)
+                                                 / len(self.vocabulary.decode(self.validation_ids)) / math.log(2))
+        if self.bidirectional:
+            figures["backward_perplexity"] = math.exp(evaluation["backward_predictions_loss"])
+        return figures
+
+    def export(self, model, figures, *, name=None, base_dir=None):
+        from dlsuite.apps.core import rundir
+        from dlsuite.apps.lm import export as lm_export
+
+        config = self.config
+        kind = "bilstm" if self.bidirectional else ("irnn" if config.irnn else config.cell)
+        split = "test" if self.test_ids is not None else "validation"
+        score = {f"{split}_perplexity": figures[f"{split}_perplexity"]}
+        return lm_export.export_language_model(
+            model, self.vocabulary, name=name or f"{kind}_{rundir.slug(self.name)}", base_dir=base_dir,
+            metadata={"cell": config.cell, "layers": config.layers, "units": config.units, "seq_len": config.seq_len,
+                      **score})
+
+    def report(self, figures):
+        split = "test" if self.test_ids is not None else "validation"
+        return (f"{split} loss {figures[f'{split}_loss']:.4f} nats/token, perplexity "
+                f"{figures[f'{split}_perplexity']:.2f} (unigram {figures['unigram_perplexity']:.2f}), "
+                f"{figures['bits_per_character']:.3f} bits/char")

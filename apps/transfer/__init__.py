@@ -1,0 +1,1 @@
+"""`dlsuite transfer`: features from a trained backbone, and fine-tuning it on a new task."""

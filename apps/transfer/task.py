@@ -1,0 +1,266 @@
+"""The transfer-learning task: a backbone trained elsewhere, a new head, two phases.
+
+The seed's recipe: drop the last fully connected layer and use the rest of
+the network as a feature extractor; train a new head on the frozen backbone
+(phase "freeze", the backbone called with `training=False` and its batch
+norm frozen so its statistics stay), then unfreeze its top layers and train
+on with a smaller learning rate (phase "finetune"); keep whichever phase
+validated best, score the test split and export like `classify`. With
+`--weights none` there is nothing to keep: one phase ("scratch") trains
+every layer at the full rate, the baseline to compare with.
+"""
+
+import dataclasses
+import sys
+
+from dlsuite.apps.core import task, train_args
+from dlsuite.apps.core.errors import UsageError
+
+
+@dataclasses.dataclass
+class TransferConfig(train_args.TrainingConfig):
+    """A fine-tuning run; saved as config.json beside the model."""
+
+    backbone: str | None = None
+    weights: str | None = "imagenet"
+    preprocess: str = "auto"
+    batch_norm: bool | None = None
+    dataset: str = "shapes"
+    input_size: list | None = None
+    train_per_class: int | None = None
+    freeze_epochs: int = 5
+    finetune_epochs: int = 5
+    unfreeze: str = "all"
+    finetune_lr_factor: float = 0.1
+    head_dropout: float = 0.2
+    batch_size: int | None = None
+    augment: list | None = None
+    strict: bool = False
+    validation_fraction: float = 0.15
+    test_fraction: float = 0.15
+    shapes_classes: int = 4
+    shapes_size: int = 64
+    shapes_count: int = 1200
+    data_dir: str | None = None
+
+
+def few_labels(dataset, per_class, *, seed):
+    """The first `per_class` images of each class after a seeded shuffle; returns (dataset, count)."""
+    import numpy as np
+    import tensorflow as tf
+
+    labels = np.array([int(label) for _, label in dataset.as_numpy_iterator()])
+    rng = np.random.default_rng(seed)
+    keep = np.zeros(len(labels), dtype=bool)
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        keep[rng.permutation(members)[:per_class]] = True
+    mask = tf.constant(keep)
+
+    def chosen(index, element):
+        return mask[index]
+
+    def without_index(index, element):
+        return element
+
+    kept = dataset.enumerate().filter(chosen).map(without_index)
+    # tf.data cannot count a filter's output; Keras needs the count to end epochs cleanly.
+    kept = kept.apply(tf.data.experimental.assert_cardinality(int(keep.sum())))
+    return kept, int(keep.sum())
+
+
+def build_transfer_model(base, *, classes, augment=None, seed=None, head_dropout=0.2):
+    """pixels -> [augmentation] -> backbone(training=False) -> pooling -> dropout -> softmax.
+
+    The backbone is called in inference mode and its batch-norm layers stay
+    frozen (`set_trainable`): they keep their statistics in both phases, as
+    the keras transfer guide advises (updating them from a few images would
+    undo what the backbone learned).
+    """
+    import keras
+    from keras import layers
+
+    from dlsuite.apps.vision import classifier
+
+    pixels = keras.Input((*base.input_size, base.channels), name="pixels")
+    x = pixels
+    for layer in classifier.augmentation(augment, seed) if augment else []:
+        x = layer(x)
+    x = base.model(x, training=False)
+    x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
+    if head_dropout:
+        x = layers.Dropout(head_dropout, seed=seed, name="head_dropout")(x)
+    x = layers.Dense(classes, name="predictions")(x)
+    probabilities = layers.Activation("softmax", dtype="float32", name="probabilities")(x)
+    return keras.Model(pixels, probabilities, name=base.name)
+
+
+def set_trainable(model, unfreeze):
+    """Freezes the backbone, then unfreezes its top `unfreeze` layers ("all", a count, or 0).
+
+    Counted are the layers with weights other than batch normalization, which
+    stays frozen in every phase: a frozen BatchNormalization runs in inference
+    mode in Keras 3, whereas the `training=False` the backbone is called with
+    is overridden by fit's `training=True` (keras functional.operation_fn
+    passes the outer value down), so freezing is what keeps the statistics.
+    """
+    import keras
+
+    from dlsuite.apps.vision import backbones
+
+    base = model.get_layer(backbones.BACKBONE_LAYER)
+    tunable = [layer for layer in base.layers
+               if layer.weights and not isinstance(layer, keras.layers.BatchNormalization)]
+    count = len(tunable) if unfreeze == "all" else int(unfreeze)
+    if count > len(tunable):
+        raise UsageError(f"unfreeze {count} is more than the {len(tunable)} layers with weights in the backbone "
+                         f"(batch norm excluded); pass {len(tunable)} or all", option="unfreeze")
+    base.trainable = count > 0
+    for layer in base.layers:
+        layer.trainable = False
+    for layer in tunable[len(tunable) - count:]:
+        layer.trainable = True
+    return count
+
+
+def load_data(config):
+    """The dataset with its training split cut to --train-per-class, and the
+    per-channel statistics of that split (for backbones that standardize)."""
+    from dlsuite.apps.vision import classifier, datasets, pipeline
+
+    data = datasets.load(
+        config.dataset, seed=config.seed, validation_fraction=config.validation_fraction,
+        test_fraction=config.test_fraction, strict=config.strict, shapes_classes=config.shapes_classes,
+        shapes_size=config.shapes_size, shapes_count=config.shapes_count, data_dir=config.data_dir,
+    )
+    for path, reason in data.skipped:
+        print(f"skipped {path}: {reason}", file=sys.stderr)
+    if config.train_per_class:
+        train, size = few_labels(data.train, config.train_per_class, seed=config.seed)
+        data = dataclasses.replace(data, train=train, sizes={**data.sizes, "train": size})
+    probe_size = tuple(config.input_size) if config.input_size else (
+        data.image_shape[:2] if data.image_shape else (64, 64))
+    statistics = classifier.channel_statistics(
+        pipeline.batches(data.train, image_size=probe_size, channels=data.channels, batch_size=64, training=False))
+    return data, statistics
+
+
+class TransferTask(task.Task):
+    """`dlsuite transfer finetune`."""
+
+    app = "transfer"
+    config_class = TransferConfig
+
+    def check(self):
+        from dlsuite.apps.vision import backbones
+
+        config = self.config
+        if config.backbone is None and not backbones.is_model_file(config.weights):
+            raise UsageError("--backbone is needed unless --weights is a model this suite trained; "
+                             "e.g. --backbone resnet50 --weights imagenet")
+        if config.backbone is not None:
+            config.backbone = backbones.canonical_name(config.backbone)
+        if config.freeze_epochs < 0 or config.finetune_epochs < 0:
+            raise UsageError(f"--freeze-epochs and --finetune-epochs must be >= 0, received "
+                             f"{config.freeze_epochs} and {config.finetune_epochs}")
+        if config.freeze_epochs + config.finetune_epochs == 0:
+            raise UsageError("--freeze-epochs and --finetune-epochs are both 0: nothing to train; e.g. --freeze-epochs 5")
+        if not 0 < config.finetune_lr_factor <= 1:
+            raise UsageError(f"--finetune-lr-factor must be in (0, 1], received {config.finetune_lr_factor}")
+        if not 0 <= config.head_dropout < 1:
+            raise UsageError(f"--head-dropout must be in [0, 1), received {config.head_dropout}")
+        if config.optimizer.get("optimizer") == "lbfgs":
+            raise UsageError("--optimizer lbfgs cannot train a frozen backbone in phases; use adam, sgd or momentum")
+        self.weights = backbones.check_weights_argument(config.backbone, config.weights)
+
+    @property
+    def scratch(self):
+        return self.weights is None
+
+    def load_data(self):
+        self.data, self.statistics = load_data(self.config)
+        self._batches = {}
+
+    def train_examples(self):
+        return self.data.sizes["train"]
+
+    def batch_size(self, requested):
+        return min(requested, self.data.sizes["train"])
+
+    def build_model(self):
+        from dlsuite.apps.vision import backbones
+
+        config = self.config
+        self.base = backbones.build_base(config.backbone, weights=self.weights, input_size=config.input_size,
+                                         channels=self.data.channels, statistics=self.statistics,
+                                         preprocessing=config.preprocess, batch_norm=config.batch_norm)
+        model = build_transfer_model(self.base, classes=len(self.data.class_names), augment=config.augment,
+                                     seed=config.seed, head_dropout=config.head_dropout)
+        set_trainable(model, config.unfreeze)  # checks --unfreeze against the backbone before training
+        return model
+
+    def split(self, name, batch_size, *, training=False):
+        from dlsuite.apps.vision import pipeline
+
+        shape = dict(image_size=tuple(self.base.input_size), channels=self.base.channels, batch_size=batch_size)
+        if training:
+            return pipeline.batches(self.data.train, training=True, seed=self.config.seed, **shape)
+        key = (name, tuple(self.base.input_size), batch_size)
+        if key not in self._batches:
+            self._batches[key] = pipeline.batches(getattr(self.data, name), training=False, **shape)
+        return self._batches[key]
+
+    def batches(self, batch_size):
+        train_size = self.data.sizes["train"]
+        return task.Batches(train=self.split("train", batch_size, training=True),
+                            validation=self.split("validation", batch_size), batch_size=batch_size,
+                            steps_per_epoch=-(-train_size // batch_size), train_examples=train_size)
+
+    def loss(self):
+        import keras
+
+        return keras.losses.SparseCategoricalCrossentropy()
+
+    def phases(self):
+        config, optimizer = self.config, self.optimizer_config()
+
+        def trainable(layers):
+            return lambda model: f"{set_trainable(model, layers)} backbone layers trainable"
+
+        if self.scratch:  # random features are not worth freezing: every layer at the full rate
+            return [task.Phase("scratch", config.freeze_epochs + config.finetune_epochs, optimizer, trainable("all"))]
+        finetune = dataclasses.replace(optimizer, lr=optimizer.learning_rate * config.finetune_lr_factor)
+        return [task.Phase("freeze", config.freeze_epochs, optimizer, trainable(0)),
+                task.Phase("finetune", config.finetune_epochs, finetune, trainable(config.unfreeze))]
+
+    def resolved(self, model, batches):
+        base = self.base
+        return {"backbone": base.name, "weights": base.source, "preprocessing": base.preprocessing,
+                "input_size": list(base.input_size), "channels": base.channels, "class_names": self.data.class_names,
+                "sizes": self.data.sizes}
+
+    def describe(self, model, batches):
+        base, data = self.base, self.data
+        return (f"{base.name} ({base.source}) on {data.name}: {data.sizes['train']} train / "
+                f"{data.sizes['validation']} validation / {data.sizes['test']} test images, {len(data.class_names)} "
+                f"classes, input {base.input_size[0]}x{base.input_size[1]}x{base.channels}")
+
+    def title(self):
+        return f"{self.base.name} on {self.data.name}"
+
+    def evaluate(self, model, run_dir):
+        from dlsuite.apps.vision import metrics
+
+        return metrics.score_classifier(model, self.split("test", 256), self.data.class_names, run_dir)
+
+    def export(self, model, figures, *, name=None, base_dir=None):
+        from dlsuite.apps.core import rundir
+        from dlsuite.apps.vision import export
+
+        return export.export_classifier(model, class_names=self.data.class_names, base_dir=base_dir,
+                                        name=name or f"{self.base.name}_{rundir.slug(self.data.name)}")
+
+    def report(self, figures):
+        from dlsuite.apps.vision import metrics
+
+        return metrics.report_line(figures)

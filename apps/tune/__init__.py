@@ -1,0 +1,1 @@
+"""`dlsuite tune`: hyperparameter search with keras-tuner over every app's task."""

@@ -1,0 +1,753 @@
+"""`dlsuite tune APP`: hyperparameter search with keras-tuner, for every app.
+
+The recipe `run` follows, the seed's advice on tuning: treat the search as
+learning on the validation set, so every trial trains on the training split
+and is scored on one held-out validation split; sample at random within
+ranges (random search is the default; Hyperband and Bayesian optimization are
+there too); then take the best trial's model, score it once on the test split
+and export it as the app's `train` does.
+
+The tuning directory (`--dir`, default `runs/tune/<app>_<data>_<tuner>`) holds
+
+    tune.json                  what was searched; a rerun must match it to resume
+    trials/                    keras-tuner's project: oracle.json, trial_NN/ (trial.json,
+                               checkpoint.weights.h5, run.json with worker, time, error)
+    trials.csv                 one row a trial: hyperparameters, objective, epochs, time
+    best_hyperparameters.json  the best trial's values
+    objective.png              the objective against each searched hyperparameter
+    metrics.json, model.keras  the best model's test score, and the model (confusion.png for classify)
+
+Run the same command again and the search resumes: finished trials are kept,
+an interrupted one runs again, a larger --max-trials adds trials. A trial
+that fails (an infeasible configuration, a NaN loss) is recorded with its
+error and the search goes on, until --max-failures trials fail in a row.
+
+A distributed search uses keras-tuner's own environment variables: the same
+command on every machine, with KERASTUNER_ORACLE_IP and KERASTUNER_ORACLE_PORT
+naming the chief, and KERASTUNER_TUNER_ID "chief" on the chief (it hands out
+trials and reports at the end) and a distinct id on each worker (tuner0,
+tuner1, ...: they run the trials).
+
+Adding an app is one `TuneApp` entry in `APPS` (with its HyperModel in
+`hypermodels` and its space in `search_space`).
+"""
+
+import argparse
+import contextlib
+import csv
+import dataclasses
+import importlib
+import json
+import math
+import os
+import pathlib
+import shutil
+import sys
+import time
+import warnings
+
+from dlsuite.apps.tune import space as search_space
+from dlsuite.apps.core import train_args
+from dlsuite.apps.core.errors import UsageError
+
+TUNERS = ("random", "hyperband", "bayesian")
+PROJECT = "trials"  # keras-tuner's project folder inside --dir
+RUN_FILE = "run.json"  # what the worker that ran a trial records beside trial.json
+CHECKPOINT = "checkpoint.weights.h5"  # keras-tuner's best-epoch weights of a trial
+# The options that must match for a rerun to resume a search (with the space and data options).
+RESUME_KEYS = ("app", "tuner", "objective", "seed", "space", "data")
+# Options of `tune` itself, as opposed to the app's data options.
+_TUNE_OPTIONS = {"app", "tuner", "max_trials", "epochs", "objective", "space", "dir", "overwrite", "max_failures",
+                 "strategy", "seed", "export", "export_dir", "no_export", "func", "command"}
+
+
+@dataclasses.dataclass(frozen=True)
+class TuneApp:
+    """One app `dlsuite tune` can search.
+
+    Attributes:
+        module: the app's module; it has `add_data_arguments(group)`.
+        config_class: the app's config dataclass, filled from the data options.
+        hypermodel: its class in `dlsuite.apps.hypermodels`.
+        objectives: {metric: "max" or "min"}, what the hypermodel's fit reports.
+        objective: the default objective.
+        epochs: default epochs per trial.
+        max_trials: default number of trials (random and bayesian).
+        data_name: the data's short name, from the parsed options (default --dir).
+        data_defaults: keyword arguments of `add_data_arguments`.
+        fixing_options: {option dest: help} options that fix a hyperparameter
+            of the space (classify's --model).
+        extra_options: ((dest, flag, kwargs), ...) tune-only data options,
+            passed to the hypermodel's `prepare`.
+        help: the one-line help.
+        examples: the epilog's examples.
+    """
+
+    module: str
+    config_class: str
+    hypermodel: str
+    objectives: dict
+    objective: str
+    epochs: int
+    max_trials: int
+    data_name: object
+    data_defaults: dict = dataclasses.field(default_factory=dict)
+    fixing_options: dict = dataclasses.field(default_factory=dict)
+    extra_options: tuple = ()
+    help: str = ""
+    examples: str = ""
+
+
+APPS = {
+    "classify": TuneApp(
+        module="dlsuite.apps.classify.cli", config_class="TrainConfig", hypermodel="ClassifierHyperModel",
+        objectives={"val_accuracy": "max", "val_loss": "min"}, objective="val_accuracy",
+        # Measured on 2 shared CPU cores: 10 trials of 6 epochs on digits take
+        # about 2 minutes and reach 97-99% validation accuracy.
+        epochs=6, max_trials=10, data_name=lambda args: args.dataset,
+        fixing_options={"model": "fix the architecture, a registry name (default: search the space's models)"},
+        help="search an image classifier's hyperparameters",
+        examples="""  dlsuite tune classify                                    # random search on the bundled digits
+  dlsuite tune classify --max-trials 30 --epochs 10 --space space.yaml
+  dlsuite tune classify --tuner hyperband --epochs 27 --objective val_loss
+  dlsuite tune classify --model resnet18 --dataset shapes --image-size 32
+""",
+    ),
+    "transfer": TuneApp(
+        module="dlsuite.apps.transfer.cli", config_class="TransferConfig", hypermodel="TransferHyperModel",
+        objectives={"val_accuracy": "max", "val_loss": "min"}, objective="val_accuracy",
+        epochs=20, max_trials=8, data_name=lambda args: args.dataset,
+        help="search how to fine-tune a backbone: layers to unfreeze, their rate, head dropout, batch size, lr",
+        examples="""  dlsuite tune transfer --weights saved_models/lenet5_shapes --dataset shapes --shapes-classes 8 --train-per-class 20
+  dlsuite tune transfer --backbone MobileNetV2 --weights imagenet --dataset ./photos --input-size 160,160
+""",
+    ),
+    "caption": TuneApp(
+        module="dlsuite.apps.caption.cli", config_class="CaptionConfig", hypermodel="CaptionHyperModel",
+        objectives={"val_bleu4": "max", "val_loss": "min"}, objective="val_bleu4",
+        # The seed: tune on a subset. 2,000 scenes on 2 idle CPU cores: a trial
+        # of 6 epochs takes 40-115 s (attention and 256 units the slowest) after
+        # one encoder pass shared by all trials; the search 8 minutes, best
+        # validation BLEU-4 0.71, test 0.68 (`caption train`'s defaults: 0.60).
+        epochs=6, max_trials=6, data_defaults={"scenes_count": 2000},
+        data_name=lambda args: pathlib.Path(args.images).name if args.images else args.dataset,
+        help="search an image captioner's decoder: cell, attention, widths, dropout, batch size, lr",
+        examples="""  dlsuite tune caption                                     # generated scenes, frozen random VGG-11 features
+  dlsuite tune caption --objective val_loss --max-trials 12 --epochs 8
+  dlsuite tune caption --images Flicker8k_Dataset --captions Flickr8k.token.txt --encoder resnet50 --encoder-weights imagenet
+""",
+    ),
+    "lm": TuneApp(
+        module="dlsuite.apps.lm.cli", config_class="LMConfig", hypermodel="LanguageModelHyperModel",
+        objectives={"val_loss": "min", "val_perplexity": "min", "val_accuracy": "max"}, objective="val_loss",
+        epochs=2, max_trials=8, data_name=lambda args: args.text or args.dataset or "stdlib-docstrings",
+        # The seed: use a subset of the data for hyperparameter tuning.
+        data_defaults={"max_chars": 200_000},
+        extra_options=(("test_fraction", "--test-fraction", {
+            "type": float, "default": 0.1, "help": "the end of the text, scored once by the best model (default 0.1)"}),),
+        help="search a language model's hyperparameters",
+        examples="""  dlsuite tune lm                                          # char LSTM/GRU on the standard library's docstrings
+  dlsuite tune lm --text book.txt --level word --max-trials 20 --space lm_space.yaml
+""",
+    ),
+}
+
+SPACE_EXAMPLE = """a --space file (YAML or JSON) narrows or widens the default space:
+  model: [lenet5, resnet18]                  # a choice
+  lr: {min: 1.0e-4, max: 0.1, sampling: log} # a range (also step; sampling linear, log, reverse_log)
+  batch_size: 64                             # a fixed value
+"""
+
+DISTRIBUTED = """distributed search (keras-tuner's environment variables, the same command everywhere):
+  KERASTUNER_TUNER_ID=chief  KERASTUNER_ORACLE_IP=10.0.0.1 KERASTUNER_ORACLE_PORT=8000 dlsuite tune classify
+  KERASTUNER_TUNER_ID=tuner0 KERASTUNER_ORACLE_IP=10.0.0.1 KERASTUNER_ORACLE_PORT=8000 dlsuite tune classify
+  KERASTUNER_TUNER_ID=tuner1 ...                     (one id per worker; the chief reports at the end)
+"""
+
+
+def add_parser(subparsers):
+    parser = subparsers.add_parser(
+        "tune", help="hyperparameter search (keras-tuner): random, hyperband, bayesian",
+        epilog="examples:\n" + "".join(app.examples for app in APPS.values()) + "\n" + SPACE_EXAMPLE + "\n" + DISTRIBUTED,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    apps = parser.add_subparsers(dest="app", required=True, metavar="APP")
+    for name, app in APPS.items():
+        _add_app_parser(apps, name, app)
+
+
+def _add_app_parser(apps, name, app):
+    parser = apps.add_parser(
+        name, help=app.help, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n" + app.examples + "\n" + search_space.default_text(name) + "\n" + SPACE_EXAMPLE + "\n" + DISTRIBUTED)
+    data = parser.add_argument_group("data")
+    for option, text in app.fixing_options.items():
+        data.add_argument(f"--{option.replace('_', '-')}", help=text)
+    importlib.import_module(app.module).add_data_arguments(data, **app.data_defaults)
+    for _, flag, kwargs in app.extra_options:
+        data.add_argument(flag, **kwargs)
+
+    search = parser.add_argument_group("search")
+    search.add_argument("--tuner", choices=TUNERS, default="random", help="random search (default), hyperband or bayesian optimization")
+    search.add_argument("--max-trials", type=train_args.positive_int,
+                        help=f"trials to run (default {app.max_trials}; hyperband: as many as its brackets need)")
+    search.add_argument("--epochs", type=train_args.positive_int, default=app.epochs,
+                        help=f"epochs per trial unless the space searches 'epochs' (hyperband: the most a trial trains); default {app.epochs}")
+    search.add_argument("--objective", default=app.objective,
+                        help=f"validation metric to optimize: {', '.join(f'{k} ({v})' for k, v in app.objectives.items())}; default {app.objective}")
+    search.add_argument("--space", metavar="FILE", help="YAML or JSON file that narrows or widens the default search space")
+    search.add_argument("--max-failures", type=train_args.positive_int, default=3,
+                        help="stop the search after this many trials in a row fail (default 3)")
+    search.add_argument("--seed", type=int, default=0, help="seeds the split, the search and every trial's initialization")
+    search.add_argument("--strategy", default="auto", help="tf.distribute strategy each trial trains under: auto, default, one-device, mirrored or tpu")
+
+    output = parser.add_argument_group("output")
+    output.add_argument("--dir", help=f"tuning directory; the same one resumes a search (default runs/tune/{name}_<data>_<tuner>)")
+    output.add_argument("--overwrite", action="store_true", help="start the search in --dir over, deleting its trials")
+    output.add_argument("--export", metavar="NAME", help="SavedModel name of the best model under --export-dir (default: as the app names it)")
+    output.add_argument("--export-dir", default="saved_models")
+    output.add_argument("--no-export", action="store_true")
+    parser.set_defaults(func=run)
+
+
+def run(args):
+    """Checks the input, searches, reports the trials, finishes the best model."""
+    app = APPS[args.app]
+    objective = args.objective
+    if objective not in app.objectives:
+        raise UsageError(f"--objective {objective!r} is not reported by {args.app}; choose one of {', '.join(app.objectives)}")
+    role, address = _search_role()
+    fixed = {option: getattr(args, option) for option in app.fixing_options if getattr(args, option) is not None}
+    if args.space:
+        space = search_space.load(args.space, args.app, epochs=args.epochs, options=fixed)
+    else:
+        space = search_space.build(args.app, epochs=args.epochs, options=fixed)
+    if args.tuner == "hyperband" and "epochs" in space.searched():
+        raise UsageError("hyperband chooses each trial's epochs itself (up to --epochs); remove 'epochs' from the space")
+    if args.strategy == "multi-worker":
+        raise UsageError("--strategy multi-worker cannot train a trial (Keras fit fails under it); spread trials over machines "
+                         "with a distributed search instead: see `dlsuite tune --help`")
+    if args.export is not None:
+        from dlsuite.apps.core import versions
+
+        versions.check_export_name(args.export)
+    directory = pathlib.Path(args.dir or os.path.join("runs", "tune", f"{args.app}_{_slug(app.data_name(args))}_{args.tuner}"))
+    max_trials = args.max_trials or (None if args.tuner == "hyperband" else app.max_trials)
+
+    from dlsuite.apps.core import distribute
+
+    strategy = distribute.make_strategy(args.strategy)
+
+    from dlsuite.apps.core import engine
+    from dlsuite.apps.tune import hypermodels
+
+    engine.set_seed(args.seed, deterministic=engine.device_kind() == "cpu")
+    config = _app_config(app, args)
+    extras = {dest: getattr(args, dest) for dest, _, _ in app.extra_options}
+    hypermodel = getattr(hypermodels, app.hypermodel).prepare(
+        config, space=space, objective=(objective, app.objectives[objective]), seed=args.seed,
+        verbose=1 if sys.stdout.isatty() else 2, **extras)
+    try:
+        return _run_search(args, app, hypermodel, space, directory=directory, max_trials=max_trials, role=role,
+                       address=address, strategy=strategy)
+    finally:
+        hypermodel.close()
+
+
+def _run_search(args, app, hypermodel, space, *, directory, max_trials, role, address, strategy):
+    """Runs the search (or this worker's share of it) and reports; returns the exit status."""
+    objective = args.objective
+    hypermodel.check()
+
+    settings = json.loads(json.dumps({
+        "app": args.app, "tuner": args.tuner, "objective": objective, "seed": args.seed, "space": space.to_json(),
+        # The app's data options: a search resumes only on the same data.
+        "data": {name: value for name, value in vars(args).items() if name not in _TUNE_OPTIONS},
+    }))
+    if role != "worker":
+        # Every check is done before the first file is written.
+        _check_resumable(directory, settings, overwrite=args.overwrite)
+        _create(directory)
+        if args.overwrite:
+            for name in (PROJECT, "metrics.json", "trials.csv", "best_hyperparameters.json", "objective.png"):
+                path = directory / name
+                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        _write_json(directory / "tune.json", {**settings, "max_trials": max_trials, "epochs": args.epochs})
+
+    tuner = _make_tuner(args.tuner, hypermodel, objective=objective, direction=app.objectives[objective],
+                        max_trials=max_trials, seed=args.seed, max_failures=args.max_failures, directory=directory,
+                        strategy=strategy, epochs=args.epochs, role=role, address=address)
+    done = sum(1 for trial in tuner.oracle.trials.values() if trial.status in ("COMPLETED", "FAILED")) if role != "worker" else 0
+    print(f"{args.tuner} search over {args.app} ({hypermodel.describe()}), objective {objective} "
+          f"({app.objectives[objective]}), {max_trials or 'as many'} trial{'s' if max_trials != 1 else ''}"
+          + (f", {done} done before" if done else "") + f"; dir {directory}", flush=True)
+    print(f"space: {space.describe()}", flush=True)
+    if role == "worker":
+        print(f"{tuner.tuner_id}: asking the chief at {address} for trials", flush=True)
+
+    stopped = None
+    try:
+        tuner.search(verbose=0)
+    except _TooManyFailures as failures:  # seen by the chief
+        stopped = str(failures)
+    except RuntimeError:
+        # keras-tuner's own limit (max_consecutive_failed_trials), raised by the oracle.
+        if _failure_streak(tuner.oracle) < args.max_failures:
+            raise
+        stopped = _failures_text(args.max_failures)
+    except _rpc_errors(role) as error:  # on a worker: the chief stopped or went away
+        details = error.details() if hasattr(error, "details") else str(error)
+        print(f"dlsuite: error: the chief at {address} stopped answering ({_last_line(details)}); "
+              "see its output for why", file=sys.stderr)
+        return 1
+    if role == "worker":
+        print(f"{tuner.tuner_id}: ran trials {', '.join(tuner.ran) or 'none'}; the chief reports the results")
+        return 0
+    return _report(tuner, hypermodel, space, directory=directory, objective=objective,
+                   direction=app.objectives[objective], stopped=stopped, args=args)
+
+
+def _rpc_errors(role):
+    if role != "worker":
+        return ()
+    import grpc
+
+    return grpc.RpcError
+
+
+def _slug(text):
+    from dlsuite.apps.core import rundir
+
+    return rundir.slug(text)
+
+
+def _app_config(app, args):
+    """The app's config dataclass from the data options and --seed (the rest at its defaults)."""
+    module = importlib.import_module(app.module)
+    config_class = getattr(module, app.config_class)
+    names = {field.name for field in dataclasses.fields(config_class)} - (_TUNE_OPTIONS - {"seed"})
+    return config_class(**{name: getattr(args, name) for name in names if getattr(args, name, None) is not None})
+
+
+def _search_role():
+    """("alone", None), or ("chief" or "worker", "ip:port") from keras-tuner's variables."""
+    ip = os.environ.get("KERASTUNER_ORACLE_IP")
+    if not ip:
+        return "alone", None
+    missing = [name for name in ("KERASTUNER_ORACLE_PORT", "KERASTUNER_TUNER_ID") if not os.environ.get(name)]
+    if missing:
+        raise UsageError(f"KERASTUNER_ORACLE_IP is set ({ip}) but {' and '.join(missing)} not; a distributed search needs "
+                         "all three: KERASTUNER_TUNER_ID=chief on the chief and tuner0, tuner1, ... on the workers")
+    port = os.environ["KERASTUNER_ORACLE_PORT"]
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise UsageError(f"KERASTUNER_ORACLE_PORT must be a port number, received {port!r}")
+    role = "chief" if "chief" in os.environ["KERASTUNER_TUNER_ID"] else "worker"
+    return role, f"{ip}:{port}"
+
+
+def _check_resumable(directory, settings, *, overwrite):
+    saved_path = directory / "tune.json"
+    if overwrite or not saved_path.exists():
+        # oracle.json: a search ran here (workers of a starting search write only their tuner files).
+        if not overwrite and (directory / PROJECT / "oracle.json").exists():
+            raise UsageError(f"{directory} holds trials but no tune.json; pass --overwrite to start over or another --dir")
+        return
+    try:
+        saved = json.loads(saved_path.read_text())
+    except (OSError, ValueError) as error:
+        raise UsageError(f"cannot read {saved_path} ({error}); pass --overwrite to start over or another --dir") from None
+    for key in RESUME_KEYS:
+        if saved.get(key) != settings[key]:
+            was, now = json.dumps(saved.get(key)), json.dumps(settings[key])
+            if len(was) + len(now) > 160 and isinstance(settings[key], dict):
+                changed = sorted(k for k in set(settings[key]) | set(saved.get(key) or {})
+                                 if (saved.get(key) or {}).get(k) != settings[key].get(k))
+                was, now = f"differs in {', '.join(changed)}", ""
+            raise UsageError(f"{directory} holds a search with another {key} ({was}{' -> ' + now if now else ''}); "
+                             "run the same command to resume it, pass --overwrite to start over, or choose another --dir")
+
+
+def _create(directory):
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise UsageError(f"cannot write the tuning directory {str(directory)!r} ({error.strerror or error}); "
+                         "pass --dir with a writable folder") from None
+
+
+def _write_json(path, data):
+    from dlsuite.apps.core import rundir
+
+    rundir.write_json(path, data)
+
+
+def _failures_text(count):
+    return f"{count} trial{'s' if count > 1 else ''} in a row failed (--max-failures {count})"
+
+
+def _last_line(text):
+    lines = [line.strip() for line in (text or "").strip().splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def _value_text(value):
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+class _TooManyFailures(RuntimeError):
+    """The chief saw --max-failures trials in a row fail."""
+
+
+class _Search:
+    """What dlsuite adds to keras-tuner's tuners (mixed in before one):
+    the whole space declared up front, a line per trial, a run.json per trial
+    (worker, time, error), and a chief that serves trials until they are done."""
+
+    def _configure(self, *, role, address, max_failures):
+        self.role, self.address, self.max_failures = role, address, max_failures
+        self.ran = []
+
+    # keras-tuner builds a model for every conditional branch to discover the
+    # space; ours is declared whole, and building an infeasible first choice
+    # would stop the search before it starts.
+    def _populate_initial_space(self):
+        hp = self.oracle.get_space()
+        self.hypermodel.declare_hyperparameters(hp)
+        self.oracle.update_space(hp)
+
+    def run_trial(self, trial, *args, **kwargs):
+        self._results = super().run_trial(trial, *args, **kwargs)
+        return self._results
+
+    def on_trial_begin(self, trial):
+        self._started, self._results = time.monotonic(), None
+        self.ran.append(trial.trial_id)
+        values = trial.hyperparameters.values
+        shown = ", ".join(f"{name}={_value_text(values[name])}" for name in self.hypermodel.space.searched() if name in values)
+        if "tuner/epochs" in values:
+            shown += f", epochs {values['tuner/initial_epoch']}-{values['tuner/epochs']}"
+        print(f"trial {trial.trial_id} on {self.tuner_id}: {shown or 'nothing searched'}", flush=True)
+        super().on_trial_begin(trial)
+
+    def on_trial_end(self, trial):
+        seconds = time.monotonic() - self._started
+        failed = trial.status != "COMPLETED"
+        error = _last_line(trial.message) if failed else None
+        _write_json(pathlib.Path(self.get_trial_dir(trial.trial_id)) / RUN_FILE,
+                    {"worker": self.tuner_id, "seconds": seconds, "status": "FAILED" if failed else "COMPLETED", "error": error})
+        if failed:
+            print(f"trial {trial.trial_id} on {self.tuner_id} failed after {seconds:.1f} s: {error}", flush=True)
+        else:
+            metrics = self._results[0] if isinstance(self._results, list) else self._results
+            objective = self.hypermodel.objective
+            print(f"trial {trial.trial_id} on {self.tuner_id}: {objective} {metrics[objective]:.4f} at epoch "
+                  f"{int(metrics['best_epoch'])}/{int(metrics['epochs'])}, {seconds:.1f} s", flush=True)
+        super().on_trial_end(trial)
+
+    def search(self, *args, **kwargs):
+        if self.role != "chief":
+            return super().search(*args, **kwargs)
+        self.oracle.verbose = 0
+        self.save()
+        _serve(self.oracle, address=self.address, max_failures=self.max_failures)
+
+
+def _make_tuner(kind, hypermodel, *, objective, direction, max_trials, seed, max_failures, directory, strategy, epochs,
+                role, address):
+    import keras_tuner
+
+    base = {"random": keras_tuner.RandomSearch, "hyperband": keras_tuner.Hyperband,
+            "bayesian": keras_tuner.BayesianOptimization}[kind]
+    tuner_class = type(base.__name__, (_Search, base), {})
+    common = dict(
+        hypermodel=hypermodel, objective=keras_tuner.Objective(objective, direction),
+        # keras-tuner takes seed 0 for "pick one at random".
+        seed=seed + 1, max_consecutive_failed_trials=max_failures,
+        directory=str(directory), project_name=PROJECT, overwrite=False, distribution_strategy=strategy,
+    )
+    if kind == "hyperband":
+        tuner = tuner_class(max_epochs=epochs, factor=3, **common)
+        tuner.oracle.max_trials = max_trials  # None: as many as the brackets need
+    else:
+        tuner = tuner_class(max_trials=max_trials, **common)
+    tuner._configure(role=role, address=address, max_failures=max_failures)
+    return tuner
+
+
+def _failure_streak(oracle):
+    streak = 0
+    for trial_id in oracle.end_order:
+        streak = streak + 1 if oracle.trials[trial_id].status == "FAILED" else 0
+    return streak
+
+
+def _serve(oracle, *, address, max_failures, poll_s=1.0):
+    """Serves the chief's oracle to the workers with keras-tuner's gRPC
+    servicer until every trial is done.
+
+    keras-tuner's own loop (`oracle_chief.start_server`) checks for the end
+    every 20 s once the last trial is out; this one checks every second, prints
+    each finished trial, and stops when --max-failures trials in a row failed
+    (keras-tuner raises that inside the worker's gRPC call, so the chief would
+    wait forever).
+    """
+    from concurrent import futures
+
+    import grpc
+    from keras_tuner.src import protos
+    from keras_tuner.src.distribute import oracle_chief
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
+    servicer = oracle_chief.OracleServicer(oracle)
+    protos.get_service_grpc().add_OracleServicer_to_server(servicer, server)
+    try:
+        bound = server.add_insecure_port(address)
+    except RuntimeError:
+        bound = 0
+    if not bound:
+        raise UsageError(f"the chief cannot listen on {address}; set KERASTUNER_ORACLE_PORT to a free port "
+                         "(and KERASTUNER_ORACLE_IP to an address of this machine)")
+    server.start()
+    print(f"chief: serving trials at {address}", flush=True)
+    reported = 0
+    try:
+        while True:
+            time.sleep(poll_s)
+            ended = list(oracle.end_order)
+            for trial_id in ended[reported:]:
+                trial = oracle.trials[trial_id]
+                result = f"{oracle.objective.name} {trial.score:.4f}" if trial.status == "COMPLETED" else "failed"
+                print(f"chief: trial {trial_id} done: {result}", flush=True)
+            reported = len(ended)
+            if _failure_streak(oracle) >= max_failures:
+                raise _TooManyFailures(_failures_text(max_failures))
+            if servicer.stop_triggered and oracle_chief.exit_chief(oracle):
+                return
+    finally:
+        server.stop(grace=1)
+
+
+@dataclasses.dataclass
+class TrialRow:
+    trial_id: str
+    status: str
+    values: dict
+    score: float | None
+    epochs: int | None
+    best_epoch: int | None
+    seconds: float | None
+    worker: str | None
+    error: str | None
+
+
+def _trial_rows(tuner, directory):
+    """One row per trial, from the oracle's records and the workers' run.json."""
+    rows = []
+    for trial in sorted(tuner.oracle.trials.values(), key=lambda t: int(t.trial_id)):
+        run = {}
+        run_path = directory / PROJECT / f"trial_{trial.trial_id}" / RUN_FILE
+        if run_path.exists():
+            run = json.loads(run_path.read_text())
+        status = trial.status
+        if status not in ("COMPLETED", "FAILED") and run.get("status") == "FAILED":
+            status = "FAILED"  # the failure that stopped the search, which keras-tuner did not save
+
+        def metric(name):
+            return trial.metrics.get_last_value(name) if trial.metrics.exists(name) else None
+
+        epochs, best_epoch = metric("epochs"), metric("best_epoch")
+        rows.append(TrialRow(
+            trial_id=trial.trial_id, status=status, values=dict(trial.hyperparameters.values),
+            score=trial.score if status == "COMPLETED" else None,
+            epochs=int(epochs) if epochs is not None else None, best_epoch=int(best_epoch) if best_epoch is not None else None,
+            seconds=run.get("seconds", metric("seconds")), worker=run.get("worker"),
+            error=run.get("error") or (_last_line(trial.message) if status == "FAILED" else None),
+        ))
+    return rows
+
+
+def _table(rows, columns, objective, best_id):
+    header = ["trial", "status", *columns, objective, "best/epochs", "seconds", "worker"]
+    lines = []
+    for row in rows:
+        mark = "*" if row.trial_id == best_id else " "
+        lines.append([
+            f"{row.trial_id}{mark}", row.status.lower(), *(_value_text(row.values.get(name, "-")) for name in columns),
+            f"{row.score:.4f}" if row.score is not None else "-",
+            f"{row.best_epoch}/{row.epochs}" if row.epochs is not None else "-",
+            f"{row.seconds:.1f}" if row.seconds is not None else "-", row.worker or "-",
+        ])
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *lines)]
+    text = ["  ".join(str(cell).ljust(width) for cell, width in zip(header, widths))]
+    text += ["  ".join(str(cell).ljust(width) for cell, width in zip(line, widths)) for line in lines]
+    for row in rows:
+        if row.error:
+            text.append(f"trial {row.trial_id} error: {row.error}")
+    return "\n".join(text)
+
+
+def _write_csv(path, rows, columns, objective):
+    temporary = path.with_name(f".{path.name}.tmp")
+    with temporary.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["trial", "status", *columns, objective, "epochs", "best_epoch", "seconds", "worker", "error"])
+        for row in rows:
+            writer.writerow([row.trial_id, row.status, *(row.values.get(name, "") for name in columns),
+                             "" if row.score is None else row.score, row.epochs or "", row.best_epoch or "",
+                             "" if row.seconds is None else round(row.seconds, 2), row.worker or "", row.error or ""])
+    os.replace(temporary, path)
+
+
+def _plot(path, rows, space, objective, best_id):
+    """The objective against each searched hyperparameter, one panel each."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [row for row in rows if row.score is not None]
+    names = [name for name in space.searched() if name in space.entries] or ["trial"]
+    columns = min(3, len(names))
+    lines = math.ceil(len(names) / columns)
+    figure, axes = plt.subplots(lines, columns, figsize=(4.2 * columns, 3.4 * lines), squeeze=False)
+    for axis, name in zip(axes.flat, names):
+        spec = space.entries.get(name, {})
+        if name == "trial":
+            xs = [int(row.trial_id) for row in done]
+        else:
+            xs = [row.values.get(name) for row in done]
+        categorical = "choice" in spec and not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in spec["choice"])
+        if categorical:
+            labels = [str(v) for v in spec["choice"]]
+            xs = [labels.index(str(x)) if str(x) in labels else -1 for x in xs]
+            axis.set_xticks(range(len(labels)), labels=labels, rotation=30 if len(labels) > 3 else 0)
+        else:
+            if spec.get("sampling") in ("log", "reverse_log") or (
+                    "choice" in spec and min(spec["choice"]) > 0 and max(spec["choice"]) / min(spec["choice"]) >= 8):
+                axis.set_xscale("log")
+            if "choice" in spec:  # the values themselves as ticks: 16, 32, 64, 128
+                axis.set_xticks(spec["choice"], labels=[_value_text(v) for v in spec["choice"]])
+                axis.minorticks_off()
+        ys = [row.score for row in done]
+        axis.scatter(xs, ys, color="tab:blue", alpha=0.8)
+        best = [(x, row.score) for x, row in zip(xs, done) if row.trial_id == best_id]
+        if best:
+            axis.scatter(*zip(*best), color="tab:red", marker="*", s=180, label="best", zorder=3)
+            axis.legend(loc="best", fontsize=8)
+        axis.set_xlabel(name)
+        axis.set_ylabel(objective)
+        axis.grid(alpha=0.3)
+    for axis in list(axes.flat)[len(names):]:
+        axis.set_visible(False)
+    figure.suptitle(f"{objective} of {len(done)} trials against the searched hyperparameters")
+    figure.tight_layout()
+    temporary = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    figure.savefig(temporary, dpi=100)
+    plt.close(figure)
+    os.replace(temporary, path)
+
+
+def _report(tuner, hypermodel, space, *, directory, objective, direction, stopped, args):
+    rows = _trial_rows(tuner, directory)
+    completed = [row for row in rows if row.score is not None]
+    pick = max if direction == "max" else min
+    best = pick(completed, key=lambda row: row.score) if completed else None
+    best_id = best.trial_id if best else None
+    columns = space.searched()
+    print()
+    print(_table(rows, columns, objective, best_id))
+    _write_csv(directory / "trials.csv", rows, columns, objective)
+    if completed:
+        _plot(directory / "objective.png", rows, space, objective, best_id)
+    if best is not None:
+        values = {name: best.values[name] for name in space.entries if name in best.values}
+        if "tuner/epochs" in best.values:
+            values["epochs"] = best.values["tuner/epochs"]
+        _write_json(directory / "best_hyperparameters.json", {
+            "trial": best_id, "objective": {"name": objective, "direction": direction, "value": best.score},
+            "hyperparameters": values,
+        })
+        print(f"\nbest: trial {best_id}, {objective} {best.score:.4f}: {json.dumps(values)}")
+    failed = sum(1 for row in rows if row.status == "FAILED")
+    written = "trials.csv, best_hyperparameters.json, objective.png" if completed else "trials.csv"
+    print(f"{len(rows)} trial{'s' if len(rows) != 1 else ''} ({len(completed)} completed, {failed} failed); "
+          f"{written} in {directory}", flush=True)
+    if stopped:
+        errors = [row.error for row in rows if row.error]
+        print(f"dlsuite: search stopped: {stopped}; the last error: {errors[-1] if errors else 'see above'}. Fix the space "
+              "or raise --max-failures, then run the same command to resume", file=sys.stderr)
+        return 1
+    if best is None:
+        print("dlsuite: no trial finished, so there is no best model; see the errors above", file=sys.stderr)
+        return 1
+    return _finish(tuner, hypermodel, best, directory=directory, objective=objective, args=args)
+
+
+def _finish(tuner, hypermodel, best, *, directory, objective, args):
+    """Restores (or retrains) the best trial's model, scores it once on the
+    test split, saves and exports it; a rerun that finds this done already
+    says so instead of exporting again."""
+    metrics_path = directory / "metrics.json"
+    if metrics_path.exists():
+        previous = json.loads(metrics_path.read_text())
+        exported = previous.get("export") is None if args.no_export else (
+            previous.get("export") and pathlib.Path(previous["export"]).exists())
+        if previous.get("status") == "finished" and previous.get("best_trial") == best.trial_id and exported:
+            print(f"the best trial {best.trial_id} was already scored and exported: test "
+                  + ", ".join(f"{k[5:]} {v:.4f}" for k, v in previous.items() if k.startswith("test_") and isinstance(v, float))
+                  + (f"; export {previous['export']}" if previous.get("export") else ""))
+            return 0
+    trial = tuner.oracle.get_trial(best.trial_id)
+    checkpoint = pathlib.Path(tuner.get_trial_dir(best.trial_id)) / CHECKPOINT
+    if checkpoint.exists():
+        model, how = _restore(tuner, trial, checkpoint), "restored from its best epoch"
+    else:  # another machine ran it: train again with its hyperparameters
+        model, how = _retrain(tuner, hypermodel, trial, directory), "retrained"
+    values = hypermodel.space.declare(trial.hyperparameters.copy())
+    summary = hypermodel.finish(model, values, out_dir=directory, export_name=args.export, export_dir=args.export_dir,
+                                no_export=args.no_export)
+    _write_json(metrics_path, {"status": "finished", "best_trial": best.trial_id, "how": how,
+                               f"best_{objective}": best.score, **summary})
+    figures = ", ".join(f"{key.removeprefix('test_')} {value:.4f}" for key, value in summary.items() if isinstance(value, float))
+    print(f"best model ({how}): test {figures}; metrics.json, model.keras in {directory}"
+          + (f"; export {summary['export']}" if summary.get("export") else ""), flush=True)
+    return 0
+
+
+def _build(tuner, hp):
+    import keras
+
+    keras.backend.clear_session()
+    strategy = tuner.distribution_strategy
+    with strategy.scope() if strategy is not None else contextlib.nullcontext():
+        return tuner.hypermodel.build(hp)
+
+
+def _restore(tuner, trial, checkpoint):
+    """The best trial's model at its best epoch (keras-tuner's checkpoint)."""
+    model = _build(tuner, trial.hyperparameters.copy())
+    with warnings.catch_warnings():
+        # A trial that recompiled (transfer's phase 2) saved a larger optimizer;
+        # only the weights matter here.
+        warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
+        model.load_weights(str(checkpoint))
+    return model
+
+
+def _retrain(tuner, hypermodel, trial, directory):
+    import keras
+
+    hp = trial.hyperparameters.copy()
+    path = directory / "retrain.weights.h5"
+    model = _build(tuner, hp)
+    checkpoint = keras.callbacks.ModelCheckpoint(str(path), monitor=hypermodel.objective, mode=hypermodel.direction,
+                                                 save_best_only=True, save_weights_only=True)
+    hypermodel.fit(hp, model, callbacks=[checkpoint], epochs=hp.values.get("tuner/epochs"))
+    model.load_weights(str(path))
+    path.unlink()
+    return model

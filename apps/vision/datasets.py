@@ -1,0 +1,518 @@
+"""Image-classification datasets: one loader per source, one `ImageDataset` out.
+
+`load(spec)` reads a dataset named by the user:
+
+* a built-in name (`names()`): "digits", the handwritten digits bundled with
+  scikit-learn, or "shapes", generated images of geometric shapes;
+* "tfds:NAME[/CONFIG]", any TensorFlow Datasets image-classification set;
+* the path of a folder with one subfolder of images per class.
+
+Every source gives the same thing: unbatched `(image, label)` datasets for
+train, validation and test, with uint8 images of raw pixels and int32 labels.
+Resizing, channel matching and batching are `pipeline.batches`' job.
+"""
+
+import concurrent.futures
+import dataclasses
+import os
+
+import numpy as np
+import tensorflow as tf
+from PIL import Image, UnidentifiedImageError
+
+from dlsuite.apps.vision import shapes
+from dlsuite.apps.core.errors import UsageError
+
+TFDS_PREFIX = "tfds:"
+
+# What the user may pass besides a built-in name, for the help and the errors.
+OTHER_FORMS = (
+    "tfds:NAME[/CONFIG] for a TensorFlow Datasets image-classification set (e.g. tfds:mnist)",
+    "the path of a folder with one subfolder of images per class",
+)
+
+# Files looked at in a class folder; anything else (.txt, .csv, ...) is ignored.
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
+# Formats `tf.io.decode_image` reads, as PIL names them.
+DECODABLE_FORMATS = ("PNG", "JPEG", "BMP", "GIF")
+# First bytes of each decodable format, to name a file whose header PIL rejects.
+_SIGNATURES = {b"\x89PNG": "PNG", b"\xff\xd8\xff": "JPEG", b"GIF8": "GIF", b"BM": "BMP"}
+# PIL modes without colour; palette images are judged by their colours.
+_GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
+
+
+@dataclasses.dataclass
+class ImageDataset:
+    """An image-classification dataset split three ways.
+
+    Attributes:
+        name: "digits", "shapes", "tfds:NAME" or the folder path.
+        class_names: label i is `class_names[i]`.
+        train: unbatched (image, label): uint8 (H, W, C) raw pixels 0..255, int32 scalar.
+        validation: the same, held out for model selection.
+        test: the same, held out for the final score.
+        sizes: {"train": n, "validation": n, "test": n}.
+        channels: 1 (grayscale) or 3 (RGB).
+        image_shape: native (H, W, C) when every image shares it, else None.
+        skipped: [(path, reason)] image files left out because they cannot be decoded.
+    """
+
+    name: str
+    class_names: list
+    train: tf.data.Dataset
+    validation: tf.data.Dataset
+    test: tf.data.Dataset
+    sizes: dict
+    channels: int
+    image_shape: tuple | None
+    skipped: list = dataclasses.field(default_factory=list)
+
+
+def names():
+    """Returns the built-in dataset names, the ones that need no path or download."""
+    return sorted(_BUILTINS)
+
+
+def describe(name):
+    """Returns the one-line description of the built-in dataset `name`."""
+    return _BUILTINS[name][1]
+
+
+def load(spec, *, seed=0, validation_fraction=0.15, test_fraction=0.15, strict=False,
+         shapes_classes=4, shapes_size=64, shapes_count=1200, data_dir=None):
+    """Loads the dataset `spec` and splits it into train, validation and test.
+
+    Args:
+        spec: a built-in name (`names()`), "tfds:NAME[/CONFIG]" or a folder path.
+        seed: seeds the split (and the shapes generator); the same seed gives
+            the same split.
+        validation_fraction: share of the images held out for validation
+            (of the train split, for a TFDS set without a "validation" split).
+        test_fraction: share held out for test (when the source has no test split).
+        strict: for a folder, raise on the first image that cannot be decoded
+            instead of skipping it.
+        shapes_classes: "shapes" only, number of shape classes.
+        shapes_size: "shapes" only, image side in pixels.
+        shapes_count: "shapes" only, number of images in total.
+        data_dir: TFDS only, where TensorFlow Datasets keeps its files.
+
+    Returns:
+        An `ImageDataset`.
+
+    Raises:
+        UsageError: an unknown name, a missing or malformed folder, fractions
+            out of range, or too few images for a non-empty split.
+    """
+    spec = os.fspath(spec)
+    _check_fractions(validation_fraction, test_fraction)
+    fractions = {"validation_fraction": validation_fraction, "test_fraction": test_fraction}
+    if spec in _BUILTINS:
+        loader = _BUILTINS[spec][0]
+        if spec == "shapes":
+            return loader(seed=seed, classes=shapes_classes, size=shapes_size,
+                          count=shapes_count, **fractions)
+        return loader(seed=seed, **fractions)
+    if spec.startswith(TFDS_PREFIX):
+        return _load_tfds(spec[len(TFDS_PREFIX):], data_dir=data_dir, **fractions)
+    path = os.path.expanduser(spec)
+    if os.path.isdir(path):
+        return _load_folder(spec, path, seed=seed, strict=strict, **fractions)
+    if os.path.exists(path):
+        raise UsageError(
+            f"Dataset path {spec!r} is a file: give a folder with one subfolder of images per class."
+        )
+    if os.sep in spec or "/" in spec or spec.startswith((".", "~")):
+        raise UsageError(f"Dataset folder {spec!r} does not exist: check the path.")
+    raise UsageError(
+        f"Unknown dataset {spec!r}. Built-in: {', '.join(names())}; or "
+        + "; or ".join(OTHER_FORMS) + "."
+    )
+
+
+def _check_fractions(validation_fraction, test_fraction):
+    for label, value in (("validation_fraction", validation_fraction), ("test_fraction", test_fraction)):
+        if not 0.0 < value < 1.0:
+            raise UsageError(
+                f"{label}={value!r} is out of range: choose a value between 0 and 1, e.g. 0.15."
+            )
+    if validation_fraction + test_fraction >= 1.0:
+        raise UsageError(
+            f"validation_fraction + test_fraction = {validation_fraction + test_fraction:g} leaves no "
+            "training images: keep their sum below 1, e.g. 0.15 each."
+        )
+
+
+def _apportion(class_sizes, fraction):
+    """Per-class counts that sum to round(total * fraction), each within 1 of its share.
+
+    Rounding each class on its own would drift from the fraction when there
+    are many small classes; largest remainders keep the total right.
+    """
+    shares = class_sizes * fraction
+    counts = np.floor(shares).astype(int)
+    missing = int(round(class_sizes.sum() * fraction)) - counts.sum()
+    # Stable sort: ties go to the earlier class, so the result is deterministic.
+    order = np.argsort(-(shares - counts), kind="stable")
+    counts[order[:missing]] += 1
+    return counts
+
+
+def _stratified_split(labels, *, seed, validation_fraction, test_fraction, name):
+    """Splits indices of `labels` three ways, in the same proportions per class.
+
+    Returns:
+        {"train": indices, "validation": indices, "test": indices}; train is in
+        shuffled order so that `take(n)` sees every class.
+
+    Raises:
+        UsageError: a split would hold no image.
+    """
+    rng = np.random.default_rng(seed)
+    classes, class_sizes = np.unique(labels, return_counts=True)
+    test_counts = _apportion(class_sizes, test_fraction)
+    validation_counts = _apportion(class_sizes, validation_fraction)
+    parts = {"train": [], "validation": [], "test": []}
+    # Classes in sorted order and one generator: the split depends on the seed only.
+    for label, n_test, n_validation in zip(classes, test_counts, validation_counts):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        parts["test"].append(members[:n_test])
+        parts["validation"].append(members[n_test:n_test + n_validation])
+        parts["train"].append(members[n_test + n_validation:])
+    split = {key: np.sort(np.concatenate(value)) for key, value in parts.items()}
+    split["train"] = rng.permutation(split["train"])
+    for key, indices in split.items():
+        if len(indices) == 0:
+            fix = "lower" if key == "train" else "raise"
+            raise UsageError(
+                f"Dataset {name!r} has too few images ({len(labels)}) for a non-empty {key} split with "
+                f"validation_fraction={validation_fraction:g}, test_fraction={test_fraction:g}: "
+                f"add images or {fix} the fractions."
+            )
+    return split
+
+
+def _from_arrays(name, images, labels, class_names, *, seed, validation_fraction, test_fraction):
+    """An `ImageDataset` from in-memory uint8 images (N, H, W, C) and labels (N,)."""
+    split = _stratified_split(labels, seed=seed, validation_fraction=validation_fraction,
+                              test_fraction=test_fraction, name=name)
+    datasets = {
+        key: tf.data.Dataset.from_tensor_slices((images[indices], labels[indices].astype(np.int32)))
+        for key, indices in split.items()
+    }
+    return ImageDataset(
+        name=name,
+        class_names=list(class_names),
+        sizes={key: len(indices) for key, indices in split.items()},
+        channels=int(images.shape[-1]),
+        image_shape=tuple(int(d) for d in images.shape[1:]),
+        **datasets,
+    )
+
+
+def _load_digits(*, seed, validation_fraction, test_fraction):
+    """The 1,797 8x8 handwritten digits bundled with scikit-learn (UCI optdigits)."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    # Pixel counts run 0..16; stretch them to the 0..255 of every other source.
+    images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
+    return _from_arrays("digits", images, digits.target, [str(d) for d in range(10)], seed=seed,
+                        validation_fraction=validation_fraction, test_fraction=test_fraction)
+
+
+def _load_shapes(*, seed, classes, size, count, validation_fraction, test_fraction):
+    """Generated geometric shapes (see `shapes.generate`)."""
+    images, labels, class_names = shapes.generate(classes=classes, size=size, count=count, seed=seed)
+    return _from_arrays("shapes", images, labels, class_names, seed=seed,
+                        validation_fraction=validation_fraction, test_fraction=test_fraction)
+
+
+# name -> (loader, description); a new built-in is one row.
+_BUILTINS = {
+    "digits": (_load_digits,
+               "1,797 handwritten digits 8x8, 10 classes, grayscale (bundled with scikit-learn)"),
+    "shapes": (_load_shapes, "generated geometric shapes, RGB, 2 to 8 classes (--shapes-* options)"),
+}
+
+
+# --- folder of class subfolders -------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _FileCheck:
+    """What decoding one file with PIL found: an error reason, or its shape and colour."""
+
+    path: str
+    reason: str | None = None
+    shape: tuple | None = None  # (H, W, C) with C 3 for colour, 1 for gray
+    colour: bool = False
+
+
+def _is_colour(image):
+    if image.mode in _GRAY_MODES:
+        return False
+    if image.mode in ("P", "PA"):
+        # A palette can hold only grays; look at the colours actually used.
+        rgb = np.asarray(image.convert("RGB"))
+        return not (np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 1], rgb[..., 2]))
+    return True
+
+
+def _sniff_format(path):
+    """The decodable format `path` starts like, or None."""
+    try:
+        with open(path, "rb") as file:
+            start = file.read(8)
+    except OSError:
+        return None
+    return next((name for signature, name in _SIGNATURES.items() if start.startswith(signature)), None)
+
+
+def _bmp_problem(path, mode):
+    """Why TensorFlow's BMP decoder would fail on or misread `path`, or None.
+
+    It reads only uncompressed 24- and 32-bit pixels and 8-bit ones as gray
+    levels, ignoring any palette; PIL reads every variant, so check the header.
+    """
+    with open(path, "rb") as file:
+        header = file.read(34)
+    header_size = int.from_bytes(header[14:18], "little")
+    bits = int.from_bytes(header[28:30], "little")
+    compression = int.from_bytes(header[30:34], "little")
+    if header_size < 40 or compression not in (0, 3):  # 3: bit fields, the usual 32-bit layout
+        return "compressed or OS/2 BMP, which TensorFlow cannot decode (save it as PNG)"
+    if bits in (24, 32) or (bits == 8 and mode == "L"):
+        return None
+    if bits == 8:
+        return "8-bit colour-palette BMP, which TensorFlow decodes as gray levels (save it as PNG)"
+    return f"{bits}-bit BMP, which TensorFlow cannot decode (save it as PNG)"
+
+
+def _check_image(path):
+    """Fully decodes `path` with PIL; returns a `_FileCheck` with a reason if it fails."""
+    format_ = None  # known once PIL has read the header
+    try:
+        if os.path.getsize(path) == 0:
+            return _FileCheck(path, reason="empty file")
+        with Image.open(path) as image:
+            format_ = image.format
+            if format_ not in DECODABLE_FORMATS:
+                return _FileCheck(path, reason=f"{format_} image, which TensorFlow cannot decode "
+                                               f"(use {', '.join(DECODABLE_FORMATS)})")
+            image.load()  # `open` reads only the header; a truncated body fails here
+            if format_ == "BMP" and (problem := _bmp_problem(path, image.mode)):
+                return _FileCheck(path, reason=problem)
+            colour = _is_colour(image)
+            width, height = image.size
+    except UnidentifiedImageError:
+        format_ = _sniff_format(path)
+        return _FileCheck(path, reason=f"damaged {format_} header" if format_ else "not an image")
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as error:
+        # PIL reports damage as OSError ("image file is truncated", "Truncated
+        # File Read"), SyntaxError ("broken PNG file") or ValueError, by format.
+        message = " ".join(str(error).split()) or type(error).__name__
+        if isinstance(error, (PermissionError, FileNotFoundError)):
+            return _FileCheck(path, reason=f"cannot open: {error.strerror}")
+        format_ = format_ or _sniff_format(path) or "image"
+        if "truncated" in message.lower():
+            return _FileCheck(path, reason=f"truncated {format_}")
+        return _FileCheck(path, reason=f"damaged {format_}: {message}")
+    return _FileCheck(path, shape=(height, width, 3 if colour else 1), colour=colour)
+
+
+def list_class_files(root):
+    """Returns the sorted class names and, per class, its sorted image files (recursive)."""
+    entries = sorted(os.scandir(root), key=lambda entry: entry.name)
+    class_dirs = [e for e in entries if e.is_dir() and not e.name.startswith(".")]
+    files = {}
+    for class_dir in class_dirs:
+        found = []
+        for folder, subfolders, filenames in os.walk(class_dir.path, followlinks=True):
+            subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
+            found.extend(
+                os.path.join(folder, f) for f in filenames
+                if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)
+            )
+        files[class_dir.name] = sorted(found)
+    return [e.name for e in class_dirs], files
+
+
+def check_images(paths, *, strict):
+    """Checks every file in a thread pool (PIL decodes without the GIL); keeps the order."""
+    workers = min(32, (os.cpu_count() or 1) + 4)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+        checks = []
+        for check in pool.map(_check_image, paths):
+            if strict and check.reason:
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise UsageError(f"Cannot read image {check.path!r}: {check.reason} (strict mode; "
+                                 "fix or remove the file, or run without strict to skip it).")
+            checks.append(check)
+    return checks
+
+
+def decoder(channels, image_shape):
+    """Returns the tf.data map function: (path, label) -> (uint8 image, label)."""
+
+    def decode(path, label):
+        # BMP and GIF decode only to 3 channels; for a grayscale dataset go
+        # through RGB, which round-trips gray pixels exactly.
+        image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+        if channels == 1:
+            image = tf.image.rgb_to_grayscale(image)
+        image = tf.ensure_shape(image, image_shape or (None, None, channels))
+        return image, label
+
+    return decode
+
+
+def _load_folder(spec, root, *, seed, strict, validation_fraction, test_fraction):
+    """A folder with one subfolder per class; images are decoded by tf.data when read."""
+    class_names, files = list_class_files(root)
+    if not class_names:
+        problem = "is empty" if not os.listdir(root) else "has no class subfolders"
+        raise UsageError(
+            f"Dataset folder {spec!r} {problem}: put one subfolder of images per class in it."
+        )
+    if len(class_names) < 2:
+        raise UsageError(
+            f"Dataset folder {spec!r} has one class subfolder ({class_names[0]!r}); it needs at least 2 "
+            "class subfolders."
+        )
+
+    paths = [path for name in class_names for path in files[name]]
+    labels = np.array([i for i, name in enumerate(class_names) for _ in files[name]], dtype=np.int32)
+    checks = check_images(paths, strict=strict)
+    good = np.array([check.reason is None for check in checks], dtype=bool)
+    for i, name in enumerate(class_names):
+        if not good[labels == i].any():
+            unreadable = int((labels == i).sum())
+            found = f"{unreadable} unreadable" if unreadable else f"no {'/'.join(IMAGE_EXTENSIONS)} files"
+            raise UsageError(
+                f"Class folder {os.path.join(spec, name)!r} has no readable image ({found}): "
+                "add images or remove the folder."
+            )
+
+    kept = [check for check in checks if check.reason is None]
+    channels = 3 if any(check.colour for check in kept) else 1
+    native = {check.shape[:2] for check in kept}
+    image_shape = (*native.pop(), channels) if len(native) == 1 else None
+
+    paths = np.array([check.path for check in kept])
+    labels = labels[good]
+    split = _stratified_split(labels, seed=seed, validation_fraction=validation_fraction,
+                              test_fraction=test_fraction, name=spec)
+    decode = decoder(channels, image_shape)
+    datasets = {
+        key: tf.data.Dataset.from_tensor_slices((paths[indices], labels[indices])).map(
+            decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        for key, indices in split.items()
+    }
+    return ImageDataset(
+        name=spec,
+        class_names=class_names,
+        sizes={key: len(indices) for key, indices in split.items()},
+        channels=channels,
+        image_shape=image_shape,
+        skipped=[(check.path, check.reason) for check in checks if check.reason],
+        **datasets,
+    )
+
+
+# --- TensorFlow Datasets --------------------------------------------------------
+
+
+def _tfds_splits(name, splits, *, validation_fraction, test_fraction):
+    """Picks the train/validation/test split strings, carving missing ones from train.
+
+    Carved splits are contiguous slices of "train" in its stored order, which
+    TFDS fixed when it prepared the data, so they are the same on every run
+    (and for every seed; TFDS slicing is not stratified).
+    """
+    if "train" not in splits:
+        raise UsageError(f"tfds:{name} has no 'train' split (splits: {', '.join(sorted(splits))}).")
+    n = splits["train"].num_examples
+    n_validation = 0 if "validation" in splits else int(round(n * validation_fraction))
+    n_test = 0 if "test" in splits else int(round(n * test_fraction))
+    n_train = n - n_validation - n_test
+    n_kept = n_train + n_validation
+    chosen = {
+        "train": f"train[:{n_train}]" if n_train < n else "train",
+        "validation": "validation" if "validation" in splits else f"train[{n_train}:{n_kept}]",
+        "test": "test" if "test" in splits else f"train[{n_kept}:]",
+    }
+    for key, split in chosen.items():
+        if splits[split].num_examples == 0:
+            fix = "lower" if key == "train" else "raise"
+            raise UsageError(
+                f"tfds:{name} has too few examples ({n} in train) for a non-empty {key} split "
+                f"({split!r}): {fix} validation_fraction/test_fraction."
+            )
+    return chosen
+
+
+def tfds_builder(name, *, data_dir, kind):
+    """The TensorFlow Datasets builder for `name`; an unknown name is a
+    UsageError pointing at the catalog for `kind` (e.g. "text sets")."""
+    # Imported here: it takes seconds and only tfds sources need it.
+    import tensorflow_datasets as tfds
+
+    try:
+        return tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError:
+        raise UsageError(
+            f"Unknown TensorFlow Datasets name {name!r} in 'tfds:{name}': see "
+            f"https://www.tensorflow.org/datasets/catalog for {kind}."
+        ) from None
+
+
+def _load_tfds(name, *, data_dir, validation_fraction, test_fraction):
+    """A TensorFlow Datasets image-classification set; downloads it if needed."""
+    import tensorflow_datasets as tfds
+
+    builder = tfds_builder(name, data_dir=data_dir, kind="image-classification sets")
+    features = builder.info.features
+    keys = list(features.keys()) if isinstance(features, tfds.features.FeaturesDict) else []
+    if not (
+        "image" in keys and isinstance(features["image"], tfds.features.Image)
+        and "label" in keys and isinstance(features["label"], tfds.features.ClassLabel)
+    ):
+        raise UsageError(
+            f"tfds:{name} is not an image-classification set: it needs an 'image' and a class 'label' "
+            f"feature (it has: {', '.join(keys) or type(features).__name__})."
+        )
+    height, width, channels = features["image"].shape
+    if channels not in (1, 3):
+        raise UsageError(
+            f"tfds:{name} has {channels}-channel images; only 1 (grayscale) or 3 (RGB) are supported."
+        )
+
+    try:
+        builder.download_and_prepare()
+    except OSError as error:
+        raise UsageError(
+            f"Could not download or prepare tfds:{name}: {error} (check the network, or pass the "
+            "data_dir that already holds it)."
+        ) from None
+    chosen = _tfds_splits(name, builder.info.splits, validation_fraction=validation_fraction,
+                          test_fraction=test_fraction)
+    supervised = tuple(builder.info.supervised_keys or ()) == ("image", "label")
+    loaded, info = tfds.load(
+        name, split=list(chosen.values()), data_dir=data_dir, with_info=True,
+        as_supervised=supervised, shuffle_files=False, download=False,
+    )
+
+    def pair(*element):
+        image, label = element if supervised else (element[0]["image"], element[0]["label"])
+        return image, tf.cast(label, tf.int32)
+
+    datasets = {key: ds.map(pair, num_parallel_calls=tf.data.AUTOTUNE) for key, ds in zip(chosen, loaded)}
+    known = None not in (height, width)
+    return ImageDataset(
+        name=f"{TFDS_PREFIX}{name}",
+        class_names=list(features["label"].names),
+        sizes={key: info.splits[split].num_examples for key, split in chosen.items()},
+        channels=channels,
+        image_shape=(height, width, channels) if known else None,
+        **datasets,
+    )
