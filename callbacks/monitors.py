@@ -29,6 +29,8 @@ import pathlib
 import keras
 import numpy as np
 
+from dlsuite.models import compat
+
 MONITORS = ("updates", "gradients", "dead-relu")
 
 # The seed's ~1e-3 rule; a factor of 10 either side counts as far off.
@@ -312,14 +314,14 @@ class DeadReluMonitor(_HeldBatchMonitor):
             if _relu_layer(layer):
                 names.append(layer.name)
                 tensors.append(layer.output)
-            elif isinstance(layer, keras.Model) and len(layer._inbound_nodes) == 1:
+            elif isinstance(layer, keras.Model) and compat.inbound_node_count(layer) == 1:
                 inner = [inner for inner in layer.layers if _relu_layer(inner)]
                 if not inner:
                     continue
                 # The nested model's own graph, called on the tensor it gets
                 # in the outer graph.
                 inner_probe = keras.Model(layer.inputs, [i.output for i in inner])
-                outer_input = layer._inbound_nodes[0].input_tensors
+                outer_input = compat.first_call_inputs(layer)
                 outer_input = outer_input[0] if len(outer_input) == 1 else outer_input
                 names.extend(f"{layer.name}/{i.name}" for i in inner)
                 outputs = inner_probe(outer_input)

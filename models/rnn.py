@@ -185,6 +185,31 @@ def rnn_stack(
     Raises:
         ValueError: for any invalid argument, before a layer is built.
     """
+    knobs, vocab_size, input_dim, seq_len, head, classes, name = _check_arguments(
+        cell=cell, bidirectional=bidirectional, layers=layers, units=units, vocab_size=vocab_size,
+        input_dim=input_dim, embedding_dim=embedding_dim, seq_len=seq_len, head=head, classes=classes,
+        classifier_activation=classifier_activation, dropout=dropout, recurrent_dropout=recurrent_dropout,
+        irnn=irnn, unit_forget_bias=unit_forget_bias, kernel_initializer=kernel_initializer, l1=l1, l2=l2,
+        input_shape=input_shape, name=name,
+    )
+    cell_kwargs = _cell_kwargs(
+        cell, units=units, recurrent_dropout=recurrent_dropout, unit_forget_bias=unit_forget_bias,
+        irnn=irnn, knobs=knobs,
+    )
+    inputs, x = _input_layers(vocab_size=vocab_size, input_dim=input_dim, seq_len=seq_len, embedding_dim=embedding_dim)
+    x = _stack_layers(
+        x, cell, bidirectional=bidirectional, layers=layers, head=head, dropout=dropout, cell_kwargs=cell_kwargs
+    )
+    outputs = _predictions(x, classes, classifier_activation=classifier_activation, knobs=knobs)
+    return keras.Model(inputs, outputs, name=name)
+
+
+def _check_arguments(
+    *, cell, bidirectional, layers, units, vocab_size, input_dim, embedding_dim, seq_len, head, classes,
+    classifier_activation, dropout, recurrent_dropout, irnn, unit_forget_bias, kernel_initializer, l1, l2,
+    input_shape, name,
+):
+    """Step 1: checks every argument; returns (knobs, vocab_size, input_dim, seq_len, head, classes, name)."""
     if cell not in CELLS:
         raise ArgumentError(f"Unknown cell {cell!r}; choose one of {', '.join(CELLS)}.")
     _check_bool("bidirectional", bidirectional)
@@ -205,6 +230,15 @@ def rnn_stack(
     vocab_size, input_dim, seq_len = _resolve_inputs(
         vocab_size=vocab_size, input_dim=input_dim, seq_len=seq_len, input_shape=input_shape
     )
+    head = _resolve_head(head, bidirectional=bidirectional)
+    classes = _resolve_classes(classes, head=head, vocab_size=vocab_size, input_dim=input_dim)
+    _check_classifier_activation(classifier_activation)
+    name = _resolve_name(name, cell=cell, bidirectional=bidirectional, irnn=irnn)
+    return knobs, vocab_size, input_dim, seq_len, head, classes, name
+
+
+def _resolve_head(head, *, bidirectional):
+    """Step 1a: the head, defaulted by direction and checked against it."""
     if head is None:
         head = "sequence" if bidirectional else "next_token"
     if head not in HEADS:
@@ -215,6 +249,11 @@ def rnn_stack(
             "pass reads the very token it must predict. Use head='sequence', or the "
             "language-model app's ELMo-style separate forward and backward models."
         )
+    return head
+
+
+def _resolve_classes(classes, *, head, vocab_size, input_dim):
+    """Step 1b: the number of output classes, defaulted by head and input kind."""
     if classes is None:
         if head == "sequence":
             classes = DEFAULT_SEQUENCE_CLASSES
@@ -226,6 +265,11 @@ def rnn_stack(
                 "needs classes=<number of output classes per step>."
             )
     _check_positive_int("classes", classes)
+    return classes
+
+
+def _check_classifier_activation(classifier_activation):
+    """Step 1c: checks that Keras knows the classifier activation."""
     if classifier_activation is not None:
         try:
             keras.activations.get(classifier_activation)
@@ -234,11 +278,19 @@ def rnn_stack(
                 f"Unknown classifier_activation {classifier_activation!r}; pass a "
                 "Keras activation name such as 'softmax', or None for logits."
             ) from None
+
+
+def _resolve_name(name, *, cell, bidirectional, irnn):
+    """Step 1d: the model name, defaulted to the variant name."""
     if name is None:
         name = ("bi" if bidirectional else "") + ("irnn" if irnn else cell)
     if not isinstance(name, str) or not name:
         raise ArgumentError(f"name must be a non-empty string or None, received {name!r}.")
+    return name
 
+
+def _cell_kwargs(cell, *, units, recurrent_dropout, unit_forget_bias, irnn, knobs):
+    """Step 2: the keyword arguments every recurrent layer of the stack gets."""
     # Left at the Keras defaults (tanh, sigmoid, unroll=False, use_bias=True,
     # reset_after=True) so TensorFlow picks the cuDNN kernel on GPU;
     # recurrent_dropout > 0 is the one allowed switch that turns it off.
@@ -253,7 +305,11 @@ def rnn_stack(
     if irnn:
         cell_kwargs["activation"] = "relu"
         cell_kwargs["recurrent_initializer"] = keras.initializers.Identity(gain=1.0)
+    return cell_kwargs
 
+
+def _input_layers(*, vocab_size, input_dim, seq_len, embedding_dim):
+    """Step 3: the input, and its embedding for token ids; returns (inputs, x)."""
     if vocab_size is not None:
         inputs = keras.layers.Input(shape=(seq_len,), dtype="int32", name="input")  # (batch, time)
         x = keras.layers.Embedding(vocab_size, embedding_dim, name="embedding")(inputs)
@@ -262,7 +318,11 @@ def rnn_stack(
         # (batch, time, features)
         inputs = keras.layers.Input(shape=(seq_len, input_dim), name="input")
         x = inputs
+    return inputs, x
 
+
+def _stack_layers(x, cell, *, bidirectional, layers, head, dropout, cell_kwargs):
+    """Step 4: the recurrent layers, each followed by its dropout, applied to `x`."""
     for index in range(1, layers + 1):
         # Every layer but a sequence head's last one passes on all time steps.
         return_sequences = head == "next_token" or index < layers
@@ -274,14 +334,17 @@ def rnn_stack(
         x = recurrent(x)  # (batch, time, units * directions), or (batch, units * directions)
         if dropout:
             x = keras.layers.Dropout(dropout, name=f"dropout_{index}")(x)
+    return x
 
-    outputs = keras.layers.Dense(
+
+def _predictions(x, classes, *, classifier_activation, knobs):
+    """Step 5: the classifier head on top of the stack."""
+    return keras.layers.Dense(
         classes,
         activation=classifier_activation,
         kernel_regularizer=knobs.regularizer(),
         name="predictions",
     )(x)  # (batch, time, classes) for next_token, (batch, classes) for sequence
-    return keras.Model(inputs, outputs, name=name)
 
 
 # The registered variants: name -> (fixed builder arguments, description).

@@ -33,8 +33,8 @@ import math
 import re
 
 import keras
-from keras.src.backend.common import global_state
 
+from dlsuite.models import compat
 from dlsuite.models.layers import LocalResponseNormalization, Maxout
 
 # Slot variables each optimizer keeps per trainable parameter: momentum and
@@ -109,10 +109,7 @@ def shapes_only():
         >>> describe(model)["params"]
         143667240
     """
-    pending = global_state.get_global_attribute(
-        "uninitialized_variables", [], set_to_default=True
-    )
-    start = len(pending)
+    start = compat.uninitialized_variable_count()
     try:
         with keras.StatelessScope(initialize_variables=False):
             yield
@@ -121,8 +118,7 @@ def shapes_only():
         # top-level StatelessScope closes anywhere (Keras opens one for shape
         # inference and in training): drop ours, or some unrelated later call
         # would pay for, and hold, every weight skipped here.
-        pending = global_state.get_global_attribute("uninitialized_variables", [])
-        del pending[start:]
+        compat.drop_uninitialized_variables(start)
 
 
 class _Field:

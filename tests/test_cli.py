@@ -10,6 +10,7 @@ import pytest
 
 from dlsuite import models
 from dlsuite.apps import cli
+from dlsuite.apps.core.errors import UsageError
 from dlsuite.models import summary
 
 
@@ -114,16 +115,20 @@ def test_help_exits_0(capsys):
 
 
 def test_a_plugged_in_app_gets_one_line_errors(capsys, monkeypatch):
-    """The plug-in contract: `add_parser(subparsers)` setting `func`."""
+    """The plug-in contract: `add_parser(subparsers)` setting `func`; a
+    UsageError is one line, a ValueError from anywhere else is a bug and keeps
+    its traceback."""
     def fake_run(args):
         if args.fail == "usage":
-            raise cli.UsageError("bad\nthing")
+            raise UsageError("bad\nthing")
+        if args.fail == "option":
+            raise UsageError("fail must be sane", option="fail")
         if args.fail == "value":
             raise ValueError("bad value")
 
     def add_parser(subparsers):
         parser = subparsers.add_parser("fake")
-        parser.add_argument("--fail", choices=("usage", "value"))
+        parser.add_argument("--fail", choices=("usage", "option", "value"))
         parser.set_defaults(func=fake_run)
 
     app = types.ModuleType("fake_app")
@@ -131,9 +136,11 @@ def test_a_plugged_in_app_gets_one_line_errors(capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "fake_app", app)
     monkeypatch.setattr(cli, "SUBCOMMANDS", cli.SUBCOMMANDS + ("fake_app",))
     assert run(capsys, "fake")[0] == 0
-    for kind, message in (("usage", "bad thing"), ("value", "bad value")):
+    for kind, message in (("usage", "bad thing"), ("option", "--fail must be sane")):
         status, _, err = run(capsys, "fake", "--fail", kind)
         assert (status, err) == (2, f"dlsuite: error: {message}\n")
+    with pytest.raises(ValueError, match="bad value"):
+        run(capsys, "fake", "--fail", "value")
 
 
 def test_installed_console_script():

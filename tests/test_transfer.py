@@ -18,7 +18,8 @@ from PIL import Image
 
 from dlsuite.apps.vision import backbones, shapes
 from dlsuite.apps import cli
-from dlsuite.apps.transfer import cli as transfer
+from dlsuite.apps.core.errors import UsageError
+from dlsuite.apps.transfer import task as transfer
 from dlsuite.models.layers import ImagePreprocessing
 
 
@@ -62,7 +63,7 @@ def test_backbone_names_cover_the_registry_and_keras_applications():
     assert backbones.canonical_name("MobileNetV2") == "mobilenetv2"
     assert backbones.canonical_name("mobilenet_v2") == "mobilenetv2"
     assert backbones.canonical_name("EfficientNetB0") == "efficientnetb0"
-    with pytest.raises(cli.UsageError, match="unknown backbone 'resnet9'; choose one of alexnet"):
+    with pytest.raises(UsageError, match="unknown backbone 'resnet9'; choose one of alexnet"):
         backbones.canonical_name("resnet9")
 
 
@@ -208,7 +209,7 @@ def test_unfreeze_counts_weighted_layers_from_the_top():
     trainable = [layer.name for layer in model.get_layer("backbone").layers if layer.trainable and layer.weights]
     assert trainable == ["conv2", "conv3"]  # batch norm stays frozen
     assert transfer.set_trainable(model, 0) == 0 and not model.get_layer("backbone").trainable_weights
-    with pytest.raises(cli.UsageError, match="--unfreeze 4 is more than the 3 layers"):
+    with pytest.raises(UsageError, match="unfreeze 4 is more than the 3 layers"):
         transfer.set_trainable(model, "4")
 
 

@@ -31,7 +31,7 @@ dropout: 0.0
 l2: 1.0e-4
 batch_norm: true
 """
-ALEXNET_ERROR = "--image-size 32 is too small for alexnet, which needs at least 67"
+ALEXNET_ERROR = "image_size 32 is too small for alexnet, which needs at least 67"
 
 
 def run(argv, capsys):
@@ -215,13 +215,13 @@ def test_caption_search_scores_bleu_on_validation_and_exports_the_best_captioner
     metrics = json.loads((tmp_path / "search" / "metrics.json").read_text())
     assert metrics["best_val_bleu4"] == max(float(row["val_bleu4"]) for row in rows)
     # The captions describe the images: far above the most frequent training caption.
-    assert metrics["test_bleu4"] > metrics["test_image_blind_bleu4"] + 0.1
-    assert metrics["beam"] == 2 and 0 < metrics["test_greedy_bleu4"] <= 1
+    assert metrics["bleu4"] > metrics["baseline"]["bleu4"] + 0.1
+    assert metrics["beam"]["beam_size"] == 2 and 0 < metrics["greedy"]["bleu4"] <= 1
     best = json.loads((tmp_path / "search" / "best_hyperparameters.json").read_text())
     export = pathlib.Path(metrics["export"])
     assert export == tmp_path / "exports" / f"vgg11_{best['hyperparameters']['decoder']}_scenes" / "1"
     metadata = json.loads((export / "assets" / "dlsuite.json").read_text())
-    assert metadata["beam_size"] == 2 and metadata["test_bleu"]["bleu4"] == metrics["test_bleu4"]
+    assert metadata["beam_size"] == 2 and metadata["test_bleu"]["bleu4"] == metrics["bleu4"]
     assert not list(tmp_path.glob("dlsuite-tune-caption-*"))  # the feature cache is gone
 
 
@@ -257,7 +257,7 @@ def test_caption_search_bad_input(extra, message, tmp_path, capsys):
         (["--strategy", "multi-worker"], None, "--strategy multi-worker cannot train a trial"),
         (["--export", "a/b"], None, "Invalid export name 'a/b'"),
         (["--space", "missing.yaml"], None, "--space 'missing.yaml': no such file"),
-        ([], "batch_size: 5000\n", "batch_size 5000 in the search space is larger than the 1257 training images"),
+        ([], "batch_size: 5000\n", "batch_size 5000 in the search space is larger than the 1257 training examples"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(extra, space, message, tmp_path, capsys, monkeypatch):

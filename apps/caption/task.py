@@ -256,12 +256,52 @@ def evaluate_split(decoder, cache, references, vocabulary, *, encoder, beam_size
     return figures
 
 
+def validation_bleu_callback(captioning):
+    """A callback adding val_bleu4, the corpus BLEU-4 of the greedy captions of
+    the validation images against all their references, at the end of each
+    epoch, so that what captioning is judged by can be a search's objective."""
+    import keras
+
+    class ValidationBLEU(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if logs is not None:
+                logs["val_bleu4"] = captioning.bleu4(self.model.get_layer("caption_decoder"), "validation")
+
+    return ValidationBLEU()
+
+
 class CaptionTask(task.Task):
     """`dlsuite caption train`."""
 
     app = "caption"
     config_class = CaptionConfig
     metrics = ()  # token accuracy would count the padding; BLEU is scored after training
+
+    def with_values(self, values):
+        trial = super().with_values(values)
+        if trial.config.attention:  # attention reads every location: pooling applies without it only
+            trial.config.pooling = "flatten"
+        return trial
+
+    def objective_callbacks(self, objective):
+        return [validation_bleu_callback(self)] if objective == "val_bleu4" else []
+
+    def bleu4(self, decoder, split):
+        """Corpus BLEU-4 of the greedy captions of a split's images."""
+        import tensorflow as tf
+
+        from dlsuite.apps.caption import decode as caption_decode
+
+        # Each epoch's decoder is new to tf.function: its retracing warning does not apply.
+        logger, level = tf.get_logger(), tf.get_logger().level
+        logger.setLevel("ERROR")
+        try:
+            decoded = decode_split(decoder, self.caches[split], encoder=None, beam_sizes=(1,),
+                                   max_length=self.config.max_length, alpha=self.config.alpha, batch_size=128)[1]
+        finally:
+            logger.setLevel(level)
+        return caption_decode.bleu(getattr(self.data, split).captions,
+                                   self.vocabulary.decode(decoded.token_ids))["bleu4"]
 
     def check(self):
         from dlsuite.apps.vision import backbones

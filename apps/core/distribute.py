@@ -312,25 +312,53 @@ def train_custom_loop(
     """
     metrics = (metrics,) if isinstance(metrics, str) else tuple(metrics)
     _check_arguments(strategy, model, optimizer, train_dataset, global_batch_size, metrics, steps_per_epoch)
+    _build_optimizer(strategy, model, optimizer)
+    with_accuracy = bool(metrics)
+    pre_reduce = _can_pre_reduce_gradients(optimizer)
+    replica_train_step, replica_eval_step = _replica_steps(
+        model, optimizer, loss, with_accuracy=with_accuracy, pre_reduce=pre_reduce
+    )
+    distributed_train, distributed_validation, train_step, eval_step = _distributed_steps(
+        strategy, replica_train_step, replica_eval_step, train_dataset, validation_dataset
+    )
+    batches = _EpochBatches(distributed_train, steps_per_epoch)
+    chief = is_chief(strategy)
+    with _gradients_pre_reduced(optimizer, pre_reduce):
+        return _run_epochs(
+            optimizer=optimizer, train_step=train_step, eval_step=eval_step, batches=batches,
+            distributed_validation=distributed_validation, initial_epoch=initial_epoch, epochs=epochs,
+            with_accuracy=with_accuracy, on_epoch_end=on_epoch_end, verbose=verbose, chief=chief,
+        )
+
+
+def _build_optimizer(strategy, model, optimizer):
+    """Step 1: creates the optimizer's variables under the strategy, if not yet built."""
     with strategy.scope():
         if not optimizer.built:
             # Optimizer variables cannot be created inside the replica step.
             optimizer.build(model.trainable_variables)
+
+
+def _batch_sums(y, y_pred, per_example, regularization, *, with_accuracy, binary_threshold):
+    """Step 2a: (loss sum, correct predictions, examples) of this replica's batch."""
+    count = tf.cast(tf.shape(per_example)[0], tf.float32)
+    loss_sum = tf.reduce_sum(tf.cast(per_example, tf.float32)) + count * regularization
+    correct = (
+        tf.reduce_sum(_per_example_accuracy(y, y_pred, binary_threshold)) if with_accuracy else tf.constant(0.0)
+    )
+    return tf.stack([loss_sum, correct, count])
+
+
+def _replica_steps(model, optimizer, loss, *, with_accuracy, pre_reduce):
+    """Step 2: the train and eval functions each replica runs on its share of a batch."""
     per_example_loss = _per_example_loss_fn(loss)
-    with_accuracy = bool(metrics)
     binary_threshold = 0.0 if getattr(loss, "from_logits", False) else 0.5
+    variables = model.trainable_variables
 
     def batch_sums(y, y_pred, per_example, regularization):
-        """(loss sum, correct predictions, examples) of this replica's batch."""
-        count = tf.cast(tf.shape(per_example)[0], tf.float32)
-        loss_sum = tf.reduce_sum(tf.cast(per_example, tf.float32)) + count * regularization
-        correct = (
-            tf.reduce_sum(_per_example_accuracy(y, y_pred, binary_threshold)) if with_accuracy else tf.constant(0.0)
+        return _batch_sums(
+            y, y_pred, per_example, regularization, with_accuracy=with_accuracy, binary_threshold=binary_threshold
         )
-        return tf.stack([loss_sum, correct, count])
-
-    pre_reduce = _can_pre_reduce_gradients(optimizer)
-    variables = model.trainable_variables
 
     def replica_train_step(x, y):
         context = tf.distribute.get_replica_context()
@@ -353,6 +381,11 @@ def train_custom_loop(
         y_pred = model(x, training=False)
         return batch_sums(y, y_pred, per_example_loss(y, y_pred), _regularization(model))
 
+    return replica_train_step, replica_eval_step
+
+
+def _distributed_steps(strategy, replica_train_step, replica_eval_step, train_dataset, validation_dataset):
+    """Step 3: the distributed datasets and their reduced train and eval steps (eval: None without data)."""
     distributed_train = strategy.experimental_distribute_dataset(_shard_by_data(train_dataset))
     distributed_validation = (
         strategy.experimental_distribute_dataset(_shard_by_data(validation_dataset))
@@ -365,37 +398,57 @@ def train_custom_loop(
         if distributed_validation is not None
         else None
     )
+    return distributed_train, distributed_validation, train_step, eval_step
 
+
+def _run_epochs(
+    *, optimizer, train_step, eval_step, batches, distributed_validation, initial_epoch, epochs, with_accuracy,
+    on_epoch_end, verbose, chief,
+):
+    """Step 4: the epoch loop; returns the history."""
     history = {}
-    batches = _EpochBatches(distributed_train, steps_per_epoch)
-    chief = is_chief(strategy)
-    with _gradients_pre_reduced(optimizer, pre_reduce):
-        for epoch in range(initial_epoch, epochs):
-            started = time.perf_counter()
-            totals = np.zeros(3)
-            for step, batch in enumerate(batches.next_epoch()):
-                sums = train_step(batch).numpy()
-                if not math.isfinite(sums[0]):
-                    raise NonFiniteLoss(
-                        epoch=epoch, step=step, value=float(sums[0] / max(sums[2], 1.0)), history=history
-                    )
-                totals += sums
-            logs = _logs(totals, prefix="", with_accuracy=with_accuracy)
-            if eval_step is not None:
-                val_totals = np.zeros(3)
-                for batch in distributed_validation:
-                    val_totals += eval_step(batch).numpy()
-                logs.update(_logs(val_totals, prefix="val_", with_accuracy=with_accuracy))
-            logs["learning_rate"] = float(keras.ops.convert_to_numpy(optimizer.learning_rate))
-            for key, value in logs.items():
-                history.setdefault(key, []).append(value)
-            if verbose and chief:
-                seconds = time.perf_counter() - started
-                line = " - ".join(f"{key}: {value:.4g}" for key, value in logs.items())
-                print(f"Epoch {epoch + 1}/{epochs} - {seconds:.1f}s - {line}", flush=True)
-            if on_epoch_end is not None and on_epoch_end(epoch, dict(logs)) is True:
-                break
+    for epoch in range(initial_epoch, epochs):
+        started = time.perf_counter()
+        totals = _train_epoch(train_step, batches, epoch=epoch, history=history)
+        logs = _logs(totals, prefix="", with_accuracy=with_accuracy)
+        if eval_step is not None:
+            val_totals = _evaluate(eval_step, distributed_validation)
+            logs.update(_logs(val_totals, prefix="val_", with_accuracy=with_accuracy))
+        logs["learning_rate"] = float(keras.ops.convert_to_numpy(optimizer.learning_rate))
+        for key, value in logs.items():
+            history.setdefault(key, []).append(value)
+        if verbose and chief:
+            _print_epoch(epoch, epochs, time.perf_counter() - started, logs)
+        if on_epoch_end is not None and on_epoch_end(epoch, dict(logs)) is True:
+            break
     return history
+
+
+def _train_epoch(train_step, batches, *, epoch, history):
+    """Step 4a: one epoch of training steps; returns the summed (loss, correct, examples)."""
+    totals = np.zeros(3)
+    for step, batch in enumerate(batches.next_epoch()):
+        sums = train_step(batch).numpy()
+        if not math.isfinite(sums[0]):
+            raise NonFiniteLoss(
+                epoch=epoch, step=step, value=float(sums[0] / max(sums[2], 1.0)), history=history
+            )
+        totals += sums
+    return totals
+
+
+def _evaluate(eval_step, distributed_validation):
+    """Step 4b: one pass over the validation data; returns the summed (loss, correct, examples)."""
+    val_totals = np.zeros(3)
+    for batch in distributed_validation:
+        val_totals += eval_step(batch).numpy()
+    return val_totals
+
+
+def _print_epoch(epoch, epochs, seconds, logs):
+    """Step 4c: the epoch's one-line report."""
+    line = " - ".join(f"{key}: {value:.4g}" for key, value in logs.items())
+    print(f"Epoch {epoch + 1}/{epochs} - {seconds:.1f}s - {line}", flush=True)
 
 
 def _check_arguments(strategy, model, optimizer, train_dataset, global_batch_size, metrics, steps_per_epoch):

@@ -42,8 +42,8 @@ def check_resumable(run_dir):
     """Raises UsageError unless `run_dir` holds a run that can go on."""
     run_dir = pathlib.Path(run_dir)
     if (run_dir / METRICS_FILE).exists():
-        raise UsageError(f"{str(run_dir)!r}: that run finished ({run_dir / METRICS_FILE} says how); "
-                         "start a new run instead", option="resume")
+        raise UsageError(f"resume {str(run_dir)!r}: that run finished; start a new run instead "
+                         f"({run_dir / METRICS_FILE} says how it ended)", option="resume")
 
 
 def resumed_config(config_class, run_dir):
@@ -99,8 +99,8 @@ def run(task, *, run_dir=None):
             model = task.build_model()
         batches = task.batches(batch_size)
     except UsageError:
-        if created:  # bad input found only now: leave nothing behind
-            shutil.rmtree(run_dir, ignore_errors=True)
+        if created is not None:  # bad input found only now: leave nothing behind
+            shutil.rmtree(created, ignore_errors=True)
         raise
     if chief and not resume:
         from dlsuite.apps.core import rundir
@@ -121,17 +121,19 @@ def run(task, *, run_dir=None):
 
 
 def _run_directory(task, run_dir, strategy, chief):
-    """(run directory, whether this call created it): the resumed one, the
-    chief's new one, or a worker's scratch copy (TensorFlow's convention)."""
+    """(run directory, the folder to remove if the run fails before training,
+    or None): the resumed one, the chief's new one, or a worker's scratch copy
+    (TensorFlow's convention)."""
     from dlsuite.apps.core import distribute, rundir
 
+    config = task.config
     if not chief:
-        config = task.config
-        return pathlib.Path(distribute.worker_dir(config.out or f"runs/{task.app}/worker", strategy)), False
+        return pathlib.Path(distribute.worker_dir(config.out or f"runs/{task.app}/worker", strategy)), None
     if run_dir is not None:
-        return pathlib.Path(run_dir), False
-    existed = task.config.out is not None and pathlib.Path(task.config.out).exists()
-    return rundir.create(task.config.out, task.app), not existed
+        return pathlib.Path(run_dir), None
+    path = rundir.run_path(config.out, task.app)
+    missing = [folder for folder in (path, *path.parents) if not folder.exists()]
+    return rundir.create(path, task.app), (missing[-1] if missing else None)  # runs/ itself on a first run
 
 
 @dataclasses.dataclass
@@ -146,38 +148,50 @@ class Trained:
 
 
 def train_phases(task, model, batches, *, strategy, run_dir, resume=False, callbacks=(), initial_epoch=0,
-                 verbose=None):
+                 verbose=None, trial=False):
     """Trains `model` through each of `task.phases()`; returns a `Trained`.
 
     A phase with a name trains in `run_dir/<name>`; the model goes into the
     next phase with the best weights of the one before. Fine-tuning may not
     beat the phase before it, so the best checkpoint over all phases counts.
+
+    With `trial` (a tuner's trial, compiled by its `build`), the phases lie
+    on one epoch axis from `initial_epoch` (Hyperband continues a trial
+    there) and keras-tuner keeps the best epoch's weights instead of
+    checkpoints/best.keras.
     """
     from dlsuite.apps.core import engine, rundir
 
     phases = [phase for phase in task.phases() if phase.epochs > 0]
     history, phase_epochs, best = {}, {}, (float("inf"), None)
+    start = 0  # the phase's first epoch on a trial's epoch axis
     for index, phase in enumerate(phases):
+        end = start + phase.epochs
+        first = max(start, initial_epoch) if trial else 0
+        start = end
+        if trial and initial_epoch >= end:
+            continue
         phase_dir = run_dir / phase.name if phase.name else run_dir
         state = phase_state(phase_dir) if resume else "new"
         with strategy.scope():
-            described = phase.prepare(model) if phase.prepare else None
+            described = phase.prepare(model) if phase.prepare and not (trial and index == 0) else None
         if state == "finished":
             result = _read_back(phase_dir)
             print(f"phase {phase.name or 'train'}: finished before ({len(result.history.get('loss', []))} epochs), "
                   "read back", flush=True)
         else:
-            if len(phases) > 1:
+            if len(phases) > 1 and not trial:
                 print(f"phase {phase.name}: {phase.epochs} epochs"
                       + (f", {described}" if described else "") + f", lr {phase.optimizer.learning_rate:g}"
                       + (", resumed" if state == "interrupted" else ""), flush=True)
             result = engine.fit(
                 model, batches.train, batches.validation, strategy=strategy, optimizer_config=phase.optimizer,
-                loss=task.loss(), metrics=task.metrics, epochs=phase.epochs, steps_per_epoch=batches.steps_per_epoch,
-                global_batch_size=batches.batch_size, run_dir=phase_dir, early_stopping=task.config.early_stopping,
-                jit_compile=engine.jit_setting(task.config.jit_compile), resume=state == "interrupted",
-                monitors=task.config.monitor or (), callbacks=[*task.metric_callbacks(), *callbacks],
-                initial_epoch=initial_epoch, verbose=verbose,
+                loss=task.loss(), metrics=task.metrics, epochs=end if trial else phase.epochs,
+                steps_per_epoch=batches.steps_per_epoch, global_batch_size=batches.batch_size, run_dir=phase_dir,
+                early_stopping=task.config.early_stopping, jit_compile=engine.jit_setting(task.config.jit_compile),
+                resume=state == "interrupted", monitors=task.config.monitor or (),
+                callbacks=[*task.metric_callbacks(), *callbacks], initial_epoch=first, verbose=verbose,
+                compile=not (trial and index == 0), best_checkpoint=not trial,
             )
         phase_epochs[phase.name] = len(result.history.get("loss", []))
         for key, values in result.history.items():

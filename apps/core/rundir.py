@@ -26,10 +26,7 @@ def create(out, app):
         out: the --out value, or None for `runs/<app>/<timestamp>`.
         app: the app's name, e.g. "classify".
     """
-    if out is None:
-        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        out = os.path.join("runs", app, stamp)
-    path = pathlib.Path(out)
+    path = run_path(out, app)
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-", delete=True)
@@ -40,6 +37,13 @@ def create(out, app):
             "pass --out with a writable folder"
         ) from None
     return path
+
+
+def run_path(out, app):
+    """The run directory --out names, or `runs/<app>/<timestamp>`."""
+    if out is None:
+        return pathlib.Path("runs", app, datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    return pathlib.Path(out)
 
 
 def slug(text):

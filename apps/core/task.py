@@ -118,6 +118,11 @@ class Task:
         """Callbacks that add metrics to the epoch logs (before checkpoints read them)."""
         return []
 
+    def objective_callbacks(self, objective):
+        """Callbacks a search adds so that `objective` is in the epoch logs
+        (caption's val_bleu4 decodes the validation images each epoch)."""
+        return []
+
     # --- what a run records ----------------------------------------------------------------
 
     def resolved(self, model, batches):

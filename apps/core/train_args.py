@@ -163,26 +163,19 @@ def config_from_args(config_class, args):
 
 def saved_config(config_class, run_dir):
     """The config a run saved in its config.json (fields `config_class` does not know are dropped)."""
-    import pathlib
-
-    from dlsuite.apps.core import rundir
-    from dlsuite.apps.core.errors import UsageError
-
-    run_dir = pathlib.Path(run_dir)
-    if not (run_dir / "config.json").exists():
-        raise UsageError(f"--resume {str(run_dir)!r}: no config.json there; pass the directory of an interrupted run")
-    saved = rundir.read_json(run_dir / "config.json")["config"]
-    names = {f.name for f in dataclasses.fields(config_class)}
-    return config_class(**{k: v for k, v in saved.items() if k in names})
-
-
-def load_resumed_config(config_class, run_dir):
-    """The config an interrupted run saved, checked to be resumable."""
+    import json
     import pathlib
 
     from dlsuite.apps.core.errors import UsageError
 
-    config = saved_config(config_class, run_dir)
-    if not (pathlib.Path(run_dir) / "checkpoints" / "backup").exists():
-        raise UsageError(f"--resume {str(run_dir)!r}: that run finished (no backup left); start a new run instead")
-    return config
+    path = pathlib.Path(run_dir) / "config.json"
+    if not path.exists():
+        raise UsageError(f"resume {str(run_dir)!r}: no config.json there; pass the directory of an interrupted run",
+                         option="resume")
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))["config"]
+        names = {f.name for f in dataclasses.fields(config_class)}
+        return config_class(**{k: v for k, v in saved.items() if k in names})
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise UsageError(f"resume {str(run_dir)!r}: {path} is not a config this app wrote ({type(error).__name__}: "
+                         f"{error}); pass the directory of an interrupted run", option="resume") from None

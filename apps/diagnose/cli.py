@@ -65,7 +65,15 @@ def add_parser(subparsers):
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     commands = parser.add_subparsers(dest="diagnose_command", required=True, metavar="COMMAND")
+    _add_init_parser(commands)
+    _add_overfit_parser(commands)
+    _add_lr_range_parser(commands)
+    _add_run_parser(commands)
+    _add_memory_parser(commands)
 
+
+def _add_init_parser(commands):
+    """Adds `diagnose init`: the activation study of an initialization."""
     init = commands.add_parser(
         "init", help="activations per layer for an initialization: vanishing, exploding, saturation",
         description="Push standard-normal inputs through a deep stack (or a registry model) and show each\n"
@@ -94,6 +102,9 @@ def add_parser(subparsers):
     init.add_argument("--json", action="store_true", help="print the statistics as one JSON object")
     init.set_defaults(func=run_init)
 
+
+def _add_overfit_parser(commands):
+    """Adds `diagnose overfit`: the tiny-subset memorization check."""
     overfit = commands.add_parser(
         "overfit", help="can the model reach 100%% training accuracy on a tiny subset?",
         description="The seed's first check: train on a few images until all are classified right.\n"
@@ -115,6 +126,9 @@ def add_parser(subparsers):
     overfit.add_argument("--json", action="store_true")
     overfit.set_defaults(func=run_overfit)
 
+
+def _add_lr_range_parser(commands):
+    """Adds `diagnose lr-range`: the learning-rate range test."""
     sweep = commands.add_parser(
         "lr-range", help="learning-rate range test: loss against an exponentially growing rate, and a suggestion",
         description="Train briefly while the learning rate grows from --min-lr to --max-lr; plot the loss\n"
@@ -136,6 +150,9 @@ def add_parser(subparsers):
     sweep.add_argument("--json", action="store_true")
     sweep.set_defaults(func=run_lr_range)
 
+
+def _add_run_parser(commands):
+    """Adds `diagnose run`: the curve doctor on a run's history."""
     doctor = commands.add_parser(
         "run", help="the curve doctor: what a run's history says, with the evidence and the remedies",
         description="Read a run's history.csv and name overfitting, underfitting, NaN, flat or\n"
@@ -148,6 +165,9 @@ def add_parser(subparsers):
     doctor.add_argument("--json", action="store_true")
     doctor.set_defaults(func=run_doctor)
 
+
+def _add_memory_parser(commands):
+    """Adds `diagnose memory`: the measured peak memory of a training step."""
     memory = commands.add_parser(
         "memory", help="measured peak memory of a training step beside the estimate",
         description="Train a registry CNN for a few steps in a fresh process and measure its memory\n"
@@ -164,7 +184,6 @@ def add_parser(subparsers):
     memory.add_argument("--classes", type=train_args.positive_int, help="output classes (builder default)")
     memory.add_argument("--json", action="store_true")
     memory.set_defaults(func=run_memory)
-
 
 def _status(args, text):
     """Progress goes to stderr when stdout carries JSON."""

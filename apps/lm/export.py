@@ -241,88 +241,13 @@ def _write_saved_model(stepper, tokens, *, level, start_id, path):
     """Traces the generation, scoring and raw-model signatures and saves them."""
     import keras  # Only exporting needs Keras; loading needs TensorFlow alone.
 
-    vocab_size = len(tokens)
-    token_strings = tf.constant(tokens)  # id -> token, for detokenizing
     table = _lookup_table(tokens)
-    # Padding and [UNK] get -inf so that they are never sampled.
-    text_mask = tf.constant(
-        [-np.inf] * generation.FIRST_TEXT_ID + [0.0] * (vocab_size - generation.FIRST_TEXT_ID),
-        dtype=tf.float32,
-    )  # (V,)
-
-    def step(token_id, state):
-        """int32 () token -> logits (1, V) and the next state."""
-        return stepper.raw_step(tf.reshape(token_id, [1]), state)
-
-    def sample(prompt, length, temperature, seed, top_k):
-        tf.debugging.assert_positive(length, message="length must be > 0 tokens")
-        tf.debugging.assert_positive(temperature, message="temperature must be > 0")
-        ids = table.lookup(_split(prompt, level))  # (n,)
-        ids = tf.cond(
-            tf.size(ids) > 0, lambda: ids, lambda: tf.constant([start_id], tf.int32)
-        )
-        seed = tf.where(
-            seed < 0, tf.random.uniform([], 0, tf.int64.max, dtype=tf.int64), seed
-        )
-
-        # The prompt, token by token: only the final logits and state matter.
-        def feed(i, logits, state):
-            logits, state = step(ids[i], state)
-            return i + 1, logits, state
-
-        _, logits, state = tf.while_loop(
-            lambda i, logits, state: i < tf.size(ids),
-            feed,
-            (tf.constant(0), tf.zeros((1, vocab_size)), stepper.initial_state(1)),
-        )
-
-        # k = V keeps every token: the k-th best score is then -inf.
-        k = tf.where(top_k > 0, tf.minimum(top_k, vocab_size), vocab_size)
-
-        def draw(j, logits, state, sampled):
-            scores = logits[0] / temperature + text_mask  # (V,)
-            kth_best = tf.math.top_k(scores, k=k, sorted=True).values[-1]
-            scores = tf.where(scores < kth_best, -np.inf, scores)
-            token_id = tf.random.stateless_categorical(
-                scores[tf.newaxis], 1, seed=tf.stack([seed, tf.cast(j, tf.int64)]),
-                dtype=tf.int32,
-            )[0, 0]
-            logits, state = step(token_id, state)
-            return j + 1, logits, state, sampled.write(j, token_id)
-
-        _, _, _, sampled = tf.while_loop(
-            lambda j, logits, state, sampled: j < length,
-            draw,
-            (tf.constant(0), logits, state, tf.TensorArray(tf.int32, size=length)),
-        )
-        token_ids = sampled.stack()  # (length,)
-        text = tf.strings.reduce_join(
-            tf.gather(token_strings, token_ids), separator=_SEPARATORS[level]
-        )
-        return {"text": text, "token_ids": token_ids}
+    sample = _sample_fn(stepper, tokens, table, level=level, start_id=start_id)
 
     def generate(prompt, length, temperature, seed):
         return sample(prompt, length, temperature, seed, tf.constant(0))
 
-    def score(text):
-        ids = table.lookup(_split(text, level))  # (n,)
-        inputs, targets = ids[:-1], ids[1:]  # (n - 1,) each; empty if n < 2
-        count = tf.size(targets)
-
-        def chunk(c, loss_sum, state):
-            start = c * SCORE_CHUNK
-            logits, state = stepper.forward(
-                inputs[tf.newaxis, start : start + SCORE_CHUNK], state
-            )  # (1, chunk, V)
-            loss = _cross_entropy_sum(targets[start : start + SCORE_CHUNK], logits[0])
-            return c + 1, loss_sum + loss, state
-
-        _, loss_sum, _ = tf.while_loop(
-            lambda c, loss_sum, state: c * SCORE_CHUNK < count,
-            chunk,
-            (tf.constant(0), tf.constant(0.0), stepper.initial_state(1)),
-        )
-        return {"loss_sum": loss_sum, "tokens": count}
+    score = _score_fn(stepper, table, level=level)
 
     def next_token(token_ids):
         outputs = stepper.model(token_ids, training=False)  # (batch, time, V)
@@ -348,6 +273,106 @@ def _write_saved_model(stepper, tokens, *, level, start_id, path):
         input_signature=[tf.TensorSpec((None, None), tf.int32, name="token_ids")],
     )
     archive.write_out(str(path), verbose=False)
+
+
+def _step(stepper, token_id, state):
+    """One generation step: int32 () token -> logits (1, V) and the next state."""
+    return stepper.raw_step(tf.reshape(token_id, [1]), state)
+
+
+def _sample_fn(stepper, tokens, table, *, level, start_id):
+    """Step 1: `sample(prompt, length, temperature, seed, top_k)`, the in-graph generation."""
+    vocab_size = len(tokens)
+    token_strings = tf.constant(tokens)  # id -> token, for detokenizing
+    # Padding and [UNK] get -inf so that they are never sampled.
+    text_mask = tf.constant(
+        [-np.inf] * generation.FIRST_TEXT_ID + [0.0] * (vocab_size - generation.FIRST_TEXT_ID),
+        dtype=tf.float32,
+    )  # (V,)
+
+    def sample(prompt, length, temperature, seed, top_k):
+        tf.debugging.assert_positive(length, message="length must be > 0 tokens")
+        tf.debugging.assert_positive(temperature, message="temperature must be > 0")
+        ids = table.lookup(_split(prompt, level))  # (n,)
+        ids = tf.cond(
+            tf.size(ids) > 0, lambda: ids, lambda: tf.constant([start_id], tf.int32)
+        )
+        seed = tf.where(
+            seed < 0, tf.random.uniform([], 0, tf.int64.max, dtype=tf.int64), seed
+        )
+        logits, state = _feed_prompt(stepper, ids, vocab_size)
+        # k = V keeps every token: the k-th best score is then -inf.
+        k = tf.where(top_k > 0, tf.minimum(top_k, vocab_size), vocab_size)
+        token_ids = _draw_tokens(
+            stepper, logits, state, length=length, temperature=temperature, seed=seed, k=k, text_mask=text_mask
+        )  # (length,)
+        text = tf.strings.reduce_join(
+            tf.gather(token_strings, token_ids), separator=_SEPARATORS[level]
+        )
+        return {"text": text, "token_ids": token_ids}
+
+    return sample
+
+
+def _feed_prompt(stepper, ids, vocab_size):
+    """Step 1a: runs the prompt through the cells; returns the last logits and state."""
+    # Token by token: only the final logits and state matter.
+    def feed(i, logits, state):
+        logits, state = _step(stepper, ids[i], state)
+        return i + 1, logits, state
+
+    _, logits, state = tf.while_loop(
+        lambda i, logits, state: i < tf.size(ids),
+        feed,
+        (tf.constant(0), tf.zeros((1, vocab_size)), stepper.initial_state(1)),
+    )
+    return logits, state
+
+
+def _draw_tokens(stepper, logits, state, *, length, temperature, seed, k, text_mask):
+    """Step 1b: samples `length` tokens, each fed back in; returns their ids (length,)."""
+    def draw(j, logits, state, sampled):
+        scores = logits[0] / temperature + text_mask  # (V,)
+        kth_best = tf.math.top_k(scores, k=k, sorted=True).values[-1]
+        scores = tf.where(scores < kth_best, -np.inf, scores)
+        token_id = tf.random.stateless_categorical(
+            scores[tf.newaxis], 1, seed=tf.stack([seed, tf.cast(j, tf.int64)]),
+            dtype=tf.int32,
+        )[0, 0]
+        logits, state = _step(stepper, token_id, state)
+        return j + 1, logits, state, sampled.write(j, token_id)
+
+    _, _, _, sampled = tf.while_loop(
+        lambda j, logits, state, sampled: j < length,
+        draw,
+        (tf.constant(0), logits, state, tf.TensorArray(tf.int32, size=length)),
+    )
+    return sampled.stack()
+
+
+def _score_fn(stepper, table, *, level):
+    """Step 2: `score(text)`, the summed next-token cross-entropy, chunk by chunk."""
+    def score(text):
+        ids = table.lookup(_split(text, level))  # (n,)
+        inputs, targets = ids[:-1], ids[1:]  # (n - 1,) each; empty if n < 2
+        count = tf.size(targets)
+
+        def chunk(c, loss_sum, state):
+            start = c * SCORE_CHUNK
+            logits, state = stepper.forward(
+                inputs[tf.newaxis, start : start + SCORE_CHUNK], state
+            )  # (1, chunk, V)
+            loss = _cross_entropy_sum(targets[start : start + SCORE_CHUNK], logits[0])
+            return c + 1, loss_sum + loss, state
+
+        _, loss_sum, _ = tf.while_loop(
+            lambda c, loss_sum, state: c * SCORE_CHUNK < count,
+            chunk,
+            (tf.constant(0), tf.constant(0.0), stepper.initial_state(1)),
+        )
+        return {"loss_sum": loss_sum, "tokens": count}
+
+    return score
 
 
 def _write_bilm_saved_model(model, tokens, *, level, path):

@@ -67,6 +67,19 @@ def perplexity_figures(nats_per_token, *, tokens, characters, split="validation"
     }
 
 
+def perplexity_callback():
+    """A callback adding val_perplexity = exp(val_loss) to the epoch logs, so
+    that a search can optimize it and keras-tuner's checkpoint sees it."""
+    import keras
+
+    class Perplexity(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if logs is not None and "val_loss" in logs:
+                logs["val_perplexity"] = math.exp(min(float(logs["val_loss"]), 700.0))
+
+    return Perplexity()
+
+
 def _bilm_pairs(x, y):
     """(w[0:T+1], w[1:T+2]) windows -> input w[1:T+1], forward targets w[2:T+2]
     and backward targets w[0:T]."""
@@ -152,6 +165,9 @@ class LanguageModelTask(task.Task):
 
         loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
         return [loss, loss] if self.bidirectional else loss
+
+    def objective_callbacks(self, objective):
+        return [perplexity_callback()] if objective == "val_perplexity" else []
 
     def resolved(self, model, batches):
         return {"corpus": self.name, "characters": self.characters, "tokens": self.tokens,

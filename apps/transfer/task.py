@@ -173,9 +173,22 @@ class TransferTask(task.Task):
             raise UsageError("--optimizer lbfgs cannot train a frozen backbone in phases; use adam, sgd or momentum")
         self.weights = backbones.check_weights_argument(config.backbone, config.weights)
 
+    clip_unfreeze = False  # a search's trial unfreezes at most every layer the backbone has
+
     @property
     def scratch(self):
         return self.weights is None
+
+    def with_values(self, values):
+        """A trial's task: `epochs` split by `finetune_share` into the two phases
+        (the first phase takes them all when there is one epoch)."""
+        values = dict(values)
+        total = values.pop("epochs")
+        freeze = total - int(round(total * values.pop("finetune_share", 0.0))) if total > 1 else total
+        trial = super().with_values({**values, "freeze_epochs": freeze, "finetune_epochs": total - freeze,
+                                     **({"unfreeze": str(values["unfreeze"])} if "unfreeze" in values else {})})
+        trial.clip_unfreeze = True
+        return trial
 
     def load_data(self):
         self.data, self.statistics = load_data(self.config)
@@ -196,8 +209,19 @@ class TransferTask(task.Task):
                                          preprocessing=config.preprocess, batch_norm=config.batch_norm)
         model = build_transfer_model(self.base, classes=len(self.data.class_names), augment=config.augment,
                                      seed=config.seed, head_dropout=config.head_dropout)
-        set_trainable(model, config.unfreeze)  # checks --unfreeze against the backbone before training
+        if not self.clip_unfreeze:
+            set_trainable(model, config.unfreeze)  # checks --unfreeze against the backbone before training
         return model
+
+    def unfreeze_count(self, model):
+        """--unfreeze, or for a trial at most the backbone's weighted layers."""
+        if not self.clip_unfreeze or self.config.unfreeze == "all":
+            return self.config.unfreeze
+        import keras
+
+        tunable = sum(1 for layer in model.get_layer("backbone").layers
+                      if layer.weights and not isinstance(layer, keras.layers.BatchNormalization))
+        return min(int(self.config.unfreeze), tunable)
 
     def split(self, name, batch_size, *, training=False):
         from dlsuite.apps.vision import pipeline
@@ -225,13 +249,17 @@ class TransferTask(task.Task):
         config, optimizer = self.config, self.optimizer_config()
 
         def trainable(layers):
-            return lambda model: f"{set_trainable(model, layers)} backbone layers trainable"
+            def prepare(model):
+                count = set_trainable(model, self.unfreeze_count(model) if layers == "unfreeze" else layers)
+                return f"{count} backbone layers trainable"
+
+            return prepare
 
         if self.scratch:  # random features are not worth freezing: every layer at the full rate
             return [task.Phase("scratch", config.freeze_epochs + config.finetune_epochs, optimizer, trainable("all"))]
         finetune = dataclasses.replace(optimizer, lr=optimizer.learning_rate * config.finetune_lr_factor)
         return [task.Phase("freeze", config.freeze_epochs, optimizer, trainable(0)),
-                task.Phase("finetune", config.finetune_epochs, finetune, trainable(config.unfreeze))]
+                task.Phase("finetune", config.finetune_epochs, finetune, trainable("unfreeze"))]
 
     def resolved(self, model, batches):
         base = self.base
@@ -240,10 +268,13 @@ class TransferTask(task.Task):
                 "sizes": self.data.sizes}
 
     def describe(self, model, batches):
-        base, data = self.base, self.data
-        return (f"{base.name} ({base.source}) on {data.name}: {data.sizes['train']} train / "
-                f"{data.sizes['validation']} validation / {data.sizes['test']} test images, {len(data.class_names)} "
-                f"classes, input {base.input_size[0]}x{base.input_size[1]}x{base.channels}")
+        data, base = self.data, getattr(self, "base", None)  # a search describes its data before any model
+        line = (f"{data.name}: {data.sizes['train']} train / {data.sizes['validation']} validation / "
+                f"{data.sizes['test']} test images, {len(data.class_names)} classes")
+        if base is None:
+            return line
+        return (f"{base.name} ({base.source}) on {line}, input "
+                f"{base.input_size[0]}x{base.input_size[1]}x{base.channels}")
 
     def title(self):
         return f"{self.base.name} on {self.data.name}"

@@ -66,9 +66,9 @@ class TuneApp:
     """One app `dlsuite tune` can search.
 
     Attributes:
-        module: the app's module; it has `add_data_arguments(group)`.
-        config_class: the app's config dataclass, filled from the data options.
-        hypermodel: its class in `dlsuite.apps.hypermodels`.
+        module: the app's parser module; it has `add_data_arguments(group)`.
+        task: "module:Class" of the app's `task.Task`, whose config is
+            filled from the data options.
         objectives: {metric: "max" or "min"}, what the hypermodel's fit reports.
         objective: the default objective.
         epochs: default epochs per trial.
@@ -84,8 +84,7 @@ class TuneApp:
     """
 
     module: str
-    config_class: str
-    hypermodel: str
+    task: str
     objectives: dict
     objective: str
     epochs: int
@@ -100,7 +99,7 @@ class TuneApp:
 
 APPS = {
     "classify": TuneApp(
-        module="dlsuite.apps.classify.cli", config_class="TrainConfig", hypermodel="ClassifierHyperModel",
+        module="dlsuite.apps.classify.cli", task="dlsuite.apps.classify.task:ClassifyTask",
         objectives={"val_accuracy": "max", "val_loss": "min"}, objective="val_accuracy",
         # Measured on 2 shared CPU cores: 10 trials of 6 epochs on digits take
         # about 2 minutes and reach 97-99% validation accuracy.
@@ -114,7 +113,7 @@ APPS = {
 """,
     ),
     "transfer": TuneApp(
-        module="dlsuite.apps.transfer.cli", config_class="TransferConfig", hypermodel="TransferHyperModel",
+        module="dlsuite.apps.transfer.cli", task="dlsuite.apps.transfer.task:TransferTask",
         objectives={"val_accuracy": "max", "val_loss": "min"}, objective="val_accuracy",
         epochs=20, max_trials=8, data_name=lambda args: args.dataset,
         help="search how to fine-tune a backbone: layers to unfreeze, their rate, head dropout, batch size, lr",
@@ -123,7 +122,7 @@ APPS = {
 """,
     ),
     "caption": TuneApp(
-        module="dlsuite.apps.caption.cli", config_class="CaptionConfig", hypermodel="CaptionHyperModel",
+        module="dlsuite.apps.caption.cli", task="dlsuite.apps.caption.task:CaptionTask",
         objectives={"val_bleu4": "max", "val_loss": "min"}, objective="val_bleu4",
         # The seed: tune on a subset. 2,000 scenes on 2 idle CPU cores: a trial
         # of 6 epochs takes 40-115 s (attention and 256 units the slowest) after
@@ -138,7 +137,7 @@ APPS = {
 """,
     ),
     "lm": TuneApp(
-        module="dlsuite.apps.lm.cli", config_class="LMConfig", hypermodel="LanguageModelHyperModel",
+        module="dlsuite.apps.lm.cli", task="dlsuite.apps.lm.task:LanguageModelTask",
         objectives={"val_loss": "min", "val_perplexity": "min", "val_accuracy": "max"}, objective="val_loss",
         epochs=2, max_trials=8, data_name=lambda args: args.text or args.dataset or "stdlib-docstrings",
         # The seed: use a subset of the data for hyperparameter tuning.
@@ -242,11 +241,13 @@ def run(args):
     from dlsuite.apps.tune import hypermodels
 
     engine.set_seed(args.seed, deterministic=engine.device_kind() == "cpu")
-    config = _app_config(app, args)
+    task_class = _task_class(app)
     extras = {dest: getattr(args, dest) for dest, _, _ in app.extra_options}
-    hypermodel = getattr(hypermodels, app.hypermodel).prepare(
-        config, space=space, objective=(objective, app.objectives[objective]), seed=args.seed,
-        verbose=1 if sys.stdout.isatty() else 2, **extras)
+    task = task_class(_app_config(task_class.config_class, args), **extras)
+    task.check()
+    hypermodel = hypermodels.TaskHyperModel.prepare(
+        task, space=space, objective=(objective, app.objectives[objective]), seed=args.seed,
+        verbose=1 if sys.stdout.isatty() else 2)
     try:
         return _run_search(args, app, hypermodel, space, directory=directory, max_trials=max_trials, role=role,
                        address=address, strategy=strategy)
@@ -321,10 +322,13 @@ def _slug(text):
     return rundir.slug(text)
 
 
-def _app_config(app, args):
+def _task_class(app):
+    module, name = app.task.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _app_config(config_class, args):
     """The app's config dataclass from the data options and --seed (the rest at its defaults)."""
-    module = importlib.import_module(app.module)
-    config_class = getattr(module, app.config_class)
     names = {field.name for field in dataclasses.fields(config_class)} - (_TUNE_OPTIONS - {"seed"})
     return config_class(**{name: getattr(args, name) for name in names if getattr(args, name, None) is not None})
 
@@ -414,13 +418,16 @@ class _Search:
 
     # keras-tuner builds a model for every conditional branch to discover the
     # space; ours is declared whole, and building an infeasible first choice
-    # would stop the search before it starts.
-    def _populate_initial_space(self):
+    # would stop the search before it starts. `_make_tuner` installs this as
+    # keras-tuner's private hook (compat.POPULATE_INITIAL_SPACE).
+    def _declare_initial_space(self):
         hp = self.oracle.get_space()
         self.hypermodel.declare_hyperparameters(hp)
         self.oracle.update_space(hp)
 
     def run_trial(self, trial, *args, **kwargs):
+        # The trial trains in its own folder: history.csv, train.log, backups.
+        kwargs["run_dir"] = self.get_trial_dir(trial.trial_id)
         self._results = super().run_trial(trial, *args, **kwargs)
         return self._results
 
@@ -461,9 +468,11 @@ def _make_tuner(kind, hypermodel, *, objective, direction, max_trials, seed, max
                 role, address):
     import keras_tuner
 
+    from dlsuite.models import compat
+
     base = {"random": keras_tuner.RandomSearch, "hyperband": keras_tuner.Hyperband,
             "bayesian": keras_tuner.BayesianOptimization}[kind]
-    tuner_class = type(base.__name__, (_Search, base), {})
+    tuner_class = type(base.__name__, (_Search, base), {compat.POPULATE_INITIAL_SPACE: _Search._declare_initial_space})
     common = dict(
         hypermodel=hypermodel, objective=keras_tuner.Objective(objective, direction),
         # keras-tuner takes seed 0 for "pick one at random".
@@ -499,12 +508,11 @@ def _serve(oracle, *, address, max_failures, poll_s=1.0):
     from concurrent import futures
 
     import grpc
-    from keras_tuner.src import protos
-    from keras_tuner.src.distribute import oracle_chief
+
+    from dlsuite.models import compat
 
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
-    servicer = oracle_chief.OracleServicer(oracle)
-    protos.get_service_grpc().add_OracleServicer_to_server(servicer, server)
+    servicer = compat.add_oracle_servicer(oracle, server)
     try:
         bound = server.add_insecure_port(address)
     except RuntimeError:
@@ -526,7 +534,7 @@ def _serve(oracle, *, address, max_failures, poll_s=1.0):
             reported = len(ended)
             if _failure_streak(oracle) >= max_failures:
                 raise _TooManyFailures(_failures_text(max_failures))
-            if servicer.stop_triggered and oracle_chief.exit_chief(oracle):
+            if compat.search_finished(oracle, servicer):
                 return
     finally:
         server.stop(grace=1)
@@ -708,8 +716,7 @@ def _finish(tuner, hypermodel, best, *, directory, objective, args):
         model, how = _restore(tuner, trial, checkpoint), "restored from its best epoch"
     else:  # another machine ran it: train again with its hyperparameters
         model, how = _retrain(tuner, hypermodel, trial, directory), "retrained"
-    values = hypermodel.space.declare(trial.hyperparameters.copy())
-    summary = hypermodel.finish(model, values, out_dir=directory, export_name=args.export, export_dir=args.export_dir,
+    summary = hypermodel.finish(model, trial.hyperparameters.copy(), out_dir=directory, export_name=args.export, export_dir=args.export_dir,
                                 no_export=args.no_export)
     _write_json(metrics_path, {"status": "finished", "best_trial": best.trial_id, "how": how,
                                f"best_{objective}": best.score, **summary})
@@ -747,7 +754,7 @@ def _retrain(tuner, hypermodel, trial, directory):
     model = _build(tuner, hp)
     checkpoint = keras.callbacks.ModelCheckpoint(str(path), monitor=hypermodel.objective, mode=hypermodel.direction,
                                                  save_best_only=True, save_weights_only=True)
-    hypermodel.fit(hp, model, callbacks=[checkpoint], epochs=hp.values.get("tuner/epochs"))
+    hypermodel.fit(hp, model, callbacks=[checkpoint], epochs=hp.values.get("tuner/epochs"), run_dir=directory / "retrain")
     model.load_weights(str(path))
     path.unlink()
     return model
