@@ -1,6 +1,6 @@
 """The `dlsuite` command: one subcommand per app.
 
-Plugging in an app is one line in `SUBCOMMANDS`. The app module exposes
+Plugging in an app is one row of `table.APPS`. Its parser module exposes
 `add_parser(subparsers)`, which adds its parser to the `argparse`
 subparsers and sets the function to run::
 
@@ -23,18 +23,11 @@ import importlib
 import os
 import sys
 
+from dlsuite.apps import table
 from dlsuite.apps.core import errors
 
-# Modules that each add one subcommand; a new app is one more line.
-SUBCOMMANDS = (
-    "dlsuite.apps.models_cli",
-    "dlsuite.apps.classify.cli",
-    "dlsuite.apps.lm.cli",
-    "dlsuite.apps.transfer.cli",
-    "dlsuite.apps.tune.cli",
-    "dlsuite.apps.caption.cli",
-    "dlsuite.apps.diagnose.cli",
-)
+# The modules that each add one subcommand, from the app table (a new app is one row there).
+SUBCOMMANDS = tuple(app.parser for app in table.APPS)
 
 EXIT_USAGE = 2
 

@@ -11,7 +11,7 @@ LSTM decoder with 256 units, batch 64, Adam 0.002 with clipping. Results:
 
 * `caption_cached_features_vs_encoder`: one decoder training epoch (every
   (image, reference) pair once) on the cached feature maps, which is what
-  `train` does (`caption.cache_inputs` runs the encoder once over each split,
+  `train` does (`caption.task.cache_features` runs the encoder once over each split,
   `caption_data.caption_batches` feeds `fit`), against the same epoch on the
   cached pixels with the encoder inside the model (as `--fine-tune-encoder`
   builds it, `caption_model.build_training_model(..., encoder=...)`) but
@@ -23,7 +23,7 @@ LSTM decoder with 256 units, batch 64, Adam 0.002 with clipping. Results:
   upper bound: the pixel cache the other side reads costs time once too).
 * `caption_beam3_vs_greedy`: decoding the test split's cached features with
   greedy search (beam 1) against beam width 3, both through one
-  `tf.function` that takes the width as a tensor, as `caption.decode_split`
+  `tf.function` that takes the width as a tensor, as `caption.task.decode_split`
   does for the test figures. Images per second; ratio = greedy / beam, the
   price of the beam (> 1). The decoder is the one the first result trained.
 * `caption_export_beam3_vs_greedy` (full mode only): the same through the
@@ -58,14 +58,14 @@ QUICK_OPTIONS = ["--scenes-count", "20", "--scenes-size", "32", "--units", "32",
 
 def _config(options):
     """The `dlsuite caption train` config for these options, the app's defaults elsewhere (its own parser)."""
-    from dlsuite.apps.caption import cli as caption
     from dlsuite.apps import cli
+    from dlsuite.apps.caption import task as caption
     from dlsuite.apps.core import train_args
 
     args = cli.build_parser().parse_args(["caption", "train", *options])
-    config = train_args.config_from_args(caption.CaptionConfig, args)
-    weights = caption._check_config(config)  # resolves the default encoder and its cut
-    return config, weights
+    task = caption.CaptionTask(train_args.config_from_args(caption.CaptionConfig, args))
+    task.check()  # resolves the default encoder and its cut
+    return task.config, task.weights
 
 
 def _last_step_callback():
@@ -103,17 +103,18 @@ def cached_vs_encoder(config, weights, *, work, repeats, mode):
     """The first result; returns what the beam result reuses (decoder, test cache, data, base)."""
     import dataclasses
 
-    from dlsuite.apps.caption import cli as caption, data as caption_data, model as caption_model
+    from dlsuite.apps.caption import data as caption_data, model as caption_model, task as caption
     from dlsuite.apps.core import engine
 
     device = engine.device_kind()
     engine.set_seed(config.seed, deterministic=device == "cpu")
     engine.set_precision(config.mixed_precision, device)
     data, vocabulary, base = caption.load_data_and_encoder(config, weights)
-    caches, pairs, _ = caption.cache_inputs(config, data, vocabulary, base, cache_dir=work / "features",
-                                            batch_size=config.batch_size)
-    pixels, _, _ = _quiet(caption.cache_inputs, dataclasses.replace(config, fine_tune_encoder=True), data, vocabulary,
-                          base, cache_dir=work / "pixels", batch_size=config.batch_size)
+    caches = caption.cache_features(config, data, vocabulary, base, cache_dir=work / "features",
+                                    batch_size=config.batch_size)
+    pairs, _ = caption.pair_captions(config, data, vocabulary)
+    pixels = _quiet(caption.cache_features, dataclasses.replace(config, fine_tune_encoder=True), data, vocabulary,
+                    base, cache_dir=work / "pixels", batch_size=config.batch_size)
     count = len(pairs["train"][0])
     batch_size = min(config.batch_size, count)
     steps = -(-count // batch_size)

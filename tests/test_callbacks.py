@@ -105,9 +105,9 @@ def test_cosine_decays_to_zero_by_the_last_step():
     [
         ({"optimizer": "adamax"}, "Unknown optimizer 'adamax'"),
         ({"lr_schedule": "linear"}, "Unknown learning-rate schedule 'linear'"),
-        ({"lr": 0}, "--lr must be > 0, received 0"),
-        ({"momentum": 1.2}, r"--momentum must be in \[0, 1\), received 1.2"),
-        ({"clip_norm": -5}, "--clip-norm must be > 0, received -5"),
+        ({"lr": 0}, "^lr must be > 0, received 0"),
+        ({"momentum": 1.2}, r"^momentum must be in \[0, 1\), received 1.2"),
+        ({"clip_norm": -5}, "^clip_norm must be > 0, received -5"),
         ({"optimizer": "lbfgs", "lr_schedule": "step"}, "does not apply to lbfgs"),
     ],
 )

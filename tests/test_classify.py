@@ -204,47 +204,6 @@ def test_evaluate_and_predict_bad_input(tmp_path, capsys):
     assert status == 2 and "missing.png" in err
 
 
-def free_port():
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def test_multi_worker_training_from_the_command_line(tmp_path):
-    """Two workers on localhost, TF_CONFIG as on a cluster: the chief writes the
-    run directory and export, the other worker leaves nothing behind."""
-    import subprocess
-    import sys
-
-    ports = [free_port(), free_port()]
-    script = pathlib.Path(sys.executable).parent / "dlsuite"
-    workers = []
-    for index in range(2):
-        tf_config = {"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]}, "task": {"type": "worker", "index": index}}
-        env = {**os.environ, "TF_CONFIG": json.dumps(tf_config), "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "2"}
-        env = {k: v for k, v in env.items() if "proxy" not in k.lower()}
-        workers.append(subprocess.Popen(
-            [str(script), "classify", "train", "--strategy", "multi-worker", "--epochs", "2",
-             "--out", str(tmp_path / "run"), "--export-dir", str(tmp_path / "exports")],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        ))
-    try:
-        outputs = [worker.communicate(timeout=240)[0] for worker in workers]
-    finally:
-        for worker in workers:
-            worker.kill()
-    assert [worker.returncode for worker in workers] == [0, 0], outputs
-    assert "CollectiveAllReduceStrategy x2" in outputs[0]
-    config = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert config["resolved"]["replicas"] == 2
-    assert [row["epoch"] for row in history_rows(tmp_path / "run")] == ["0", "1"]
-    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["test_accuracy"] > 0.5
-    assert (tmp_path / "exports" / "lenet5_digits" / "1" / "saved_model.pb").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["exports", "run"]
-
-
 def test_folder_dataset_skips_a_corrupt_file_and_strict_refuses_it(tmp_path, capsys):
     from dlsuite.apps.vision import shapes
 

@@ -203,7 +203,7 @@ def train_phases(task, model, batches, *, strategy, run_dir, resume=False, callb
             best = (phase_best, result.best_checkpoint)
         if result.best_checkpoint and index + 1 < len(phases):
             model.load_weights(result.best_checkpoint)  # the next phase starts from this one's best
-    if len(phases) > 1:
+    if any(phase.name for phase in phases):  # the run's own history.csv: every phase's epochs
         rundir.write_history(run_dir / "history.csv", history)
     return Trained(history, best[1], phase_epochs)
 

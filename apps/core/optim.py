@@ -1,7 +1,7 @@
 """Optimizers and learning-rate schedules, as the command line names them.
 
 The seed's update rules: SGD, momentum, Nesterov, AdaGrad, RMSprop, Adam (and
-L-BFGS, trained full-batch by `dlsuite.apps.lbfgs`), each with the learning
+L-BFGS, trained full-batch by `dlsuite.apps.core.lbfgs`), each with the learning
 rate, momentum, decoupled weight decay and global gradient-norm clipping; and
 its schedules: step decay (a callback in `dlsuite.callbacks`), exponential and
 1/t decay, plus cosine, linear warm-up and reduce-on-plateau.

@@ -118,7 +118,7 @@ def measure_here(build, *, batch_size, optimizer, input_shape, classes, seed=0):
         build: () -> a keras.Model taking `input_shape` images and giving
             `classes` probabilities.
         batch_size: examples per step.
-        optimizer: a name of `dlsuite.apps.optim.OPTIMIZERS` (not lbfgs).
+        optimizer: a name of `dlsuite.apps.core.optim.OPTIMIZERS` (not lbfgs).
         input_shape: (H, W, C).
         classes: output classes, for the labels.
 
@@ -198,7 +198,7 @@ def measure(name, *, batch_size, optimizer, input_shape, classes_count, classes=
     Args:
         name: a registry CNN name.
         batch_size: examples per step.
-        optimizer: a Keras optimizer name of `dlsuite.apps.optim.OPTIMIZERS`.
+        optimizer: a Keras optimizer name of `dlsuite.apps.core.optim.OPTIMIZERS`.
         input_shape: (H, W, C) the model is built for.
         classes_count: how many classes the built model outputs (for labels).
         classes: the `classes` argument to pass the builder (None: its default).
@@ -217,7 +217,7 @@ def measure(name, *, batch_size, optimizer, input_shape, classes_count, classes=
     env = {**os.environ, **CHILD_ENV}
     try:
         result = subprocess.run(
-            [sys.executable, "-c", "import sys, json; from dlsuite.apps import memory_probe; "
+            [sys.executable, "-c", "import sys, json; from dlsuite.apps.diagnose import memory_probe; "
              "memory_probe._child(json.loads(sys.argv[1]))", json.dumps(spec)],
             capture_output=True, text=True, env=env, timeout=timeout,
         )

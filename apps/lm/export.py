@@ -26,7 +26,7 @@ and [UNK] (1) are never sampled. The same `seed` (>= 0) gives the same text:
 sampling uses stateless random ops seeded by (seed, step); a negative seed
 draws a fresh one per request. An empty prompt starts from "\\n" if the
 vocabulary has it, else from its most common token, as
-`dlsuite.apps.generate.generate` does. Prompt tokens outside the vocabulary
+`dlsuite.apps.lm.generate.generate` does. Prompt tokens outside the vocabulary
 read as [UNK], as `Vocabulary.encode` reads them.
 
 `score` returns the summed next-token cross-entropy (nats) of a text's tokens,
@@ -96,7 +96,7 @@ def export_language_model(
             logits or softmax over the vocabulary at every step; or an
             ELMo-style biLM (`dlsuite.models.build("bilm", ...)`), exported
             to embed and score rather than generate.
-        vocabulary: its `dlsuite.apps.text.Vocabulary`.
+        vocabulary: its `dlsuite.apps.lm.text.Vocabulary`.
         name: the model's folder under `base_dir`, see `versions.check_export_name`.
         base_dir: the folder holding every exported model; created if missing.
         version: the version number; defaults to the next free one.
@@ -433,7 +433,7 @@ class ExportedLanguageModel:
 
     Attributes:
         path: the version folder it was loaded from.
-        vocabulary: the `dlsuite.apps.text.Vocabulary` it was trained with.
+        vocabulary: the `dlsuite.apps.lm.text.Vocabulary` it was trained with.
         level: "char" or "word".
         kind: "next_token" (generates and scores) or "bilm" (embeds and scores).
         metadata: the whole of assets/dlsuite.json, the app's keys included.
@@ -516,7 +516,7 @@ class ExportedLanguageModel:
 
         `prompt + "".join(pieces)` is the whole text. The graph samples all
         tokens in one call, so the pieces arrive together; for token-by-token
-        latency, `dlsuite.apps.generate.generate` steps a Keras model.
+        latency, `dlsuite.apps.lm.generate.generate` steps a Keras model.
         """
         token_ids = self._sample(prompt, length, temperature, seed, top_k)["token_ids"].numpy()
         tokens = self.vocabulary.tokens

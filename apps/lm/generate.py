@@ -17,7 +17,7 @@ CLI can stream it. `prefix_generate` is the naive O(N^2) loop kept for the
 benchmark and the equality tests: both draw their randomness identically
 (`_sample`), so for the same seed they produce the same text.
 
-The vocabulary is duck-typed (`dlsuite.apps.text.Vocabulary`): `level`
+The vocabulary is duck-typed (`dlsuite.apps.lm.text.Vocabulary`): `level`
 ("char" or "word"), `tokens` (index 0 the padding "", 1 "[UNK]"),
 `encode(text) -> int32 ids` with unknown tokens as 1, `decode(ids) -> str`.
 """
@@ -315,7 +315,7 @@ def generate(model, vocabulary, *, prompt="", length=500, temperature=0.8, top_k
 
     Args:
         model: a next-token `rnn_stack` model, see `Stepper`.
-        vocabulary: the model's vocabulary (`dlsuite.apps.text.Vocabulary`).
+        vocabulary: the model's vocabulary (`dlsuite.apps.lm.text.Vocabulary`).
         prompt: the text to continue.
         length: number of tokens to generate, > 0.
         temperature: > 0; below 1 sharpens the distribution, above 1 flattens it.

@@ -28,8 +28,8 @@ naming the chief, and KERASTUNER_TUNER_ID "chief" on the chief (it hands out
 trials and reports at the end) and a distinct id on each worker (tuner0,
 tuner1, ...: they run the trials).
 
-Adding an app is one `TuneApp` entry in `APPS` (with its HyperModel in
-`hypermodels` and its space in `search_space`).
+The apps come from the app table (`apps/table.py`): each names its task and
+its `tuning.py` (hyperparameters, default space, objectives).
 """
 
 import argparse
@@ -47,6 +47,7 @@ import time
 import warnings
 
 from dlsuite.apps.tune import space as search_space
+from dlsuite.apps import table
 from dlsuite.apps.core import train_args
 from dlsuite.apps.core.errors import UsageError
 
@@ -60,96 +61,6 @@ RESUME_KEYS = ("app", "tuner", "objective", "seed", "space", "data")
 _TUNE_OPTIONS = {"app", "tuner", "max_trials", "epochs", "objective", "space", "dir", "overwrite", "max_failures",
                  "strategy", "seed", "export", "export_dir", "no_export", "func", "command"}
 
-
-@dataclasses.dataclass(frozen=True)
-class TuneApp:
-    """One app `dlsuite tune` can search.
-
-    Attributes:
-        module: the app's parser module; it has `add_data_arguments(group)`.
-        task: "module:Class" of the app's `task.Task`, whose config is
-            filled from the data options.
-        objectives: {metric: "max" or "min"}, what the hypermodel's fit reports.
-        objective: the default objective.
-        epochs: default epochs per trial.
-        max_trials: default number of trials (random and bayesian).
-        data_name: the data's short name, from the parsed options (default --dir).
-        data_defaults: keyword arguments of `add_data_arguments`.
-        fixing_options: {option dest: help} options that fix a hyperparameter
-            of the space (classify's --model).
-        extra_options: ((dest, flag, kwargs), ...) tune-only data options,
-            passed to the hypermodel's `prepare`.
-        help: the one-line help.
-        examples: the epilog's examples.
-    """
-
-    module: str
-    task: str
-    objectives: dict
-    objective: str
-    epochs: int
-    max_trials: int
-    data_name: object
-    data_defaults: dict = dataclasses.field(default_factory=dict)
-    fixing_options: dict = dataclasses.field(default_factory=dict)
-    extra_options: tuple = ()
-    help: str = ""
-    examples: str = ""
-
-
-APPS = {
-    "classify": TuneApp(
-        module="dlsuite.apps.classify.cli", task="dlsuite.apps.classify.task:ClassifyTask",
-        objectives={"val_accuracy": "max", "val_loss": "min"}, objective="val_accuracy",
-        # Measured on 2 shared CPU cores: 10 trials of 6 epochs on digits take
-        # about 2 minutes and reach 97-99% validation accuracy.
-        epochs=6, max_trials=10, data_name=lambda args: args.dataset,
-        fixing_options={"model": "fix the architecture, a registry name (default: search the space's models)"},
-        help="search an image classifier's hyperparameters",
-        examples="""  dlsuite tune classify                                    # random search on the bundled digits
-  dlsuite tune classify --max-trials 30 --epochs 10 --space space.yaml
-  dlsuite tune classify --tuner hyperband --epochs 27 --objective val_loss
-  dlsuite tune classify --model resnet18 --dataset shapes --image-size 32
-""",
-    ),
-    "transfer": TuneApp(
-        module="dlsuite.apps.transfer.cli", task="dlsuite.apps.transfer.task:TransferTask",
-        objectives={"val_accuracy": "max", "val_loss": "min"}, objective="val_accuracy",
-        epochs=20, max_trials=8, data_name=lambda args: args.dataset,
-        help="search how to fine-tune a backbone: layers to unfreeze, their rate, head dropout, batch size, lr",
-        examples="""  dlsuite tune transfer --weights saved_models/lenet5_shapes --dataset shapes --shapes-classes 8 --train-per-class 20
-  dlsuite tune transfer --backbone MobileNetV2 --weights imagenet --dataset ./photos --input-size 160,160
-""",
-    ),
-    "caption": TuneApp(
-        module="dlsuite.apps.caption.cli", task="dlsuite.apps.caption.task:CaptionTask",
-        objectives={"val_bleu4": "max", "val_loss": "min"}, objective="val_bleu4",
-        # The seed: tune on a subset. 2,000 scenes on 2 idle CPU cores: a trial
-        # of 6 epochs takes 40-115 s (attention and 256 units the slowest) after
-        # one encoder pass shared by all trials; the search 8 minutes, best
-        # validation BLEU-4 0.71, test 0.68 (`caption train`'s defaults: 0.60).
-        epochs=6, max_trials=6, data_defaults={"scenes_count": 2000},
-        data_name=lambda args: pathlib.Path(args.images).name if args.images else args.dataset,
-        help="search an image captioner's decoder: cell, attention, widths, dropout, batch size, lr",
-        examples="""  dlsuite tune caption                                     # generated scenes, frozen random VGG-11 features
-  dlsuite tune caption --objective val_loss --max-trials 12 --epochs 8
-  dlsuite tune caption --images Flicker8k_Dataset --captions Flickr8k.token.txt --encoder resnet50 --encoder-weights imagenet
-""",
-    ),
-    "lm": TuneApp(
-        module="dlsuite.apps.lm.cli", task="dlsuite.apps.lm.task:LanguageModelTask",
-        objectives={"val_loss": "min", "val_perplexity": "min", "val_accuracy": "max"}, objective="val_loss",
-        epochs=2, max_trials=8, data_name=lambda args: args.text or args.dataset or "stdlib-docstrings",
-        # The seed: use a subset of the data for hyperparameter tuning.
-        data_defaults={"max_chars": 200_000},
-        extra_options=(("test_fraction", "--test-fraction", {
-            "type": float, "default": 0.1, "help": "the end of the text, scored once by the best model (default 0.1)"}),),
-        help="search a language model's hyperparameters",
-        examples="""  dlsuite tune lm                                          # char LSTM/GRU on the standard library's docstrings
-  dlsuite tune lm --text book.txt --level word --max-trials 20 --space lm_space.yaml
-""",
-    ),
-}
 
 SPACE_EXAMPLE = """a --space file (YAML or JSON) narrows or widens the default space:
   model: [lenet5, resnet18]                  # a choice
@@ -167,22 +78,24 @@ DISTRIBUTED = """distributed search (keras-tuner's environment variables, the sa
 def add_parser(subparsers):
     parser = subparsers.add_parser(
         "tune", help="hyperparameter search (keras-tuner): random, hyperband, bayesian",
-        epilog="examples:\n" + "".join(app.examples for app in APPS.values()) + "\n" + SPACE_EXAMPLE + "\n" + DISTRIBUTED,
+        epilog="examples:\n" + "".join(app.search().examples for app in table.searchable().values()) + "\n"
+               + SPACE_EXAMPLE + "\n" + DISTRIBUTED,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     apps = parser.add_subparsers(dest="app", required=True, metavar="APP")
-    for name, app in APPS.items():
+    for name, app in table.searchable().items():
         _add_app_parser(apps, name, app)
 
 
-def _add_app_parser(apps, name, app):
+def _add_app_parser(apps, name, entry):
+    app = entry.search()
     parser = apps.add_parser(
         name, help=app.help, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n" + app.examples + "\n" + search_space.default_text(name) + "\n" + SPACE_EXAMPLE + "\n" + DISTRIBUTED)
     data = parser.add_argument_group("data")
     for option, text in app.fixing_options.items():
         data.add_argument(f"--{option.replace('_', '-')}", help=text)
-    importlib.import_module(app.module).add_data_arguments(data, **app.data_defaults)
+    importlib.import_module(entry.parser).add_data_arguments(data, **app.data_defaults)
     for _, flag, kwargs in app.extra_options:
         data.add_argument(flag, **kwargs)
 
@@ -211,7 +124,8 @@ def _add_app_parser(apps, name, app):
 
 def run(args):
     """Checks the input, searches, reports the trials, finishes the best model."""
-    app = APPS[args.app]
+    entry = table.get(args.app)
+    app = entry.search()
     objective = args.objective
     if objective not in app.objectives:
         raise UsageError(f"--objective {objective!r} is not reported by {args.app}; choose one of {', '.join(app.objectives)}")
@@ -241,7 +155,7 @@ def run(args):
     from dlsuite.apps.tune import hypermodels
 
     engine.set_seed(args.seed, deterministic=engine.device_kind() == "cpu")
-    task_class = _task_class(app)
+    task_class = entry.task_class()
     extras = {dest: getattr(args, dest) for dest, _, _ in app.extra_options}
     task = task_class(_app_config(task_class.config_class, args), **extras)
     task.check()
@@ -320,11 +234,6 @@ def _slug(text):
     from dlsuite.apps.core import rundir
 
     return rundir.slug(text)
-
-
-def _task_class(app):
-    module, name = app.task.split(":")
-    return getattr(importlib.import_module(module), name)
 
 
 def _app_config(config_class, args):

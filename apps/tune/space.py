@@ -25,168 +25,17 @@ import math
 import numbers
 import pathlib
 
-from dlsuite.apps.core import choices
+from dlsuite.apps.core import search
 from dlsuite.apps.core.errors import UsageError
 
 SAMPLINGS = ("linear", "log", "reverse_log")
 RANGE_KEYS = ("min", "max", "step", "sampling")
 
 
-@dataclasses.dataclass(frozen=True)
-class Param:
-    """One hyperparameter an app can search and the values that make sense.
+def _tuning(app):
+    from dlsuite.apps import table
 
-    Attributes:
-        kind: "float", "int", "choice" (strings) or "bool".
-        low, high: bounds of a number; `low_open`/`high_open` exclude them.
-        values: the allowed strings of a choice, or a function returning
-            them (the model registry is read only when a space is checked).
-    """
-
-    kind: str
-    low: float | None = None
-    high: float | None = None
-    low_open: bool = False
-    high_open: bool = False
-    values: tuple | object = ()
-
-    def allowed_values(self):
-        return tuple(self.values() if callable(self.values) else self.values)
-
-    def bounds_text(self):
-        return f"{'(' if self.low_open else '['}{_number(self.low)}, {_number(self.high)}{')' if self.high_open else ']'}"
-
-    def contains(self, value):
-        above = value > self.low if self.low_open else value >= self.low
-        below = value < self.high if self.high_open else value <= self.high
-        return above and below
-
-
-def _cnn_names():
-    from dlsuite import models
-
-    return models.names(kind="cnn")
-
-
-# The optimizer and schedule fields of `optim.OptimizerConfig`, plus batch
-# size and epochs, which `HyperModel.fit` searches: every app has them.
-TRAINING_PARAMS = {
-    "batch_size": Param("int", 1, 65536),
-    "epochs": Param("int", 1, 100_000),
-    # L-BFGS trains full-batch outside model.fit; the tuner's trials use fit.
-    "optimizer": Param("choice", values=tuple(name for name in choices.OPTIMIZERS if name != "lbfgs")),
-    "lr": Param("float", 0.0, 10.0, low_open=True),
-    "momentum": Param("float", 0.0, 1.0, high_open=True),
-    "weight_decay": Param("float", 0.0, 1.0),
-    "clip_norm": Param("float", 0.0, 1000.0, low_open=True),
-    "lr_schedule": Param("choice", values=choices.SCHEDULES),
-    "lr_drop": Param("float", 0.0, 1.0, low_open=True),
-    "lr_every": Param("int", 1, 100_000),
-    "lr_decay": Param("float", 0.0, 1.0, high_open=True),
-    "warmup_epochs": Param("int", 0, 100_000),
-}
-
-PARAMS = {
-    "classify": {
-        "model": Param("choice", values=_cnn_names),
-        "activation": Param("choice", values=choices.ACTIVATIONS),
-        "kernel_initializer": Param("choice", values=choices.INITIALIZERS),
-        "l1": Param("float", 0.0, 1.0),
-        "l2": Param("float", 0.0, 1.0),
-        "max_norm": Param("float", 0.0, 1000.0, low_open=True),
-        "dropout": Param("float", 0.0, 1.0, high_open=True),
-        "batch_norm": Param("bool"),
-        **TRAINING_PARAMS,
-    },
-    "transfer": {
-        # Past the backbone's count of weighted layers (batch norm aside): all of them.
-        "unfreeze": Param("int", 0, 100_000),
-        "finetune_lr_factor": Param("float", 0.0, 1.0, low_open=True),
-        "finetune_share": Param("float", 0.0, 1.0, high_open=True),
-        "head_dropout": Param("float", 0.0, 1.0, high_open=True),
-        **TRAINING_PARAMS,
-    },
-    "caption": {
-        "decoder": Param("choice", values=choices.CAPTION_CELLS),
-        "attention": Param("bool"),
-        "units": Param("int", 1, 16384),
-        "embedding": Param("int", 1, 16384),
-        "dropout": Param("float", 0.0, 1.0, high_open=True),
-        # Without attention only; an attention trial reads every location.
-        "pooling": Param("choice", values=choices.CAPTION_POOLING),
-        **TRAINING_PARAMS,
-    },
-    "lm": {
-        # bilstm has two outputs and reports other metric names; tune it by hand.
-        "cell": Param("choice", values=("lstm", "gru", "rnn")),
-        "layers": Param("int", 1, 16),
-        "units": Param("int", 1, 16384),
-        "embedding": Param("int", 1, 16384),
-        "dropout": Param("float", 0.0, 1.0, high_open=True),
-        "seq_len": Param("int", 2, 100_000),
-        **TRAINING_PARAMS,
-    },
-}
-
-# The default spaces. `epochs` is filled in from --epochs. Structure first,
-# then batch size and a log-scale learning rate, the seed's important three.
-DEFAULTS = {
-    # Measured on digits, 2 CPU cores: a trial of 6 epochs takes 5-15 s.
-    "classify": {
-        "model": ["lenet5", "lenet5_caffe"],
-        "batch_norm": [True, False],
-        "batch_size": [16, 32, 64, 128],
-        "lr": {"min": 1e-4, "max": 0.1, "sampling": "log"},
-        "optimizer": ["adam", "nesterov", "rmsprop"],
-        "lr_schedule": ["constant", "cosine"],
-        "dropout": {"min": 0.0, "max": 0.5},
-        "l2": {"min": 1e-6, "max": 1e-2, "sampling": "log"},
-    },
-    # The seed's recipe: how much of the backbone to fine-tune and how much
-    # smaller its rate should be, with the head's dropout, batch size and rate.
-    "transfer": {
-        "unfreeze": [0, 1, 2, 4, 100],
-        "finetune_lr_factor": {"min": 0.01, "max": 1.0, "sampling": "log"},
-        "finetune_share": [0.0, 0.3, 0.5],
-        "head_dropout": {"min": 0.0, "max": 0.5},
-        "batch_size": [16, 32],
-        "lr": {"min": 3e-4, "max": 1e-2, "sampling": "log"},
-        "optimizer": ["adam", "nesterov"],
-    },
-    # The decoder over the frozen encoder's cached features: its cell, the
-    # attention of Show, Attend and Tell, its widths and dropout, with batch
-    # size and rate. `dlsuite caption train`'s defaults (LSTM, 256 units,
-    # embedding 128, dropout 0.5, Adam at 0.002, clip 5) are in the space.
-    "caption": {
-        "decoder": ["lstm", "gru"],
-        "attention": [False, True],
-        "units": [128, 256],
-        "embedding": [64, 128],
-        "dropout": {"min": 0.2, "max": 0.6},
-        "batch_size": [32, 64],
-        "lr": {"min": 5e-4, "max": 5e-3, "sampling": "log"},
-        "optimizer": ["adam", "rmsprop"],
-        "clip_norm": 5.0,
-    },
-    # Measured on 200k characters, 2 shared CPU cores: a 2x128 GRU at batch
-    # 16, sequences of 50 and lr 0.005 reaches validation loss 1.86
-    # (perplexity 6.4, unigram 23) in 2 epochs, about 50 s. Short sequences
-    # and small batches give a short search many updates.
-    "lm": {
-        "cell": ["lstm", "gru"],
-        "layers": {"min": 1, "max": 2},
-        "units": [64, 128, 256],
-        "embedding": [32, 64],
-        "batch_size": [16, 32],
-        "lr": {"min": 1e-3, "max": 1e-2, "sampling": "log"},
-        "optimizer": ["adam", "rmsprop"],
-        "lr_schedule": ["constant", "cosine"],
-        "dropout": {"min": 0.0, "max": 0.2},
-        "seq_len": 50,
-        # The seed's fix for exploding RNN gradients, as `lm train` defaults.
-        "clip_norm": 5.0,
-    },
-}
+    return table.get(app).search()
 
 
 def default_text(app):
@@ -201,16 +50,14 @@ def default_text(app):
             return "{" + ", ".join(f"{k}: {flow(v)}" for k, v in value.items()) + "}"
         return _number(value) if not isinstance(value, str) else value
 
-    lines = [f"  {name}: {flow(value)}" for name, value in DEFAULTS[app].items()]
+    tuning = _tuning(app)
+    lines = [f"  {name}: {flow(value)}" for name, value in tuning.defaults.items()]
     lines.append("  epochs: <--epochs>")
-    keys = ", ".join(sorted(PARAMS[app]))
+    keys = ", ".join(sorted(tuning.params))
     return "default search space:\n" + "\n".join(lines) + f"\nkeys a --space file may set: {keys}\n"
 
 
-def _number(value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        return repr(value)
-    return f"{value:g}" if isinstance(value, float) else str(value)
+_number = search.number_text
 
 
 @dataclasses.dataclass
@@ -226,7 +73,7 @@ class SearchSpace:
         values of the current trial, {name: value}."""
         values = {}
         for name, spec in self.entries.items():
-            kind = PARAMS[self.app][name].kind
+            kind = _tuning(self.app).params[name].kind
             if "fixed" in spec or ("choice" in spec and len(spec["choice"]) == 1):
                 values[name] = hp.Fixed(name, spec["fixed"] if "fixed" in spec else spec["choice"][0])
             elif "choice" in spec and kind == "bool":
@@ -267,7 +114,7 @@ def build(app, *, epochs, overrides=None, source="--space", options=None):
     """The app's default space with `overrides` (a parsed --space mapping) applied.
 
     Args:
-        app: a key of PARAMS.
+        app: the name of a searchable app of `table.APPS`.
         epochs: the fixed epochs per trial when the overrides do not set them.
         overrides: {name: spec} as read from a space file, or None.
         source: how errors name where the overrides came from.
@@ -278,8 +125,9 @@ def build(app, *, epochs, overrides=None, source="--space", options=None):
         UsageError: an unknown name or an invalid spec, naming the key and
             what it allows.
     """
-    params = PARAMS[app]
-    raw = {**DEFAULTS[app], "epochs": epochs}
+    tuning = _tuning(app)
+    params = tuning.params
+    raw = {**tuning.defaults, "epochs": epochs}
     if overrides is not None:
         if not isinstance(overrides, dict):
             raise UsageError(f"{source}: expected a mapping of hyperparameter names to values, ranges or "
