@@ -21,6 +21,7 @@ else is a bug and keeps its traceback. argparse's own errors also exit 2.
 import argparse
 import importlib
 import os
+import re
 import sys
 
 from dlsuite.apps import table
@@ -100,13 +101,16 @@ def _subcommand_parser(parser, argv):
 
 
 def user_error_line(error, flags):
-    """One line for a user error: the field it names is shown as its flag
-    (`lr must be > 0` -> `--lr must be > 0`)."""
+    """One line for a user error: each config field it names is shown as its
+    flag (`lr must be > 0` -> `--lr must be > 0`)."""
     text = _one_line(error)
-    option = errors.option_of(error)
-    flag = flags.get(option) if option else None
-    if flag:
-        text = f"{flag}{text[len(option):]}" if text.startswith(option) else f"{flag}: {text}"
+    fields = errors.option_of(error) or ()
+    for field in (fields,) if isinstance(fields, str) else fields:
+        flag = flags.get(field)
+        if not flag:
+            continue
+        named = re.compile(rf"(?<![\w-]){re.escape(field)}(?![\w-])")
+        text = named.sub(flag, text, count=1) if named.search(text) else f"{flag}: {text}"
     return text
 
 

@@ -174,7 +174,7 @@ def _cut_encoder(base, layer_name):
 
     known = base.feature_layers()
     if layer_name not in known:
-        raise UsageError(f"--encoder-layer {layer_name} is not a layer of {base.name}; choose from {', '.join(known)}")
+        raise UsageError(f"encoder_layer {layer_name} is not a layer of {base.name}; choose from {', '.join(known)}", option="encoder_layer")
     output = base.model.get_layer(layer_name).output
     return dataclasses.replace(base, model=keras.Model(base.model.input, output, name=backbones.BACKBONE_LAYER))
 
@@ -308,20 +308,22 @@ class CaptionTask(task.Task):
 
         config = self.config
         if (config.images is None) != (config.captions is None):
-            raise UsageError("--images and --captions go together: the folder of images and the file of their captions")
+            raise UsageError("images and captions go together: the folder of images and the file of their captions",
+                             option=("images", "captions"))
         if config.encoder is None and not backbones.is_model_file(config.encoder_weights):
             config.encoder = DEFAULT_ENCODER[0]
             config.encoder_layer = config.encoder_layer or DEFAULT_ENCODER[1]
         if config.encoder is not None:
             config.encoder = backbones.canonical_name(config.encoder)
         if not 0 <= config.dropout < 1:
-            raise UsageError(f"--dropout must be in [0, 1), received {config.dropout}")
+            raise UsageError(f"dropout must be in [0, 1), received {config.dropout}", option="dropout")
         if config.alpha < 0:
-            raise UsageError(f"--alpha must be >= 0, received {config.alpha}")
+            raise UsageError(f"alpha must be >= 0, received {config.alpha}", option="alpha")
         if config.attention and config.pooling != "flatten":
-            raise UsageError("--pooling applies without --attention; attention reads every location of the feature map")
+            raise UsageError("pooling applies without attention; attention reads every location of the feature map",
+                             option=("pooling", "attention"))
         if config.optimizer.get("optimizer") == "lbfgs":
-            raise UsageError("--optimizer lbfgs is for small image classifiers; captioners train with adam, rmsprop or sgd")
+            raise UsageError("optimizer lbfgs is for small image classifiers; captioners train with adam, rmsprop or sgd", option="optimizer")
         self.weights = backbones.check_weights_argument(config.encoder, config.encoder_weights)
 
     def load_data(self):

@@ -201,7 +201,8 @@ class ClassifyTask(task.Task):
 
         return export.export_classifier(
             model, class_names=self.data.class_names, base_dir=base_dir,
-            name=name or f"{self.config.model}_{rundir.slug(self.data.name)}", architecture=self.architecture())
+            name=name or f"{self.config.model}_{rundir.slug(self.data.name)}", architecture=self.architecture(),
+            facts=self.export_facts())
 
     def report(self, figures):
         from dlsuite.apps.vision import metrics

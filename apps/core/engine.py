@@ -161,24 +161,11 @@ def fit(
         compile_model(model, strategy=strategy, optimizer_config=optimizer_config, loss=loss, metrics=metrics,
                       steps_per_epoch=steps_per_epoch, epochs=epochs, jit_compile=jit_compile)
 
-    best_value = None
-    if resume:
-        previous = rundir.read_history(paths["history"])
-        if previous.get("val_loss"):
-            best_value = min(previous["val_loss"])
     nan_guard = dl_callbacks.NaNGuard()
     run_callbacks = [
-        *callbacks,
-        *optim.schedule_callbacks(optimizer_config),
-        dl_callbacks.LearningRateLogger(),
-        nan_guard,
-        *([dl_callbacks.BestCheckpoint(paths["best"], monitor="val_loss", best=best_value)] if best_checkpoint else []),
-        # Saves model, optimizer and epoch after every epoch; an interrupted
-        # run restarted with --resume continues from the last finished epoch.
-        keras.callbacks.BackupAndRestore(paths["backup"], delete_checkpoint=True),
-        keras.callbacks.CSVLogger(paths["history"], append=resume or initial_epoch > 0),
-        dl_callbacks.EpochLog(paths["log"], epochs),
-        *_tensorboard(paths["tensorboard"]),
+        *callbacks, *optim.schedule_callbacks(optimizer_config), dl_callbacks.LearningRateLogger(), nan_guard,
+        *_run_callbacks(paths, epochs=epochs, resume=resume, initial_epoch=initial_epoch,
+                        best_checkpoint=best_checkpoint),
     ]
     if early_stopping:
         run_callbacks.append(keras.callbacks.EarlyStopping(monitor="val_loss", patience=early_stopping))
@@ -198,6 +185,24 @@ def fit(
         best_checkpoint=paths["best"] if os.path.exists(paths["best"]) else None,
         epochs_run=len(history.history.get("loss", [])),
     )
+
+
+def _run_callbacks(paths, *, epochs, resume, initial_epoch, best_checkpoint):
+    """What a run directory gets from training: the best checkpoint, the
+    backup to resume from, history.csv, train.log and TensorBoard logs."""
+    best_value = None
+    if resume:  # the best checkpoint must beat what the interrupted part reached
+        previous = rundir.read_history(paths["history"])
+        best_value = min(previous["val_loss"]) if previous.get("val_loss") else None
+    return [
+        *([dl_callbacks.BestCheckpoint(paths["best"], monitor="val_loss", best=best_value)] if best_checkpoint else []),
+        # Saves model, optimizer and epoch after every epoch; an interrupted
+        # run restarted with --resume continues from the last finished epoch.
+        keras.callbacks.BackupAndRestore(paths["backup"], delete_checkpoint=True),
+        keras.callbacks.CSVLogger(paths["history"], append=resume or initial_epoch > 0),
+        dl_callbacks.EpochLog(paths["log"], epochs),
+        *_tensorboard(paths["tensorboard"]),
+    ]
 
 
 def compile_model(model, *, strategy, optimizer_config, loss, metrics, steps_per_epoch, epochs, jit_compile="auto"):

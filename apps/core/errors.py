@@ -14,7 +14,8 @@ class UsageError(ValueError):
 
     Args:
         message: what was wrong and what to do, naming the received value.
-        option: the config field (or builder argument) the value came from.
+        option: the config field (or builder argument) the value came from,
+            or a tuple of the fields the message names.
     """
 
     def __init__(self, message, *, option=None):

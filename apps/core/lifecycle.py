@@ -117,7 +117,7 @@ def run(task, *, run_dir=None):
     if not chief:  # the chief scores and exports
         engine.release_worker_dir(run_dir)
         return 0
-    return finish(task, model, trained, run_dir=run_dir)
+    return finish(task, model, trained, run_dir=run_dir, batches=batches)
 
 
 def _run_directory(task, run_dir, strategy, chief):
@@ -220,7 +220,7 @@ def _read_back(phase_dir):
                             epochs_run=len(history.get("loss", [])))
 
 
-def finish(task, model, trained, *, run_dir):
+def finish(task, model, trained, *, run_dir, batches):
     """The chief's part after training: curves, the best model, its test
     score, model.keras, the export and metrics.json; returns the exit status."""
     from dlsuite.apps.core import engine, rundir
@@ -230,10 +230,15 @@ def finish(task, model, trained, *, run_dir):
     if trained.stopped is not None:  # metrics.json says why, and the run is not resumed
         return engine.report_stop(trained.stopped, run_dir)
     model = engine.final_model(engine.FitResult(trained.history, None, trained.best_checkpoint, 0), model)
-    figures = task.evaluate(model, run_dir)
-    task.save_model(model, run_dir / "model.keras")
     config = task.config
+    if config.precise_bn is not None:
+        figures, report = _with_precise_batch_norm(task, model, batches, run_dir)
+    else:
+        figures, report = task.evaluate(model, run_dir), None
+    task.save_model(model, run_dir / "model.keras")
     metrics = {"status": "finished", **figures, "epochs_run": len(trained.history.get("loss", []))}
+    if report is not None:
+        metrics["precise_bn"] = report
     if trained.history.get("val_loss"):
         metrics.setdefault("validation_loss", min(trained.history["val_loss"]))
     if len(trained.phase_epochs) > 1:
@@ -243,6 +248,43 @@ def finish(task, model, trained, *, run_dir):
     rundir.write_json(run_dir / METRICS_FILE, metrics)
     print(f"{task.report(metrics)}; run dir {run_dir}" + (f"; export {metrics['export']}" if metrics["export"] else ""))
     return 0
+
+
+def _with_precise_batch_norm(task, model, batches, run_dir):
+    """--precise-bn: scores `model` with its moving averages and with
+    recomputed population statistics, and keeps whichever validates better
+    (lower validation loss); returns (the kept model's test figures, the
+    report for metrics.json)."""
+    from dlsuite.apps.core import precise_bn
+
+    moving_weights = model.get_weights()
+    moving = {"validation_loss": _validation_loss(task, model, batches), "test": task.evaluate(model, None)}
+    used = precise_bn.recompute(model, batches.train, max_batches=task.config.precise_bn or None)
+    if not used:
+        print("precise batch norm: no batch normalization to recompute", flush=True)
+        return task.evaluate(model, run_dir), {"batches": 0}
+    recomputed = {"validation_loss": _validation_loss(task, model, batches), "test": task.evaluate(model, run_dir)}
+    kept = "recomputed" if recomputed["validation_loss"] <= moving["validation_loss"] else "moving_average"
+    if kept == "moving_average":
+        model.set_weights(moving_weights)
+        task.evaluate(model, run_dir)  # its plots
+    scores = {"moving_average": moving, "recomputed": recomputed}
+    print(f"precise batch norm over {used} batches: validation loss {moving['validation_loss']:.4f} with the moving "
+          f"averages, {recomputed['validation_loss']:.4f} recomputed; keeping the {kept.replace('_', ' ')}", flush=True)
+    task.batch_norm_statistics = kept  # the export says which
+    return scores[kept]["test"], {
+        "batches": used, "exported": kept,
+        "validation_loss": {name: score["validation_loss"] for name, score in scores.items()},
+        "test": {name: {key: value for key, value in score["test"].items() if isinstance(value, float)}
+                 for name, score in scores.items()},
+    }
+
+
+def _validation_loss(task, model, batches):
+    """The mean loss of `model` on the validation batches."""
+    model.compile(loss=task.loss())
+    result = model.evaluate(batches.validation, verbose=0, return_dict=True)
+    return float(result["loss"])
 
 
 def run_from_args(task_class, args):

@@ -69,6 +69,7 @@ class Task:
     app = ""  # runs/<app>/<time> by default
     config_class = None
     metrics = ("accuracy",)  # Keras metric names, or one list per output
+    batch_norm_statistics = None  # "recomputed" or "moving_average" after --precise-bn chose
 
     def __init__(self, config):
         self.config = config
@@ -160,6 +161,10 @@ class Task:
     def report(self, figures):
         """The line printed at the end of a run."""
         return ""
+
+    def export_facts(self):
+        """What an export's metadata records about the run beside the model."""
+        return {} if self.batch_norm_statistics is None else {"batch_norm_statistics": self.batch_norm_statistics}
 
     # --- the tuner ---------------------------------------------------------------------------
 

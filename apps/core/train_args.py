@@ -104,6 +104,11 @@ def add_training_arguments(parser, *, app, epochs, optimizer="adam", clip_norm=N
     training.add_argument("--early-stopping", type=int, default=0, metavar="PATIENCE",
                           help="stop after PATIENCE epochs without val_loss improvement (0: off)")
     training.add_argument("--seed", type=int, default=0, help="seeds splits, initialization and shuffling; on CPU the run is reproducible")
+    training.add_argument("--precise-bn", nargs="?", const=0, type=positive_int, metavar="BATCHES",
+                          help="after training, recompute batch norm's statistics as the population mean and "
+                               "unbiased variance of the training split (or BATCHES batches of it) with the final "
+                               "weights; the better of those and the moving averages on the validation split is "
+                               "exported, and metrics.json gives the test score of both")
     training.add_argument("--monitor", type=monitor_names, metavar="NAMES",
                           help="watch training: updates (update/weight ratio per layer, the seed's ~1e-3), gradients "
                                "(gradient norm per layer), dead-relu, or all; comma-separated, to TensorBoard and "
@@ -148,6 +153,7 @@ class TrainingConfig:
     strategy: str = "auto"
     mixed_precision: str = "auto"
     jit_compile: str = "auto"
+    precise_bn: int | None = None  # --precise-bn: batches to recompute batch norm over (0: the training split)
     out: str | None = None
     export: str | None = None
     export_dir: str = "saved_models"

@@ -70,6 +70,7 @@ def add_parser(subparsers):
     _add_lr_range_parser(commands)
     _add_run_parser(commands)
     _add_memory_parser(commands)
+    _add_features_parser(commands)
 
 
 def _add_init_parser(commands):
@@ -185,6 +186,33 @@ def _add_memory_parser(commands):
     memory.add_argument("--json", action="store_true")
     memory.set_defaults(func=run_memory)
 
+def _add_features_parser(commands):
+    features = commands.add_parser(
+        "features", help="see what a network learned: filters, feature maps, top patches, saliency, Grad-CAM",
+        description="The pictures of Zeiler & Fergus (ZFNet) for a trained CNN: the first convolution's filters,\n"
+                    "feature maps of a few layers, the image patches that excite each unit most (cropped to its\n"
+                    "receptive field), gradient saliency and Grad-CAM for one prediction; index.html shows them.",
+        epilog="examples:\n  dlsuite diagnose features runs/classify/20261126-120000\n"
+               "  dlsuite diagnose features runs/classify/20261126-120000/model.keras --images ./photos --layer conv2\n"
+               "  dlsuite diagnose features saved_models/shapes --images ./photos --image ./photos/cat/1.jpg",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    features.add_argument("model", metavar="MODEL",
+                          help="a classify run directory, a .keras file or an export folder (saved_models/NAME[/VERSION])")
+    features.add_argument("--images", metavar="DIR",
+                          help="a folder of images, or of class subfolders of images (default: the run's test split)")
+    features.add_argument("--image", metavar="PATH", help="the image for feature maps and saliency (default the first)")
+    features.add_argument("--layer", action="append", metavar="NAME",
+                          help="a conv/pool layer to look at; repeatable (default 4 spread from first to last)")
+    features.add_argument("--units", type=train_args.positive_int, default=8,
+                          help="channels per layer whose top patches are shown (default 8)")
+    features.add_argument("--top-k", type=train_args.positive_int, default=6, help="patches per unit (default 6)")
+    features.add_argument("--max-images", type=train_args.positive_int, default=500,
+                          help="images searched for top patches (default 500)")
+    features.add_argument("--out", help="where the pictures go (default runs/features/<time>)")
+    features.set_defaults(func=run_features)
+
+
 def _status(args, text):
     """Progress goes to stderr when stdout carries JSON."""
     print(text, file=sys.stderr if getattr(args, "json", False) else sys.stdout, flush=True)
@@ -239,7 +267,7 @@ def run_init(args):
     print(f"verdict: {study.verdict}")
     print()
     print(f"std per layer for every initialization ({activation or 'own activation'}):")
-    shown = init_study._panels(len(study.layers), 8)
+    shown = init_study.spread_indices(len(study.layers), 8)
     for other in others:
         stds = " ".join(f"{other.layers[i].std:>9.3g}" for i in shown)
         print(f"  {other.init:<7} {stds}   {', '.join(other.flags) or 'healthy'}")
@@ -438,3 +466,24 @@ def run_memory(args):
 
 def _mib(value):
     return f"{value / 2**20:.2f} MiB"
+
+
+# --- features -----------------------------------------------------------------------------
+
+
+def run_features(args):
+    from dlsuite.apps.core import rundir
+    from dlsuite.apps.diagnose import features
+
+    network = features.load_network(args.model)  # every check before the output folder: bad input leaves nothing
+    layers = features.choose_layers(network, args.layer)
+    image = features.load_image(network, args.image) if args.image else None
+    images = features.load_images(network, folder=args.images, max_images=args.max_images, image=image)
+    image = images.pixels[0] if image is None else image
+    out = rundir.create(args.out, "features")
+    print(f"{network.source}: layers {', '.join(layers)}; top {args.top_k} patches of {args.units} units over "
+          f"{images.source}", flush=True)
+    index = features.write_report(network, images, image, layers=layers, units=args.units, top_k=args.top_k, out=out,
+                                  image_label=args.image or "the first image of the set")
+    print(index)
+    return 0

@@ -271,7 +271,7 @@ def _histogram(axis, values, layer, *, value_range, show_stats=True):
         axis.set_title(f"{layer.name}\nmean {layer.mean:.2g}, std {layer.std:.2g}", fontsize=8)
 
 
-def _panels(count, limit):
+def spread_indices(count, limit):
     """Indices of at most `limit` evenly spread panels out of `count` layers."""
     if count <= limit:
         return list(range(count))
@@ -284,7 +284,7 @@ def plot_histograms(study, path, *, title, max_panels=24):
     from dlsuite.apps.core import rundir
 
     plt = _pyplot()
-    picks = _panels(len(study.layers), max_panels)
+    picks = spread_indices(len(study.layers), max_panels)
     columns = min(6, len(picks))
     rows = math.ceil(len(picks) / columns)
     figure, axes = plt.subplots(rows, columns, figsize=(2.6 * columns, 2.3 * rows), squeeze=False)
@@ -304,7 +304,7 @@ def plot_grid(studies, path, *, title, max_columns=8):
     from dlsuite.apps.core import rundir
 
     plt = _pyplot()
-    picks = _panels(len(studies[0].layers), max_columns)
+    picks = spread_indices(len(studies[0].layers), max_columns)
     figure, axes = plt.subplots(len(studies), len(picks), figsize=(2.2 * len(picks), 1.9 * len(studies)),
                                 squeeze=False)
     for row, study in zip(axes, studies):

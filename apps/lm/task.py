@@ -214,7 +214,7 @@ class LanguageModelTask(task.Task):
         return lm_export.export_language_model(
             model, self.vocabulary, name=name or f"{kind}_{rundir.slug(self.name)}", base_dir=base_dir,
             metadata={"cell": config.cell, "layers": config.layers, "units": config.units, "seq_len": config.seq_len,
-                      **score})
+                      **score, **self.export_facts()})
 
     def report(self, figures):
         split = "test" if self.test_ids is not None else "validation"

@@ -156,21 +156,22 @@ class TransferTask(task.Task):
 
         config = self.config
         if config.backbone is None and not backbones.is_model_file(config.weights):
-            raise UsageError("--backbone is needed unless --weights is a model this suite trained; "
-                             "e.g. --backbone resnet50 --weights imagenet")
+            raise UsageError("backbone is needed unless weights is a model this suite trained; "
+                             "e.g. --backbone resnet50 --weights imagenet", option=("backbone", "weights"))
         if config.backbone is not None:
             config.backbone = backbones.canonical_name(config.backbone)
         if config.freeze_epochs < 0 or config.finetune_epochs < 0:
-            raise UsageError(f"--freeze-epochs and --finetune-epochs must be >= 0, received "
-                             f"{config.freeze_epochs} and {config.finetune_epochs}")
+            raise UsageError(f"freeze_epochs and finetune_epochs must be >= 0, received "
+                             f"{config.freeze_epochs} and {config.finetune_epochs}", option=("freeze_epochs", "finetune_epochs"))
         if config.freeze_epochs + config.finetune_epochs == 0:
-            raise UsageError("--freeze-epochs and --finetune-epochs are both 0: nothing to train; e.g. --freeze-epochs 5")
+            raise UsageError("freeze_epochs and finetune_epochs are both 0: nothing to train; train one epoch or more",
+                             option=("freeze_epochs", "finetune_epochs"))
         if not 0 < config.finetune_lr_factor <= 1:
-            raise UsageError(f"--finetune-lr-factor must be in (0, 1], received {config.finetune_lr_factor}")
+            raise UsageError(f"finetune_lr_factor must be in (0, 1], received {config.finetune_lr_factor}", option="finetune_lr_factor")
         if not 0 <= config.head_dropout < 1:
-            raise UsageError(f"--head-dropout must be in [0, 1), received {config.head_dropout}")
+            raise UsageError(f"head_dropout must be in [0, 1), received {config.head_dropout}", option="head_dropout")
         if config.optimizer.get("optimizer") == "lbfgs":
-            raise UsageError("--optimizer lbfgs cannot train a frozen backbone in phases; use adam, sgd or momentum")
+            raise UsageError("optimizer lbfgs cannot train a frozen backbone in phases; use adam, sgd or momentum", option="optimizer")
         self.weights = backbones.check_weights_argument(config.backbone, config.weights)
 
     clip_unfreeze = False  # a search's trial unfreezes at most every layer the backbone has
@@ -289,7 +290,8 @@ class TransferTask(task.Task):
         from dlsuite.apps.vision import export
 
         return export.export_classifier(model, class_names=self.data.class_names, base_dir=base_dir,
-                                        name=name or f"{self.base.name}_{rundir.slug(self.data.name)}")
+                                        name=name or f"{self.base.name}_{rundir.slug(self.data.name)}",
+                                        facts=self.export_facts())
 
     def report(self, figures):
         from dlsuite.apps.vision import metrics

@@ -46,7 +46,8 @@ FORMAT_VERSION = 1
 
 SIGNATURES = ("serving_default", "serving_float", "serving_bytes")
 
-def export_classifier(model, *, class_names, name, base_dir="saved_models", version=None, architecture=None):
+def export_classifier(model, *, class_names, name, base_dir="saved_models", version=None, architecture=None,
+                      facts=None):
     """Exports `model` to `base_dir/name/<version>/` as a serving SavedModel.
 
     The SavedModel is written to a hidden temporary folder inside
@@ -65,6 +66,8 @@ def export_classifier(model, *, class_names, name, base_dir="saved_models", vers
         architecture: what rebuilds the backbone (registry name, knobs,
             preprocessing statistics), stored in the metadata so the export
             can seed a transfer-learning run; None: not recorded.
+        facts: more JSON-ready entries for the metadata (which batch-norm
+            statistics the model carries).
 
     Returns:
         The `pathlib.Path` of the new version folder.
@@ -81,7 +84,7 @@ def export_classifier(model, *, class_names, name, base_dir="saved_models", vers
     def write(folder):
         _write_saved_model(model, folder, class_names=class_names, input_size=input_size, channels=channels)
         _write_metadata(folder, class_names=class_names, input_size=input_size, channels=channels, model_name=model.name,
-                        architecture=architecture)
+                        architecture=architecture, facts=facts)
 
     return write_version_atomically(pathlib.Path(base_dir) / name, version, write)
 
@@ -211,7 +214,7 @@ def _to_channels(images, channels):
     )
 
 
-def _write_metadata(path, *, class_names, input_size, channels, model_name, architecture=None):
+def _write_metadata(path, *, class_names, input_size, channels, model_name, architecture=None, facts=None):
     """Writes assets/labels.txt and assets/dlsuite.json next to the graph."""
     assets = pathlib.Path(path) / "assets"
     assets.mkdir(exist_ok=True)
@@ -227,6 +230,7 @@ def _write_metadata(path, *, class_names, input_size, channels, model_name, arch
     }
     if architecture is not None:
         metadata["architecture"] = architecture
+    metadata.update(facts or {})
     (assets / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
 
 
