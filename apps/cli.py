@@ -101,16 +101,17 @@ def _subcommand_parser(parser, argv):
 
 
 def user_error_line(error, flags):
-    """One line for a user error: each config field it names is shown as its
-    flag (`lr must be > 0` -> `--lr must be > 0`)."""
+    """One line for a user error: the config field it starts with, or each of
+    the fields it names as a tuple, is shown as its flag (`lr must be > 0` ->
+    `--lr must be > 0`); "Unknown model 'x'" stays as it is."""
     text = _one_line(error)
     fields = errors.option_of(error) or ()
-    for field in (fields,) if isinstance(fields, str) else fields:
-        flag = flags.get(field)
-        if not flag:
-            continue
-        named = re.compile(rf"(?<![\w-]){re.escape(field)}(?![\w-])")
-        text = named.sub(flag, text, count=1) if named.search(text) else f"{flag}: {text}"
+    if isinstance(fields, str):
+        flag = flags.get(fields)
+        return f"{flag}{text[len(fields):]}" if flag and re.match(rf"{re.escape(fields)}(?![\w-])", text) else text
+    for field in fields:
+        if flags.get(field):
+            text = re.sub(rf"(?<![\w-]){re.escape(field)}(?![\w-])", flags[field], text, count=1)
     return text
 
 

@@ -9,7 +9,8 @@ a SavedModel that takes raw images.
 import dataclasses
 import sys
 
-from dlsuite.apps.core import task, train_args
+from dlsuite.apps.core import train_args
+from dlsuite.apps.vision import classifier_task
 from dlsuite.apps.core.errors import UsageError
 
 KNOBS = ("activation", "kernel_initializer", "l1", "l2", "max_norm", "dropout", "batch_norm")
@@ -77,7 +78,7 @@ def image_size(config, spec, data):
     return spec.default_input_shape[0]
 
 
-class ClassifyTask(task.Task):
+class ClassifyTask(classifier_task.ImageClassifierTask):
     """`dlsuite classify train`: a registry CNN with the app's knobs."""
 
     app = "classify"
@@ -97,7 +98,6 @@ class ClassifyTask(task.Task):
     def load_data(self):
         self.data = load_images(self.config)
         self.statistics = {}
-        self._batches = {}
         self.check_knobs()
         self.size_for(self.config.model)  # a too small --image-size fails before anything is written
 
@@ -113,9 +113,6 @@ class ClassifyTask(task.Task):
         config = dataclasses.replace(self.config, model=model_name)
         return image_size(config, models.get(model_name), self.data)
 
-    def train_examples(self):
-        return self.data.sizes["train"]
-
     def batch_size(self, requested):
         if requested > self.data.sizes["train"]:
             raise UsageError(
@@ -123,24 +120,9 @@ class ClassifyTask(task.Task):
                 f"pass {self.data.sizes['train']} (full batch) or less", option="batch_size")
         return requested
 
-    def split(self, name, batch_size, *, training=False):
-        """The batches of one split at the model's input size (evaluation ones kept for every trial)."""
-        from dlsuite.apps.vision import pipeline
-
+    def input_shape(self):
         size = self.size_for(self.config.model)
-        shape = dict(image_size=(size, size), channels=self.data.channels, batch_size=batch_size)
-        if training:  # a new dataset each time: its shuffle order depends on the seed alone
-            return pipeline.batches(getattr(self.data, name), training=True, seed=self.config.seed, **shape)
-        key = (name, size, batch_size)
-        if key not in self._batches:
-            self._batches[key] = pipeline.batches(getattr(self.data, name), training=False, **shape)
-        return self._batches[key]
-
-    def batches(self, batch_size):
-        train_size = self.data.sizes["train"]
-        return task.Batches(train=self.split("train", batch_size, training=True),
-                            validation=self.split("validation", batch_size), batch_size=batch_size,
-                            steps_per_epoch=-(-train_size // batch_size), train_examples=train_size)
+        return (size, size), self.data.channels
 
     def channel_statistics(self):
         from dlsuite.apps.vision import classifier
@@ -163,29 +145,17 @@ class ClassifyTask(task.Task):
             channels=self.data.channels, mean=mean, variance=variance, augment=self.config.augment,
             seed=self.config.seed, **self.knobs())
 
-    def loss(self):
-        import keras
-
-        return keras.losses.SparseCategoricalCrossentropy()
-
     def resolved(self, model, batches):
         size = self.size_for(self.config.model)
         return {"image_size": size, "channels": self.data.channels, "class_names": self.data.class_names,
                 "sizes": self.data.sizes, "skipped": [list(item) for item in self.data.skipped]}
 
     def describe(self, model, batches):
-        data, size = self.data, self.size_for(self.config.model)
-        return (f"{self.config.model} on {data.name}: {data.sizes['train']} train / {data.sizes['validation']} "
-                f"validation / {data.sizes['test']} test images, {len(data.class_names)} classes, input "
-                f"{size}x{size}x{data.channels}")
+        size = self.size_for(self.config.model)
+        return f"{self.config.model} on {self.data_line()}, input {size}x{size}x{self.data.channels}"
 
     def title(self):
         return f"{self.config.model} on {self.data.name}"
-
-    def evaluate(self, model, run_dir):
-        from dlsuite.apps.vision import metrics
-
-        return metrics.score_classifier(model, self.split("test", 256), self.data.class_names, run_dir)
 
     def architecture(self):
         """What rebuilds the backbone from the export, for `dlsuite transfer --weights EXPORT`."""
@@ -204,7 +174,3 @@ class ClassifyTask(task.Task):
             name=name or f"{self.config.model}_{rundir.slug(self.data.name)}", architecture=self.architecture(),
             facts=self.export_facts())
 
-    def report(self, figures):
-        from dlsuite.apps.vision import metrics
-
-        return metrics.report_line(figures)

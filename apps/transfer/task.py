@@ -14,6 +14,7 @@ import dataclasses
 import sys
 
 from dlsuite.apps.core import task, train_args
+from dlsuite.apps.vision import classifier_task
 from dlsuite.apps.core.errors import UsageError
 
 
@@ -145,7 +146,7 @@ def load_data(config):
     return data, statistics
 
 
-class TransferTask(task.Task):
+class TransferTask(classifier_task.ImageClassifierTask):
     """`dlsuite transfer finetune`."""
 
     app = "transfer"
@@ -193,13 +194,12 @@ class TransferTask(task.Task):
 
     def load_data(self):
         self.data, self.statistics = load_data(self.config)
-        self._batches = {}
-
-    def train_examples(self):
-        return self.data.sizes["train"]
 
     def batch_size(self, requested):
         return min(requested, self.data.sizes["train"])
+
+    def input_shape(self):
+        return self.base.input_size, self.base.channels
 
     def build_model(self):
         from dlsuite.apps.vision import backbones
@@ -224,28 +224,6 @@ class TransferTask(task.Task):
                       if layer.weights and not isinstance(layer, keras.layers.BatchNormalization))
         return min(int(self.config.unfreeze), tunable)
 
-    def split(self, name, batch_size, *, training=False):
-        from dlsuite.apps.vision import pipeline
-
-        shape = dict(image_size=tuple(self.base.input_size), channels=self.base.channels, batch_size=batch_size)
-        if training:
-            return pipeline.batches(self.data.train, training=True, seed=self.config.seed, **shape)
-        key = (name, tuple(self.base.input_size), batch_size)
-        if key not in self._batches:
-            self._batches[key] = pipeline.batches(getattr(self.data, name), training=False, **shape)
-        return self._batches[key]
-
-    def batches(self, batch_size):
-        train_size = self.data.sizes["train"]
-        return task.Batches(train=self.split("train", batch_size, training=True),
-                            validation=self.split("validation", batch_size), batch_size=batch_size,
-                            steps_per_epoch=-(-train_size // batch_size), train_examples=train_size)
-
-    def loss(self):
-        import keras
-
-        return keras.losses.SparseCategoricalCrossentropy()
-
     def phases(self):
         config, optimizer = self.config, self.optimizer_config()
 
@@ -269,9 +247,7 @@ class TransferTask(task.Task):
                 "sizes": self.data.sizes}
 
     def describe(self, model, batches):
-        data, base = self.data, getattr(self, "base", None)  # a search describes its data before any model
-        line = (f"{data.name}: {data.sizes['train']} train / {data.sizes['validation']} validation / "
-                f"{data.sizes['test']} test images, {len(data.class_names)} classes")
+        base, line = getattr(self, "base", None), self.data_line()  # a search describes its data before any model
         if base is None:
             return line
         return (f"{base.name} ({base.source}) on {line}, input "
@@ -279,11 +255,6 @@ class TransferTask(task.Task):
 
     def title(self):
         return f"{self.base.name} on {self.data.name}"
-
-    def evaluate(self, model, run_dir):
-        from dlsuite.apps.vision import metrics
-
-        return metrics.score_classifier(model, self.split("test", 256), self.data.class_names, run_dir)
 
     def export(self, model, figures, *, name=None, base_dir=None):
         from dlsuite.apps.core import rundir
@@ -293,7 +264,3 @@ class TransferTask(task.Task):
                                         name=name or f"{self.base.name}_{rundir.slug(self.data.name)}",
                                         facts=self.export_facts())
 
-    def report(self, figures):
-        from dlsuite.apps.vision import metrics
-
-        return metrics.report_line(figures)
