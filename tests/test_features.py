@@ -144,6 +144,18 @@ def test_a_keras_file_with_an_image_folder(tmp_path, capsys):
         "feature_maps.png", "filters.png", "index.html", "saliency.png", "top_patches_conv1.png"]
 
 
+def test_a_registry_model_with_weights_shows_its_features_without_saliency(tmp_path, capsys):
+    folder = _image_folder(tmp_path / "images", _rectangles(count=4, size=32))
+    out = tmp_path / "out"
+    status, output, err = run(capsys, "diagnose", "features", "lenet5", "--weights", "none", "--images", folder,
+                              "--input-size", "32", "--out", out)
+    assert status == 0, err
+    assert output.startswith("lenet5 (random)") or "lenet5" in output.splitlines()[0]
+    names = sorted(path.name for path in out.iterdir())
+    assert "filters.png" in names and "index.html" in names and "saliency.png" not in names
+    assert any(name.startswith("top_patches_") for name in names)
+
+
 def test_an_export_is_rebuilt_with_its_head(tmp_path):
     from dlsuite.apps.vision import classifier, export
 

@@ -209,6 +209,9 @@ def _add_features_parser(commands):
     features.add_argument("--top-k", type=train_args.positive_int, default=6, help="patches per unit (default 6)")
     features.add_argument("--max-images", type=train_args.positive_int, default=500,
                           help="images searched for top patches (default 500)")
+    features.add_argument("--weights", help="with a registry name as MODEL: imagenet, a .weights.h5 file or none")
+    features.add_argument("--input-size", type=train_args.size_pair, metavar="H,W",
+                          help="with a registry name as MODEL: the input size (default the model's)")
     features.add_argument("--out", help="where the pictures go (default runs/features/<time>)")
     features.set_defaults(func=run_features)
 
@@ -475,7 +478,7 @@ def run_features(args):
     from dlsuite.apps.core import rundir
     from dlsuite.apps.diagnose import features
 
-    network = features.load_network(args.model)  # every check before the output folder: bad input leaves nothing
+    network = features.load_network(args.model, weights=args.weights, input_size=args.input_size)  # every check before the output folder: bad input leaves nothing
     layers = features.choose_layers(network, args.layer)
     image = features.load_image(network, args.image) if args.image else None
     images = features.load_images(network, folder=args.images, max_images=args.max_images, image=image)

@@ -34,7 +34,8 @@ from dlsuite.apps.core.errors import UsageError
 
 DEFAULT_LAYERS = 4  # feature-map layers picked when --layer is absent
 MAP_CHANNELS = 16  # channels shown per layer in feature_maps.png
-MODEL_FORMS = "a classify run directory, a .keras file or an export folder (saved_models/NAME[/VERSION])"
+MODEL_FORMS = ("a classify run directory, a .keras file, an export folder (saved_models/NAME[/VERSION]) or a "
+               "registry CNN name with --weights")
 
 _CONV = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.SeparableConv2D)
 _POOL = (keras.layers.MaxPooling2D, keras.layers.AveragePooling2D)
@@ -85,14 +86,22 @@ class Network:
 # --- loading ------------------------------------------------------------------
 
 
-def load_network(path):
-    """A `Network` from a run directory, a `.keras` file or an export folder.
+def load_network(path, *, weights=None, input_size=None):
+    """A `Network` from a run directory, a `.keras` file, an export folder, or
+    a registry CNN (`path` its name) with `weights` (imagenet, a weights
+    file, none) at `input_size`, its pixel preprocessing inside.
 
     Raises:
         UsageError: a missing path, a file that is not a Keras model, a model
             without a 2-D convolution or without a fixed image input.
     """
+    from dlsuite import models
+
     path = pathlib.Path(path)
+    if not path.exists() and str(path) in models.names(kind="cnn"):
+        network = _from_registry(str(path), weights=weights, input_size=input_size)
+        _check_cnn(network)
+        return network
     if not path.exists():
         raise UsageError(f"model {str(path)!r} does not exist; pass {MODEL_FORMS}", option="model")
     if path.is_dir() and (path / "model.keras").is_file():
@@ -105,6 +114,16 @@ def load_network(path):
         raise UsageError(f"model {str(path)!r} is not {MODEL_FORMS}", option="model")
     _check_cnn(network)
     return network
+
+
+def _from_registry(name, *, weights, input_size):
+    """A registry CNN without its top, as `transfer extract` builds it: no
+    classifier head, so the report has no saliency."""
+    from dlsuite.apps.vision import backbones
+
+    base = backbones.build_base(name, weights=backbones.check_weights_argument(name, weights or "none"),
+                                input_size=input_size, channels=3)
+    return Network(base.model, None, False, [], f"{name} ({base.source})", None)
 
 
 def _check_cnn(network):
