@@ -25,7 +25,7 @@ import re
 import sys
 
 from dlsuite.apps import table
-from dlsuite.apps.core import errors
+from dlsuite.apps.core import config_file, errors
 
 # The modules that each add one subcommand, from the app table (a new app is one row there).
 SUBCOMMANDS = tuple(app.parser for app in table.APPS)
@@ -144,6 +144,17 @@ def _quiet_tensorflow_start():
         os.close(null)
 
 
+def parse_arguments(parser, argv=None):
+    """Parses `argv`; with `--config FILE`, the file's options become the
+    command's defaults and `argv` is parsed again, so that flags win."""
+    args = parser.parse_args(argv)
+    if getattr(args, "config", None):
+        command = _subcommand_parser(parser, parser._argv)
+        config_file.apply(command, args.config, command=command.prog)
+        args = parser.parse_args(argv)
+    return args
+
+
 def main(argv=None):
     """Runs `dlsuite` with `argv` (default: the command line); returns the exit status."""
     # Before any app module imports TensorFlow, so its C++ start-up INFO and
@@ -151,9 +162,12 @@ def main(argv=None):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     parser = build_parser()  # imports no TensorFlow: --help stays instant
     try:
-        args = parser.parse_args(argv)
+        args = parse_arguments(parser, argv)
     except SystemExit as exit_:  # --help (0) or an argparse error (2)
         return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
+    except errors.UsageError as error:  # a bad --config file
+        print(f"dlsuite: error: {user_error_line(error, {'config': '--config'})}", file=sys.stderr)
+        return EXIT_USAGE
     _quiet_tensorflow_start()
     try:
         status = args.func(args)

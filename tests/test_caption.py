@@ -80,26 +80,6 @@ def test_the_captioner_beats_the_most_frequent_caption_by_far(trained):
     assert metrics["bleu4"] > 0.3 and metrics["bleu4"] > 5 * metrics["baseline"]["bleu4"]
 
 
-def test_resume_continues_an_interrupted_run_without_losing_an_epoch(tmp_path, capsys, interrupt_at_epoch_end):
-    interrupt_at_epoch_end(2)
-    run = tmp_path / "run"
-    argv = ["caption", "train", "--scenes-count", "100", "--scenes-size", "32", *SMALL, "--epochs", "3",
-            "--out", run, "--no-export"]
-    status, _, err = run_cli(argv, capsys)
-    assert status == 130 and "interrupted" in err
-    assert (run / "checkpoints" / "backup").exists() and not (run / "metrics.json").exists()
-    config = (run / "config.json").read_text()
-
-    status, out, err = run_cli(["caption", "train", "--resume", run], capsys)
-    assert status == 0, err
-    with open(run / "history.csv") as handle:
-        assert [line.split(",")[0] for line in handle.read().splitlines()[1:]] == ["0", "1", "2"]
-    metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["epochs_run"] == 3 and 0 <= metrics["bleu4"] <= 1
-    assert (run / "config.json").read_text() == config
-    assert not (run / "checkpoints" / "backup").exists()
-
-
 def test_an_image_blind_decoder_scores_far_lower(trained):
     """The same decoder and training on the same cached features, with the image zeroed out."""
     data = trained["data"]

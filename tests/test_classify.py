@@ -4,8 +4,6 @@ every bad input the issue lists."""
 
 import csv
 import json
-import os
-import pathlib
 
 import numpy as np
 import pytest
@@ -79,20 +77,6 @@ def test_predict_prints_top_k_per_image(trained, tmp_path, capsys):
     assert [line["top"][0]["label"] for line in lines] == ["0", "1", "2"]
     status, out, _ = run(["classify", "predict", export, paths[0]], capsys)
     assert out.startswith(f"{paths[0]}: 0 ")
-
-
-def test_resume_continues_after_an_interruption_without_losing_an_epoch(tmp_path, capsys, interrupt_at_epoch_end):
-    interrupt_at_epoch_end(2)
-    run_dir = tmp_path / "run"
-    argv = ["classify", "train", "--epochs", "4", "--out", str(run_dir), "--no-export"]
-    status, _, err = run(argv, capsys)
-    assert status == 130 and "interrupted" in err
-    assert (run_dir / "checkpoints" / "backup").exists()
-
-    status, out, err = run(["classify", "train", "--resume", str(run_dir)], capsys)
-    assert status == 0, err
-    assert [row["epoch"] for row in history_rows(run_dir)] == ["0", "1", "2", "3"]
-    assert json.loads((run_dir / "metrics.json").read_text())["epochs_run"] == 4  # every epoch of history.csv, the resumed part and the part before
 
 
 def test_nan_loss_stops_with_the_seed_advice(tmp_path, capsys):

@@ -119,6 +119,7 @@ def add_training_arguments(parser, *, app, epochs, optimizer="adam", clip_norm=N
     hardware.add_argument("--mixed-precision", choices=choices.SWITCHES, default="auto")
     hardware.add_argument("--jit-compile", choices=choices.SWITCHES, default="auto")
 
+    add_config_argument(parser)
     output = parser.add_argument_group("output")
     output.add_argument("--out", help=f"run directory (default runs/{app}/<timestamp>)")
     output.add_argument("--export", help=f"SavedModel name under --export-dir (default {export_default})")
@@ -126,6 +127,14 @@ def add_training_arguments(parser, *, app, epochs, optimizer="adam", clip_norm=N
     output.add_argument("--no-export", action="store_true")
     if resumable:
         output.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its directory")
+
+
+def add_config_argument(parser):
+    """--config FILE: options from a YAML or JSON file (`config_file`); flags override it."""
+    parser.add_argument("--config", metavar="FILE",
+                        help="a YAML or JSON file of options (keys as the config.json a run writes: epochs, lr, "
+                             "batch_norm, ...); flags on the command line override it; a run's config.json "
+                             "repeats the run")
 
 
 def optimizer_config(args):

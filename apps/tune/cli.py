@@ -59,7 +59,7 @@ CHECKPOINT = "checkpoint.weights.h5"  # keras-tuner's best-epoch weights of a tr
 RESUME_KEYS = ("app", "tuner", "objective", "seed", "space", "data")
 # Options of `tune` itself, as opposed to the app's data options.
 _TUNE_OPTIONS = {"app", "tuner", "max_trials", "epochs", "objective", "space", "dir", "overwrite", "max_failures",
-                 "strategy", "seed", "export", "export_dir", "no_export", "func", "command"}
+                 "strategy", "seed", "export", "export_dir", "no_export", "func", "command", "config"}
 
 
 SPACE_EXAMPLE = """a --space file (YAML or JSON) narrows or widens the default space:
@@ -113,6 +113,7 @@ def _add_app_parser(apps, name, entry):
     search.add_argument("--seed", type=int, default=0, help="seeds the split, the search and every trial's initialization")
     search.add_argument("--strategy", default="auto", help="tf.distribute strategy each trial trains under: auto, default, one-device, mirrored or tpu")
 
+    train_args.add_config_argument(parser)
     output = parser.add_argument_group("output")
     output.add_argument("--dir", help=f"tuning directory; the same one resumes a search (default runs/tune/{name}_<data>_<tuner>)")
     output.add_argument("--overwrite", action="store_true", help="start the search in --dir over, deleting its trials")
