@@ -174,3 +174,14 @@ def test_command_line_choices_match_the_libraries():
     assert choices.INITIALIZERS == tuple(common.INITIALIZERS)
     assert set(choices.OPTIMIZERS) <= set(summary.OPTIMIZERS)
     assert optim.OPTIMIZERS == choices.OPTIMIZERS
+
+
+def test_info_names_versions_devices_strategies_and_caches(capsys):
+    assert cli.main(["info", "--json"]) == 0
+    facts = json.loads(capsys.readouterr().out)
+    assert facts["versions"]["keras"] and facts["versions"]["tensorflow"]
+    assert facts["devices"]["trains_on"] == "cpu" and facts["devices"]["cpu"] >= 1
+    assert set(facts["strategies"]) == {"auto", "default", "one-device", "mirrored", "multi-worker", "tpu"}
+    assert facts["caches"]["keras_weights"].endswith("models")
+    assert cli.main(["info"]) == 0
+    assert "strategies:" in capsys.readouterr().out

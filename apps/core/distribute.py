@@ -625,3 +625,46 @@ def _logs(totals, *, prefix, with_accuracy):
     if with_accuracy:
         logs[f"{prefix}accuracy"] = float(correct / count)
     return logs
+
+
+def describe(strategy):
+    """What a strategy means here, for people: "one CPU", "2 GPUs mirrored",
+    "2 workers, all-reduce", "TPU, 8 cores"."""
+    replicas = strategy.num_replicas_in_sync
+    try:
+        devices = strategy.extended.worker_devices
+    except RuntimeError:  # the default strategy has none: the current device
+        devices = ["GPU"] if tf.config.list_physical_devices("GPU") else []
+    kind = "GPU" if any("GPU" in device.upper() for device in devices) else "CPU"
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        workers = len(_cluster_workers()) or replicas
+        return f"{workers} workers, all-reduce ({replicas} replicas)"
+    if isinstance(strategy, tf.distribute.TPUStrategy):
+        return f"TPU, {replicas} cores"
+    if isinstance(strategy, tf.distribute.MirroredStrategy):
+        return f"{replicas} {kind}{'s' if replicas != 1 else ''} mirrored"
+    return f"one {kind}"
+
+
+def _cluster_workers():
+    try:
+        cluster = json.loads(os.environ.get("TF_CONFIG") or "{}").get("cluster", {})
+    except ValueError:
+        return []
+    return list(cluster.get("chief", [])) + list(cluster.get("worker", []))
+
+
+def strategy_availability(name):
+    """One line on what `--strategy NAME` would do on this machine (nothing is created)."""
+    gpus = len(tf.config.list_physical_devices("GPU"))
+    tpu_hint = any(os.environ.get(var) for var in TPU_ENV_VARIABLES)
+    return {
+        "auto": "a TPU if one is configured, else mirrored over the GPUs, else the default: here "
+                + ("a TPU" if tpu_hint else f"{gpus} GPUs mirrored" if gpus > 1 else "one GPU" if gpus else "one CPU"),
+        "default": "no distribution: one device",
+        "one-device": "GPU 0" if gpus else "the CPU",
+        "mirrored": f"{max(gpus, 1)} {'GPU' if gpus else 'CPU'} replica{'s' if gpus > 1 else ''} in this process",
+        "multi-worker": "all-reduce over the TF_CONFIG cluster: " + (
+            f"{len(_cluster_workers())} workers configured" if _cluster_workers() else "TF_CONFIG is not set"),
+        "tpu": "the TPU named by TPU_NAME" + (" (set)" if tpu_hint else " (not set here)"),
+    }[name]

@@ -111,7 +111,7 @@ def run(task, *, run_dir=None):
             "parameters": model.count_params()}})
         task.write_inputs(run_dir)
     print(f"{task.describe(model, batches)}, {model.count_params():,} parameters, "
-          f"{type(strategy).__name__} x{strategy.num_replicas_in_sync}; run dir {run_dir}", flush=True)
+          f"{distribute.describe(strategy)}; run dir {run_dir}", flush=True)
 
     trained = train_phases(task, model, batches, strategy=strategy, run_dir=run_dir, resume=resume)
     if not chief:  # the chief scores and exports
