@@ -69,7 +69,12 @@ def add_parser(subparsers):
                                    epilog="example:\n  dlsuite classify evaluate saved_models/lenet5_digits --dataset digits",
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
     evaluate.add_argument("saved_model", help="an export folder (saved_models/NAME or saved_models/NAME/VERSION)")
-    evaluate.add_argument("--dataset", required=True, help="the dataset whose test split to score (same forms as train)")
+    evaluate.add_argument("--dataset", required=True,
+                          help="the dataset to score (same forms as train): the test split of the data the model "
+                               "was trained on, or every image of another folder")
+    evaluate.add_argument("--split", choices=("auto", "test", "all"), default="auto",
+                          help="auto (default): the test split of the training data, all images of any other "
+                               "folder; test or all to choose")
     evaluate.add_argument("--seed", type=int, default=0, help="the split seed the model was trained with")
     evaluate.add_argument("--validation-fraction", type=float, default=0.15)
     evaluate.add_argument("--test-fraction", type=float, default=0.15)
@@ -97,12 +102,11 @@ def run_train(args):
 def run_evaluate(args):
     import numpy as np
 
-    from dlsuite.apps.vision import datasets, export, metrics, pipeline
+    from dlsuite.apps.vision import export, metrics, pipeline
     from dlsuite.apps.core import rundir
 
     served = export.ExportedClassifier.load(args.saved_model)
-    data = datasets.load(args.dataset, seed=args.seed, validation_fraction=args.validation_fraction,
-                         test_fraction=args.test_fraction)
+    data = _evaluation_data(args, served)
     if list(data.class_names) != list(served.class_names):
         raise UsageError(
             f"{args.dataset!r} has classes {data.class_names[:10]} but the model was trained on "
@@ -122,13 +126,33 @@ def run_evaluate(args):
     if args.json:
         print(json.dumps({**report, "confusion_png": str(out / "confusion.png")}))
         return 0
-    print(f"{report['examples']} test images: accuracy {report['accuracy']:.4f}, loss {report['loss']:.4f}"
+    what = "test images" if data.sizes["train"] else f"images (all of {args.dataset})"
+    print(f"{report['examples']} {what}: accuracy {report['accuracy']:.4f}, loss {report['loss']:.4f}"
           + (f", top-5 {report['top5_accuracy']:.4f}" if "top5_accuracy" in report else ""))
     print(f"{'class':<20} {'precision':>9} {'recall':>9} {'support':>8}")
     for name, row in report["per_class"].items():
         print(f"{name:<20} {row['precision']:>9.4f} {row['recall']:>9.4f} {row['support']:>8}")
     print(f"confusion matrix: {out / 'confusion.png'}")
     return 0
+
+
+def _evaluation_data(args, served):
+    """The images `classify evaluate` scores, as the test split of a dataset."""
+    import os
+
+    from dlsuite.apps.vision import datasets
+
+    trained_on = (served.metadata.get("dataset") or {}).get("dataset")
+    folder = os.path.isdir(os.path.expanduser(args.dataset))
+    same = trained_on is not None and (os.path.abspath(os.path.expanduser(trained_on)) ==
+                                       os.path.abspath(os.path.expanduser(args.dataset)) if folder else
+                                       trained_on == args.dataset)
+    if args.split == "all" or (args.split == "auto" and folder and not same):
+        if not folder:
+            raise UsageError(f"split all scores a folder of images; {args.dataset!r} is not one", option="split")
+        return datasets.whole_folder(args.dataset)
+    return datasets.load(args.dataset, seed=args.seed, validation_fraction=args.validation_fraction,
+                         test_fraction=args.test_fraction)
 
 
 def run_predict(args):

@@ -34,6 +34,8 @@ class TrainConfig(train_args.TrainingConfig):
     shapes_size: int = 64
     shapes_count: int = 1200
     data_dir: str | None = None
+    validation_data: str | None = None  # folders used whole as those splits
+    test_data: str | None = None
     activation: str | None = None
     kernel_initializer: str | None = None
     l1: float | None = None
@@ -56,6 +58,7 @@ def load_images(config):
         config.dataset, seed=config.seed, validation_fraction=config.validation_fraction,
         test_fraction=config.test_fraction, strict=config.strict, shapes_classes=config.shapes_classes,
         shapes_size=config.shapes_size, shapes_count=config.shapes_count, data_dir=config.data_dir,
+        validation_data=config.validation_data, test_data=config.test_data,
     )
     for path, reason in data.skipped:
         print(f"skipped {path}: {reason}", file=sys.stderr)
@@ -172,5 +175,11 @@ class ClassifyTask(classifier_task.ImageClassifierTask):
         return export.export_classifier(
             model, class_names=self.data.class_names, base_dir=base_dir,
             name=name or f"{self.config.model}_{rundir.slug(self.data.name)}", architecture=self.architecture(),
-            facts=self.export_facts())
+            facts={**self.export_facts(), "dataset": self.dataset_facts()})
+
+    def dataset_facts(self):
+        """What `classify evaluate` needs to tell the training data from other data."""
+        config = self.config
+        return {"dataset": config.dataset, "seed": config.seed, "validation_fraction": config.validation_fraction,
+                "test_fraction": config.test_fraction, "test_data": config.test_data}
 

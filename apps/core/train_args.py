@@ -63,6 +63,10 @@ def add_image_split_arguments(group):
     group.add_argument("--strict", action="store_true", help="stop at an unreadable image instead of skipping it")
     group.add_argument("--validation-fraction", type=float, default=0.15)
     group.add_argument("--test-fraction", type=float, default=0.15)
+    group.add_argument("--validation-data", metavar="FOLDER",
+                       help="a folder (one subfolder per class) used whole for validation: nothing of --dataset is "
+                            "split off for it (the train/val/test layout of ImageNet and Kaggle)")
+    group.add_argument("--test-data", metavar="FOLDER", help="a folder used whole as the test split, likewise")
     group.add_argument("--shapes-classes", type=positive_int, default=4, help="shapes: number of classes")
     group.add_argument("--shapes-size", type=positive_int, default=64, help="shapes: image side in pixels")
     group.add_argument("--shapes-count", type=positive_int, default=1200, help="shapes: number of images")

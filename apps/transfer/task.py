@@ -43,6 +43,8 @@ class TransferConfig(train_args.TrainingConfig):
     shapes_size: int = 64
     shapes_count: int = 1200
     data_dir: str | None = None
+    validation_data: str | None = None  # folders used whole as those splits
+    test_data: str | None = None
 
 
 def few_labels(dataset, per_class, *, seed):
@@ -133,6 +135,7 @@ def load_data(config):
         config.dataset, seed=config.seed, validation_fraction=config.validation_fraction,
         test_fraction=config.test_fraction, strict=config.strict, shapes_classes=config.shapes_classes,
         shapes_size=config.shapes_size, shapes_count=config.shapes_count, data_dir=config.data_dir,
+        validation_data=config.validation_data, test_data=config.test_data,
     )
     for path, reason in data.skipped:
         print(f"skipped {path}: {reason}", file=sys.stderr)

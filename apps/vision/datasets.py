@@ -79,7 +79,7 @@ def describe(name):
 
 
 def load(spec, *, seed=0, validation_fraction=0.15, test_fraction=0.15, strict=False,
-         shapes_classes=4, shapes_size=64, shapes_count=1200, data_dir=None):
+         shapes_classes=4, shapes_size=64, shapes_count=1200, data_dir=None, validation_data=None, test_data=None):
     """Loads the dataset `spec` and splits it into train, validation and test.
 
     Args:
@@ -95,6 +95,9 @@ def load(spec, *, seed=0, validation_fraction=0.15, test_fraction=0.15, strict=F
         shapes_size: "shapes" only, image side in pixels.
         shapes_count: "shapes" only, number of images in total.
         data_dir: TFDS only, where TensorFlow Datasets keeps its files.
+        validation_data, test_data: folders (one subfolder per class, the
+            classes of `spec`) used whole as that split; no fraction of
+            `spec` is then split off for it.
 
     Returns:
         An `ImageDataset`.
@@ -103,6 +106,13 @@ def load(spec, *, seed=0, validation_fraction=0.15, test_fraction=0.15, strict=F
         UsageError: an unknown name, a missing or malformed folder, fractions
             out of range, or too few images for a non-empty split.
     """
+    given = {key: folder for key, folder in (("validation", validation_data), ("test", test_data)) if folder}
+    if given:  # the given splits take nothing from `spec`
+        data = load(spec, seed=seed, strict=strict, shapes_classes=shapes_classes, shapes_size=shapes_size,
+                    shapes_count=shapes_count, data_dir=data_dir,
+                    validation_fraction=_HELD_OUT if "validation" in given else validation_fraction,
+                    test_fraction=_HELD_OUT if "test" in given else test_fraction)
+        return _with_given_splits(data, given, strict=strict)
     spec = os.fspath(spec)
     _check_fractions(validation_fraction, test_fraction)
     fractions = {"validation_fraction": validation_fraction, "test_fraction": test_fraction}
@@ -129,8 +139,35 @@ def load(spec, *, seed=0, validation_fraction=0.15, test_fraction=0.15, strict=F
     )
 
 
+# The fraction of a split that a given folder replaces: none of `spec` goes
+# to it (the split is left empty, then `_with_given_splits` fills it).
+_HELD_OUT = 1e-12
+
+
+def _with_given_splits(data, given, *, strict):
+    """`data` with each split of `given` ({"validation"/"test": folder}) read from its folder, whole."""
+    replaced, sizes, skipped = {}, dict(data.sizes), list(data.skipped)
+    for key, folder in given.items():
+        class_names, paths, labels, _, checks = _read_folder(os.fspath(folder), os.path.expanduser(folder),
+                                                              strict=strict)
+        if class_names != list(data.class_names):
+            missing = sorted(set(data.class_names) - set(class_names))
+            extra = sorted(set(class_names) - set(data.class_names))
+            raise UsageError(
+                f"{key} folder {os.fspath(folder)!r} has other classes than {data.name!r}"
+                + (f" (missing {missing[:5]})" if missing else "") + (f" (not in training: {extra[:5]})" if extra else "")
+                + "; give it one subfolder per training class", option=f"{key}_data")
+        replaced[key] = tf.data.Dataset.from_tensor_slices((paths, labels)).map(
+            decoder(data.channels, None), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        sizes[key] = len(paths)
+        skipped += [(check.path, check.reason) for check in checks if check.reason]
+    return dataclasses.replace(data, sizes=sizes, skipped=skipped, **replaced)
+
+
 def _check_fractions(validation_fraction, test_fraction):
     for label, value in (("validation_fraction", validation_fraction), ("test_fraction", test_fraction)):
+        if value == _HELD_OUT:
+            continue
         if not 0.0 < value < 1.0:
             raise UsageError(
                 f"{label}={value!r} is out of range: choose a value between 0 and 1, e.g. 0.15."
@@ -181,7 +218,8 @@ def _stratified_split(labels, *, seed, validation_fraction, test_fraction, name)
     split = {key: np.sort(np.concatenate(value)) for key, value in parts.items()}
     split["train"] = rng.permutation(split["train"])
     for key, indices in split.items():
-        if len(indices) == 0:
+        held_out = {"validation": validation_fraction, "test": test_fraction}.get(key) == _HELD_OUT
+        if len(indices) == 0 and not held_out:
             fix = "lower" if key == "train" else "raise"
             raise UsageError(
                 f"Dataset {name!r} has too few images ({len(labels)}) for a non-empty {key} split with "
@@ -366,8 +404,14 @@ def decoder(channels, image_shape):
     return decode
 
 
-def _load_folder(spec, root, *, seed, strict, validation_fraction, test_fraction):
-    """A folder with one subfolder per class; images are decoded by tf.data when read."""
+def _read_folder(spec, root, *, strict):
+    """The classes and readable images of a folder with one subfolder per class.
+
+    Returns:
+        (class names, image paths, their labels, (channels, native shape or None), the checks).
+    """
+    if not os.path.isdir(root):
+        raise UsageError(f"Dataset folder {spec!r} does not exist: check the path.")
     class_names, files = list_class_files(root)
     if not class_names:
         problem = "is empty" if not os.listdir(root) else "has no class subfolders"
@@ -398,8 +442,27 @@ def _load_folder(spec, root, *, seed, strict, validation_fraction, test_fraction
     native = {check.shape[:2] for check in kept}
     image_shape = (*native.pop(), channels) if len(native) == 1 else None
 
-    paths = np.array([check.path for check in kept])
-    labels = labels[good]
+    return (class_names, np.array([check.path for check in kept]), labels[good], (channels, image_shape), checks)
+
+
+def whole_folder(spec, *, strict=False):
+    """Every readable image of a folder with one subfolder per class, as the
+    test split of an `ImageDataset` (train and validation empty): what
+    `classify evaluate` scores on a folder the model was not trained on."""
+    class_names, paths, labels, (channels, image_shape), checks = _read_folder(
+        os.fspath(spec), os.path.expanduser(spec), strict=strict)
+    empty = tf.data.Dataset.from_tensor_slices((paths[:0], labels[:0])).map(decoder(channels, image_shape))
+    return ImageDataset(
+        name=os.fspath(spec), class_names=class_names, sizes={"train": 0, "validation": 0, "test": len(paths)},
+        train=empty, validation=empty,
+        test=tf.data.Dataset.from_tensor_slices((paths, labels)).map(
+            decoder(channels, image_shape), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True),
+        channels=channels, image_shape=image_shape, skipped=[(c.path, c.reason) for c in checks if c.reason])
+
+
+def _load_folder(spec, root, *, seed, strict, validation_fraction, test_fraction):
+    """A folder with one subfolder per class; images are decoded by tf.data when read."""
+    class_names, paths, labels, (channels, image_shape), checks = _read_folder(spec, root, strict=strict)
     split = _stratified_split(labels, seed=seed, validation_fraction=validation_fraction,
                               test_fraction=test_fraction, name=spec)
     decode = decoder(channels, image_shape)
@@ -442,7 +505,8 @@ def _tfds_splits(name, splits, *, validation_fraction, test_fraction):
         "test": "test" if "test" in splits else f"train[{n_kept}:]",
     }
     for key, split in chosen.items():
-        if splits[split].num_examples == 0:
+        held_out = {"validation": validation_fraction, "test": test_fraction}.get(key) == _HELD_OUT
+        if splits[split].num_examples == 0 and not held_out:
             fix = "lower" if key == "train" else "raise"
             raise UsageError(
                 f"tfds:{name} has too few examples ({n} in train) for a non-empty {key} split "

@@ -249,6 +249,7 @@ class ExportedClassifier:
         # The loaded object owns the variables; the signatures need it alive.
         self._saved_model = saved_model
         self._signatures = saved_model.signatures
+        self.metadata = metadata
         self.class_names = list(metadata["class_names"])
         self.input_size = tuple(metadata["input_size"])
         self.channels = int(metadata["channels"])
