@@ -11,6 +11,7 @@ from PIL import Image
 
 from dlsuite.apps.caption import data as caption_data, model as caption_model
 from dlsuite.apps import cli
+from dlsuite.apps.core.errors import UsageError
 
 
 def run_cli(argv, capsys):
@@ -232,3 +233,27 @@ def test_a_tfds_set_without_captions_is_named(capsys, tmp_path):
                                  "--out", tmp_path / "run"], capsys)
     assert status == 2
     assert "tfds:mnist is not an image-captioning set: it needs an 'image' and a 'captions' sequence" in stderr
+
+
+def test_separate_validation_and_test_caption_files_are_those_splits_whole(tmp_path):
+    images, captions = caption_data.generate_scenes(count=20, size=32, seed=4)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    files = {"train": [], "validation": [], "test": []}
+    for i, (image, references) in enumerate(zip(images, captions)):
+        Image.fromarray(image).save(folder / f"{i:02d}.png")
+        split = "train" if i < 12 else "validation" if i < 16 else "test"
+        files[split] += [f"{i:02d}.png#{j}\t{reference}" for j, reference in enumerate(references)]
+    for split, lines in files.items():
+        (tmp_path / f"{split}.token.txt").write_text("\n".join(lines) + "\n")
+    data = caption_data.load(images=folder, captions=tmp_path / "train.token.txt",
+                             validation_captions=tmp_path / "validation.token.txt",
+                             test_captions=tmp_path / "test.token.txt")
+    assert data.sizes == {"train": 12, "validation": 4, "test": 4}
+    assert data.test.names == ["16.png", "17.png", "18.png", "19.png"]
+    assert data.test.captions[0] == captions[16] and not data.warnings  # no "uncaptioned" noise
+    only_test = caption_data.load(images=folder, captions=tmp_path / "train.token.txt",
+                                  test_captions=tmp_path / "test.token.txt", validation_fraction=0.25)
+    assert only_test.sizes == {"train": 9, "validation": 3, "test": 4}
+    with pytest.raises(UsageError, match="pass --images DIR --captions FILE with them"):
+        caption_data.load(test_captions=tmp_path / "test.token.txt")

@@ -55,6 +55,10 @@ def _add_data_arguments(group, *, evaluate=False, scenes_count=4000):
     group.add_argument("--data-dir", help="tfds: where TensorFlow Datasets keeps its files")
     group.add_argument("--strict", action="store_true", help="stop at an unreadable image instead of skipping it")
     if not evaluate:
+        group.add_argument("--validation-captions", metavar="FILE",
+                           help="captions of the validation images (in --images), used whole: nothing of --captions "
+                                "is split off for validation (Flickr8k's Flickr_8k.devImages-style splits)")
+        group.add_argument("--test-captions", metavar="FILE", help="captions of the test images, likewise")
         group.add_argument("--scenes-count", type=train_args.positive_int, default=scenes_count,
                            help=f"scenes: images (default {scenes_count})")
         group.add_argument("--scenes-size", type=train_args.positive_int, default=64, help="scenes: image side (default 64)")

@@ -222,17 +222,24 @@ def generate_scenes(*, count=2000, size=64, seed=0):
     return images, captions
 
 
-def _split_indices(count, *, seed, validation_fraction, test_fraction, name):
-    """Shuffled image indices for train, validation and test (by image, never by caption)."""
-    for label, value in (("--validation-fraction", validation_fraction), ("--test-fraction", test_fraction)):
+def _split_indices(count, *, seed, validation_fraction, test_fraction, name, given=()):
+    """Shuffled image indices for train, validation and test (by image, never by caption);
+    a split in `given` comes from a file of its own and takes no image here."""
+    if given:
+        validation_fraction = 0.0 if "validation" in given else validation_fraction
+        test_fraction = 0.0 if "test" in given else test_fraction
+    for key, label, value in (("validation", "--validation-fraction", validation_fraction),
+                              ("test", "--test-fraction", test_fraction)):
+        if key in given:
+            continue
         if not 0.0 < value < 1.0:
             raise UsageError(f"{label} must be between 0 and 1, received {value!r}")
     if validation_fraction + test_fraction >= 1.0:
         raise UsageError(f"--validation-fraction + --test-fraction = {validation_fraction + test_fraction:g} "
                          "leaves no training images; lower them")
     order = np.random.default_rng(seed).permutation(count)
-    n_validation = max(1, int(round(count * validation_fraction)))
-    n_test = max(1, int(round(count * test_fraction)))
+    n_validation = 0 if "validation" in given else max(1, int(round(count * validation_fraction)))
+    n_test = 0 if "test" in given else max(1, int(round(count * test_fraction)))
     if count - n_validation - n_test < 1:
         raise UsageError(f"{name} has {count} captioned images: too few for train, validation and test splits; "
                          "add images or lower --validation-fraction/--test-fraction")
@@ -422,7 +429,7 @@ class CaptionedImages:
     warnings: list
 
 
-def captioned_images(images_dir, captions_path, *, strict=False):
+def captioned_images(images_dir, captions_path, *, strict=False, others_described=False):
     """Pairs a captions file with an image folder: missing, unreadable and uncaptioned images are warnings.
 
     Raises:
@@ -456,7 +463,7 @@ def captioned_images(images_dir, captions_path, *, strict=False):
     uncaptioned = [entry.name for entry in os.scandir(images_dir) if entry.is_file()
                    and entry.name.lower().endswith(datasets.IMAGE_EXTENSIONS)
                    and os.path.normpath(entry.path) not in described]
-    if uncaptioned:
+    if uncaptioned and not others_described:  # the other splits' files describe those
         warnings.append(f"{len(uncaptioned)} images in {images_dir} have no captions in {captions_path}, ignored: "
                         f"{list_some(sorted(uncaptioned))}")
     channels = 3 if any(check.colour for _, _, check in kept) else 1
@@ -467,12 +474,22 @@ def captioned_images(images_dir, captions_path, *, strict=False):
         image_shape=(*native.pop(), channels) if len(native) == 1 else None, warnings=warnings)
 
 
-def _load_folder(images_dir, captions_path, *, seed, validation_fraction, test_fraction, strict):
-    import tensorflow as tf
-
-    from dlsuite.apps.vision import datasets
-
-    found = captioned_images(images_dir, captions_path, strict=strict)
+def _load_folder(images_dir, captions_path, *, seed, validation_fraction, test_fraction, strict, given=None):
+    """Images with the captions of `captions_path`, split by fractions, by a
+    Karpathy file's own splits, or taken from `given` ({"validation"/"test": captions file})."""
+    given = given or {}
+    found = captioned_images(images_dir, captions_path, strict=strict, others_described=bool(given))
+    if given:
+        split = _split_indices(len(found.names), seed=seed, validation_fraction=validation_fraction,
+                               test_fraction=test_fraction, name=f"--captions {captions_path!r}", given=given)
+        splits = _caption_splits(found, split)
+        for key, path in given.items():
+            other = captioned_images(images_dir, path, strict=strict, others_described=True)
+            splits[key] = _caption_splits(other, {key: np.arange(len(other.names))})[key]
+            found.warnings.extend(other.warnings)
+            found.channels = max(found.channels, other.channels)
+        return CaptionData(name=os.path.basename(os.path.normpath(os.fspath(images_dir))) or "images",
+                           channels=found.channels, image_shape=None, warnings=found.warnings, **splits)
     if found.splits:
         split = {key: np.array([i for i, name in enumerate(found.names) if found.splits.get(name, "train") == key],
                                dtype=np.int64) for key in ("train", "validation", "test")}
@@ -482,21 +499,30 @@ def _load_folder(images_dir, captions_path, *, seed, validation_fraction, test_f
     else:
         split = _split_indices(len(found.names), seed=seed, validation_fraction=validation_fraction,
                                test_fraction=test_fraction, name=f"--captions {captions_path!r}")
+    return CaptionData(name=os.path.basename(os.path.normpath(os.fspath(images_dir))) or "images",
+                       channels=found.channels, image_shape=found.image_shape, warnings=found.warnings,
+                       **_caption_splits(found, split))
+
+
+def _caption_splits(found, split):
+    """{split: CaptionSplit} of `found`'s images at the indices of `split`."""
+    import tensorflow as tf
+
+    from dlsuite.apps.vision import datasets
+
     decode = datasets.decoder(found.channels, found.image_shape)
     paths = np.array(found.paths)
 
     def image_only(path):
         return decode(path, 0)[0]
 
-    splits = {
+    return {
         key: CaptionSplit(
             images=tf.data.Dataset.from_tensor_slices(paths[indices]).map(
                 image_only, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True),
             captions=[found.captions[i] for i in indices], names=[found.names[i] for i in indices])
         for key, indices in split.items()
     }
-    return CaptionData(name=os.path.basename(os.path.normpath(os.fspath(images_dir))) or "images",
-                       channels=found.channels, image_shape=found.image_shape, warnings=found.warnings, **splits)
 
 
 # --- TensorFlow Datasets ---------------------------------------------------------------
@@ -567,7 +593,8 @@ def _load_tfds(name, *, data_dir, max_images):
 
 
 def load(dataset=SCENES, *, images=None, captions=None, seed=0, validation_fraction=0.1, test_fraction=0.1,
-         scenes_count=2000, scenes_size=64, data_dir=None, max_images=None, strict=False):
+         scenes_count=2000, scenes_size=64, data_dir=None, max_images=None, strict=False, validation_captions=None,
+         test_captions=None):
     """Loads a captioning dataset and splits it by image.
 
     Args:
@@ -580,15 +607,23 @@ def load(dataset=SCENES, *, images=None, captions=None, seed=0, validation_fract
         data_dir: TFDS only, where TensorFlow Datasets keeps its files.
         max_images: keep at most this many images per split (None: all).
         strict: stop at an unreadable image instead of skipping it.
+        validation_captions, test_captions: captions files (of images in
+            `images`) that are those splits whole; nothing of `captions` is
+            split off for them.
 
     Returns:
         A `CaptionData`.
     """
+    given = {key: os.fspath(path) for key, path in (("validation", validation_captions), ("test", test_captions))
+             if path is not None}
+    if given and images is None:
+        raise UsageError("--validation-captions and --test-captions name images of --images; pass --images DIR "
+                         "--captions FILE with them")
     if (images is None) != (captions is None):
         raise UsageError("--images and --captions go together: the folder of images and the file of their captions")
     if images is not None:
         data = _load_folder(os.fspath(images), os.fspath(captions), seed=seed, validation_fraction=validation_fraction,
-                            test_fraction=test_fraction, strict=strict)
+                            test_fraction=test_fraction, strict=strict, given=given)
     elif dataset == SCENES:
         data = _load_scenes(seed=seed, count=scenes_count, size=scenes_size, validation_fraction=validation_fraction,
                             test_fraction=test_fraction)

@@ -37,6 +37,8 @@ class CaptionConfig(train_args.TrainingConfig):
     dataset: str = "scenes"
     images: str | None = None
     captions: str | None = None
+    validation_captions: str | None = None  # captions files that are those splits whole
+    test_captions: str | None = None
     data_dir: str | None = None
     scenes_count: int = 4000
     scenes_size: int = 64
@@ -82,7 +84,8 @@ def load_data_and_encoder(config, weights):
         config.dataset, images=config.images, captions=config.captions, seed=config.seed,
         validation_fraction=config.validation_fraction, test_fraction=config.test_fraction,
         scenes_count=config.scenes_count, scenes_size=config.scenes_size, data_dir=config.data_dir,
-        max_images=config.max_images, strict=config.strict)
+        max_images=config.max_images, strict=config.strict, validation_captions=config.validation_captions,
+        test_captions=config.test_captions)
     for warning in data.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     vocabulary = caption_model.Vocabulary.build(
