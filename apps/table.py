@@ -51,6 +51,7 @@ APPS = (
     App("caption", parser="dlsuite.apps.caption.cli", task="dlsuite.apps.caption.task:CaptionTask",
         tuning="dlsuite.apps.caption.tuning:TUNING"),
     App("diagnose", parser="dlsuite.apps.diagnose.cli"),
+    App("serve", parser="dlsuite.apps.serve.cli"),
     App("info", parser="dlsuite.apps.info"),
 )
 

@@ -11,7 +11,8 @@ import pytest  # noqa: E402
 # collection order: the longest files go first, so that no long file starts
 # last while the other worker sits idle (measured on 2 cores: 10:21 with the
 # benchmarks' 3-minute quick run starting last).
-LONGEST_FIRST = ("test_benchmarks.py", "test_classify.py", "test_caption.py", "test_lifecycle.py", "test_transfer.py", "test_tune.py",
+LONGEST_FIRST = ("test_benchmarks.py", "test_serve.py", "test_classify.py", "test_caption.py", "test_lifecycle.py",
+                 "test_transfer.py", "test_tune.py",
                  "test_cnn_models.py", "test_diagnose.py", "test_distribute.py", "test_lm.py")
 
 

@@ -1,0 +1,143 @@
+"""`dlsuite serve`: serve SavedModels over TensorFlow Serving's REST API, and a page at `/`.
+
+The work lives in `repository` (versions on disk), `tensors` (the JSON),
+`server` (HTTP) and `page` (the HTML); this module reads the command line,
+tells model folders from base folders, and starts the server.
+"""
+
+import argparse
+import functools
+import pathlib
+
+from dlsuite.apps.core.errors import UsageError
+
+EPILOG = """examples:
+  dlsuite serve                                        # every model under saved_models/
+  dlsuite serve saved_models/lenet5_digits --port 8501
+  dlsuite serve saved_models/lenet5_digits saved_models/lstm_stdlib-docstrings
+  dlsuite serve exports/pets/ --model-name pets --host 0.0.0.0
+
+then, as against TensorFlow Serving:
+  curl http://127.0.0.1:8501/v1/models/lenet5_digits
+  curl http://127.0.0.1:8501/v1/models/lenet5_digits/metadata
+  curl -d '{"signature_name": "serving_bytes", "instances": [{"b64": "'$(base64 -w0 digit.png)'"}]}' \\
+      http://127.0.0.1:8501/v1/models/lenet5_digits:predict
+  curl -d '{"inputs": {"prompt": "Return the ", "length": 200, "temperature": 0.7, "seed": 1}}' \\
+      http://127.0.0.1:8501/v1/models/lstm_stdlib-docstrings:predict
+and open http://127.0.0.1:8501/ in a browser.
+"""
+
+
+def _positive_float(option):
+    def parse(text):
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{option} expects a number, received {text!r}") from None
+        if not value > 0 or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"{option} must be > 0, received {text!r}")
+        return value
+
+    return parse
+
+
+def _port(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--port expects an integer, received {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"--port must be 0..65535 (0: any free port), received {text!r}")
+    return value
+
+
+def add_parser(subparsers):
+    parser = subparsers.add_parser(
+        "serve", help="serve exported models over TensorFlow Serving's REST API, with a page for people",
+        description="Serve SavedModels the way TensorFlow Serving's REST API does (/v1/models/NAME, "
+                    ":predict, /metadata), so that a client written against one works against the other. "
+                    "Versions are the integer subfolders; the highest is the default, new ones are loaded and "
+                    "removed ones unloaded while serving. http://HOST:PORT/ is a page to try the models.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("export_dirs", nargs="*", metavar="EXPORT_DIR", default=["saved_models"],
+                        help="a model folder (holding version folders 1/, 2/, ...) or a folder of model folders "
+                             "(default: saved_models)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
+    parser.add_argument("--port", type=_port, default=8501, help="port (default 8501, TensorFlow Serving's REST "
+                                                                 "port; 0: any free port)")
+    parser.add_argument("--model-name", help="the name to serve a single model folder under (default: its "
+                                             "folder name)")
+    parser.add_argument("--poll-seconds", type=_positive_float("--poll-seconds"), default=2.0,
+                        help="how often to look for new and removed versions (default 2)")
+    parser.add_argument("--max-body-mb", type=_positive_float("--max-body-mb"), default=16.0,
+                        help="largest request body in MiB; larger ones get 413 (default 16)")
+    parser.set_defaults(func=run)
+
+
+def resolve_folders(paths, model_name=None):
+    """Splits the given folders into models and bases.
+
+    A folder with integer-named subfolders is a model (named after the
+    folder, or `model_name`); any other folder is a base whose subfolders
+    are models, watched for new ones. With `model_name`, the one folder
+    given is the model even before its first version appears.
+
+    Returns:
+        ({name: model folder}, [base folders]).
+
+    Raises:
+        UsageError: a missing folder, a version folder, two models of one
+            name, or `model_name` with more than one folder.
+    """
+    models, bases = {}, []
+    if model_name is not None:
+        if len(paths) != 1:
+            raise UsageError(f"model_name names one model; pass one model folder, received {len(paths)} folders",
+                             option="model_name")
+        if not model_name or "/" in model_name or ":" in model_name:
+            raise UsageError(f"model_name must be a name usable in a URL (no '/' or ':'), received {model_name!r}",
+                             option="model_name")
+    for path in map(pathlib.Path, paths):
+        if not path.is_dir():
+            raise UsageError(f"{path} is not a folder; pass a model folder (holding 1/, 2/, ...) or a folder of "
+                             "models such as saved_models/", option="export_dirs")
+        if (path / "saved_model.pb").is_file():
+            raise UsageError(f"{path} is a version folder (it holds saved_model.pb); pass the folder above it, "
+                             f"{path.resolve().parent}, whose integer subfolders are the versions",
+                             option="export_dirs")
+        if model_name is not None or _has_versions(path):
+            name = model_name or path.resolve().name
+            if ":" in name:
+                raise UsageError(f"{path}: a model name cannot hold ':' (it ends the name in a :predict URL); "
+                                 "pass --model-name", option="export_dirs")
+            if name in models:
+                raise UsageError(f"two model folders are named {name!r} ({models[name]} and {path}); serve them "
+                                 "one at a time with --model-name", option="export_dirs")
+            models[name] = path
+        else:
+            bases.append(path)
+    return models, bases
+
+
+def _has_versions(folder):
+    return any(child.is_dir() and child.name.isascii() and child.name.isdigit() for child in folder.iterdir())
+
+
+def run(args):
+    from dlsuite.apps.serve.repository import Repository
+    from dlsuite.apps.serve.server import MIB, Server, bind
+    import asyncio
+
+    models, bases = resolve_folders(args.export_dirs, args.model_name)
+    log = functools.partial(print, flush=True)
+    repository = Repository(models=models, bases=bases, poll_seconds=args.poll_seconds, log=log)
+    server = Server(repository, max_body_bytes=args.max_body_mb * MIB, poll_seconds=args.poll_seconds, log=log)
+    try:
+        sock = bind(args.host, args.port)
+    except OSError as error:
+        raise UsageError(f"cannot listen on {args.host}:{args.port}: {error.strerror or error}; pick another "
+                         "--port or --host", option="port") from None
+    asyncio.run(server.serve(sock, host=args.host))
+    return 0

@@ -1,0 +1,257 @@
+"""The HTTP side of `dlsuite serve`: TensorFlow Serving's REST API on aiohttp.
+
+Why aiohttp: the server must keep answering while a request runs a slow
+graph (a language model sampling 2,000 characters, a ResNet-50 batch) and
+while clients misbehave (a half-sent body, a body over the limit, a
+dropped connection). aiohttp is a mature, actively released asyncio HTTP
+server (since 2014, used in production widely) with one install and no
+compiler: it parses HTTP/1.1 and keep-alive for us, enforces a body limit
+(`client_max_size`) before the body is buffered, drains what a refused
+client still sends so it reads its 413, and never lets one handler's
+exception take the process down. Its event loop holds thousands of idle
+connections on one thread; the CPU work of a request (JSON decoding, the
+TensorFlow call, JSON encoding) runs in a thread pool (`run_in_executor`),
+so it never blocks other requests: TensorFlow releases the GIL while it
+computes, and two requests run side by side. The standard library's
+`http.server` would mean parsing and limits by hand and a thread per
+connection; Flask or FastAPI bring a WSGI/ASGI server and more packages for
+no gain here.
+
+Routes, as TensorFlow Serving matches them (`http_rest_api_util.cc`, case
+insensitive):
+
+=====================================================  =====================================
+GET  /v1/models/NAME[/versions/N]                      model_version_status
+GET  /v1/models/NAME[/versions/N]/metadata             model_spec and signature_def
+POST /v1/models/NAME[/versions/N]:predict              predictions (instances) or outputs (inputs)
+GET  /                                                 the page for people (`page.py`)
+GET  /dlsuite/models                                   models, versions, kind, signatures (the page's)
+=====================================================  =====================================
+
+Every error is `{"error": message}` with TensorFlow Serving's status for it
+(`errors.HTTP_STATUS`): 400 for malformed JSON, both `instances` and
+`inputs`, a wrong dtype or shape, an unknown signature (TensorFlow Serving
+answers that one with INVALID_ARGUMENT, `GetInfoMap` in
+`http_rest_api_handler.cc`, not NOT_FOUND); 404 for an unknown model or
+version; 413 for a body over `--max-body-mb`. A bug in this server answers
+500 with its traceback on stderr, and the server goes on.
+"""
+
+import asyncio
+import concurrent.futures
+import functools
+import re
+import signal
+import socket
+import sys
+import traceback
+
+import tensorflow as tf
+from aiohttp import web
+
+from dlsuite.apps.serve import page, tensors
+from dlsuite.apps.serve.errors import ServingError, invalid
+from dlsuite.apps.serve.repository import DEFAULT_SIGNATURE, op_error_name
+
+_V1 = re.compile(r"/v1(/.*)?", re.IGNORECASE)
+_PREDICT = re.compile(r"/v1/models/([^/:]+)(?:/versions/(\d+))?:(classify|regress|predict)", re.IGNORECASE)
+_STATUS = re.compile(r"/v1/models(?:/([^/:]+))?(?:/versions/(\d+))?(?:/(metadata))?", re.IGNORECASE)
+_INT64_MAX = (1 << 63) - 1
+MIB = 1 << 20
+
+
+def predict(repository, name, version, body):
+    """Answers one `:predict` body (bytes) with the JSON-ready response; raises ServingError."""
+    request = tensors.parse_request(body)
+    served = repository.get(name, version)
+    signature_name = request.get("signature_name") or DEFAULT_SIGNATURE
+    signature = served.signatures.get(signature_name)
+    if signature is None:
+        raise invalid(f'Serving signature name: "{signature_name}" not found in signature def '
+                      f"(this model has: {', '.join(sorted(served.signatures)) or 'none'})")
+    arrays = tensors.inputs_from_request(request, signature.inputs)
+    try:
+        outputs = served.predict(signature_name, arrays)
+    except tf.errors.OpError as error:  # e.g. bytes that are not an image: the client's data
+        raise ServingError(_op_message(error), code=op_error_name(error)) from None
+    except (TypeError, ValueError) as error:  # the function refused the arguments
+        raise invalid(" ".join(str(error).split())) from None
+    return tensors.response(outputs, tensors.request_format(request))
+
+
+def _op_message(error):
+    # TensorFlow appends the graph node ("\n\t [[{{node ...}}]]"), noise to a client.
+    return " ".join(error.message.split("\n\t [[")[0].split())
+
+
+def metadata(repository, name, version):
+    """GetModelMetadataResponse in TensorFlow Serving's JSON layout."""
+    served = repository.get(name, version)
+    return {
+        "model_spec": {"name": name, "signature_name": "", "version": str(served.number)},
+        "metadata": {"signature_def": {"signature_def": served.signature_defs}},
+    }
+
+
+def _json(value, status=200):
+    return web.Response(text=tensors.dumps(value), status=status, content_type="application/json")
+
+
+def _error(message, status):
+    return _json({"error": message}, status=status)
+
+
+class Server:
+    """The aiohttp application over a `repository.Repository`.
+
+    Args:
+        repository: the models to serve.
+        max_body_bytes: requests with a larger body get 413.
+        poll_seconds: how often the model folders are scanned.
+        workers: threads for the requests' CPU work.
+        log: where the start and stop lines go.
+    """
+
+    def __init__(self, repository, *, max_body_bytes=16 * MIB, poll_seconds=2.0, workers=None, log=print):
+        self.repository = repository
+        self.max_body_bytes = int(max_body_bytes)
+        self.poll_seconds = poll_seconds
+        self._log = log
+        self._workers = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="serve")
+        # Loads get their own thread: a slow load never holds up a request.
+        self._scanner = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="serve-scan")
+
+    def application(self):
+        app = web.Application(client_max_size=self.max_body_bytes, middlewares=[self._errors])
+        app.router.add_get("/", self._page)
+        app.router.add_get("/dlsuite/models", self._models)
+        app.router.add_route("*", "/{path:.*}", self._dispatch)
+        return app
+
+    @web.middleware
+    async def _errors(self, request, handler):
+        try:
+            return await handler(request)
+        except ServingError as error:
+            return _error(error.message, error.http_status)
+        except web.HTTPRequestEntityTooLarge:
+            return self._too_large(None)
+        except web.HTTPException as error:
+            if error.status < 400:
+                raise
+            return _error(f"{error.reason}: {request.method} {request.path}", error.status)
+        except ConnectionResetError:  # the client went away mid-body: nobody reads this answer
+            return _error("Connection lost while reading the request", 400)
+        except Exception as error:  # a bug here: the client is told, the server goes on
+            traceback.print_exc(file=sys.stderr)
+            return _error(f"Internal error in dlsuite serve: {type(error).__name__}: {error}", 500)
+
+    def _too_large(self, size):
+        received = f" ({size} bytes)" if size is not None else ""
+        return _error(f"Request body too large{received}: over the limit of {self.max_body_bytes} bytes "
+                      f"(dlsuite serve --max-body-mb {self.max_body_bytes / MIB:g})", 413)
+
+    async def _page(self, request):
+        return web.Response(text=page.HTML, content_type="text/html", charset="utf-8")
+
+    async def _models(self, request):
+        return _json(self.repository.describe())
+
+    async def _dispatch(self, request):
+        path = request.path
+        if not _V1.fullmatch(path):
+            return _error(f"Not found: {request.method} {path}; the REST API is under /v1/models/NAME", 404)
+        if request.method == "POST":
+            match = _PREDICT.fullmatch(path)
+            if match:
+                return await self._predict(request, match)
+        elif request.method == "GET":
+            match = _STATUS.fullmatch(path)
+            if match:
+                return self._status(match)
+        raise invalid(f"Malformed request: {request.method} {path}")
+
+    async def _predict(self, request, match):
+        name, version_text, method = match.groups()
+        version = _version(version_text)
+        if request.content_length is not None and request.content_length > self.max_body_bytes:
+            return self._too_large(request.content_length)
+        body = await request.read()  # HTTPRequestEntityTooLarge past the limit, chunked or not
+        if method.lower() != "predict":
+            raise ServingError(f"dlsuite serve answers :predict only, not :{method}; "
+                               "send the same inputs to :predict", code="UNIMPLEMENTED")
+        loop = asyncio.get_running_loop()
+        answer = await loop.run_in_executor(
+            self._workers, functools.partial(predict, self.repository, name, version, body))
+        return await loop.run_in_executor(self._workers, functools.partial(_json, answer))
+
+    def _status(self, match):
+        name, version_text, subresource = match.groups()
+        if not name:
+            raise invalid("Missing model name in request.")
+        version = _version(version_text)
+        if subresource:
+            return _json(metadata(self.repository, name, version))
+        return _json({"model_version_status": self.repository.status(name, version)})
+
+    # -- running -------------------------------------------------------------------------------------
+
+    async def serve(self, sock, *, host):
+        """Scans once, serves on the bound socket `sock` until SIGINT/SIGTERM, polling the folders."""
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._scanner, self.repository.scan)
+        runner = web.AppRunner(self.application(), access_log=None, handle_signals=False)
+        await runner.setup()
+        await web.SockSite(runner, sock).start()
+        port = sock.getsockname()[1]
+        names = self.repository.names()
+        where = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+        self._log(f"serve: {len(names)} model{'' if len(names) == 1 else 's'} ({', '.join(names) or 'none yet'}) "
+                  f"on {where}/ (REST API: {where}/v1/models/NAME)")
+        stop = asyncio.Event()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        poller = asyncio.create_task(self._poll())
+        try:
+            await stop.wait()
+        finally:
+            poller.cancel()
+            await runner.cleanup()
+            self._workers.shutdown(wait=False, cancel_futures=True)
+            self._scanner.shutdown(wait=False, cancel_futures=True)
+        self._log("serve: stopped")
+
+    async def _poll(self):
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.poll_seconds)
+            try:
+                await loop.run_in_executor(self._scanner, self.repository.scan)
+            except Exception:  # a bug in scanning: say so, keep serving and polling
+                traceback.print_exc(file=sys.stderr)
+
+
+def _version(text):
+    if not text:
+        return None
+    number = int(text)
+    if number > _INT64_MAX:
+        raise invalid(f"Failed to convert version: {text} to numeric.")
+    return number
+
+
+def bind(host, port):
+    """A socket bound to host:port (0: a free port), before any model loads, so a taken port fails at once.
+
+    Raises:
+        OSError: the address cannot be resolved or bound.
+    """
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError:
+        sock.close()
+        raise
+    return sock
