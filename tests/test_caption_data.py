@@ -252,6 +252,7 @@ def test_separate_validation_and_test_caption_files_are_those_splits_whole(tmp_p
     assert data.sizes == {"train": 12, "validation": 4, "test": 4}
     assert data.test.names == ["16.png", "17.png", "18.png", "19.png"]
     assert data.test.captions[0] == captions[16] and not data.warnings  # no "uncaptioned" noise
+    assert data.image_shape == (32, 32, 3)  # one native size in every file: the encoder sees it
     only_test = caption_data.load(images=folder, captions=tmp_path / "train.token.txt",
                                   test_captions=tmp_path / "test.token.txt", validation_fraction=0.25)
     assert only_test.sizes == {"train": 9, "validation": 3, "test": 4}

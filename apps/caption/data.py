@@ -483,13 +483,17 @@ def _load_folder(images_dir, captions_path, *, seed, validation_fraction, test_f
         split = _split_indices(len(found.names), seed=seed, validation_fraction=validation_fraction,
                                test_fraction=test_fraction, name=f"--captions {captions_path!r}", given=given)
         splits = _caption_splits(found, split)
+        shapes = {found.image_shape}
         for key, path in given.items():
             other = captioned_images(images_dir, path, strict=strict, others_described=True)
             splits[key] = _caption_splits(other, {key: np.arange(len(other.names))})[key]
             found.warnings.extend(other.warnings)
             found.channels = max(found.channels, other.channels)
+            shapes.add(other.image_shape)
+        # One native size in every file: the encoder sees the images' own size, as without split files.
+        image_shape = (*shapes.pop()[:2], found.channels) if len(shapes) == 1 and None not in shapes else None
         return CaptionData(name=os.path.basename(os.path.normpath(os.fspath(images_dir))) or "images",
-                           channels=found.channels, image_shape=None, warnings=found.warnings, **splits)
+                           channels=found.channels, image_shape=image_shape, warnings=found.warnings, **splits)
     if found.splits:
         split = {key: np.array([i for i, name in enumerate(found.names) if found.splits.get(name, "train") == key],
                                dtype=np.int64) for key in ("train", "validation", "test")}
