@@ -7,7 +7,6 @@ a SavedModel that takes raw images.
 """
 
 import dataclasses
-import sys
 
 from dlsuite.apps.core import train_args
 from dlsuite.apps.vision import classifier_task
@@ -17,7 +16,7 @@ KNOBS = ("activation", "kernel_initializer", "l1", "l2", "max_norm", "dropout", 
 
 
 @dataclasses.dataclass
-class TrainConfig(train_args.TrainingConfig):
+class TrainConfig(train_args.TrainingConfig, train_args.ImageSplitConfig):
     """Everything a classification run needs; saved as config.json and enough
     to repeat the run (`--resume` reads it back)."""
 
@@ -27,15 +26,6 @@ class TrainConfig(train_args.TrainingConfig):
     batch_size: int | None = None  # None: the device default (32 on CPU)
     image_size: int | None = None  # None: native size if the model takes it, else the model's
     augment: list | None = None  # kinds of augmentation, see classifier.AUGMENTATIONS
-    strict: bool = False
-    validation_fraction: float = 0.15
-    test_fraction: float = 0.15
-    shapes_classes: int = 4
-    shapes_size: int = 64
-    shapes_count: int = 1200
-    data_dir: str | None = None
-    validation_data: str | None = None  # folders used whole as those splits
-    test_data: str | None = None
     activation: str | None = None
     kernel_initializer: str | None = None
     l1: float | None = None
@@ -47,22 +37,6 @@ class TrainConfig(train_args.TrainingConfig):
     # without, and deep plain nets (VGG, AlexNet) train at all on a CPU budget.
     # --no-batch-norm gives the paper's exact configuration.
     batch_norm: bool | None = True
-
-
-def load_images(config):
-    """The image dataset `config` names, split by its seed and fractions;
-    files left out as unreadable are reported on stderr."""
-    from dlsuite.apps.vision import datasets
-
-    data = datasets.load(
-        config.dataset, seed=config.seed, validation_fraction=config.validation_fraction,
-        test_fraction=config.test_fraction, strict=config.strict, shapes_classes=config.shapes_classes,
-        shapes_size=config.shapes_size, shapes_count=config.shapes_count, data_dir=config.data_dir,
-        validation_data=config.validation_data, test_data=config.test_data,
-    )
-    for path, reason in data.skipped:
-        print(f"skipped {path}: {reason}", file=sys.stderr)
-    return data
 
 
 def image_size(config, spec, data):
@@ -99,7 +73,9 @@ class ClassifyTask(classifier_task.ImageClassifierTask):
                              option="early_stopping")
 
     def load_data(self):
-        self.data = load_images(self.config)
+        from dlsuite.apps.vision import datasets
+
+        self.data = datasets.load_configured(self.config)
         self.statistics = {}
         self.check_knobs()
         self.size_for(self.config.model)  # a too small --image-size fails before anything is written

@@ -73,6 +73,21 @@ def add_image_split_arguments(group):
     group.add_argument("--data-dir", help="tfds: where TensorFlow Datasets keeps its files")
 
 
+@dataclasses.dataclass
+class ImageSplitConfig:
+    """The config fields of `add_image_split_arguments`, shared by the image apps' configs."""
+
+    strict: bool = False
+    validation_fraction: float = 0.15
+    test_fraction: float = 0.15
+    shapes_classes: int = 4
+    shapes_size: int = 64
+    shapes_count: int = 1200
+    data_dir: str | None = None
+    validation_data: str | None = None  # folders used whole as those splits
+    test_data: str | None = None
+
+
 def add_training_arguments(parser, *, app, epochs, optimizer="adam", clip_norm=None, batch_size=None, lr=None, export_default,
                            resumable=True):
     """Adds the training, hardware and output option groups to `parser`.

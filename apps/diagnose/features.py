@@ -255,11 +255,12 @@ def load_images(network, *, folder=None, max_images=500, image=None):
     if network.run_dir is None:
         raise UsageError(f"images: none given, and {network.source} is not in a classify run directory to take its "
                          "test images from; pass a folder of images (or of class subfolders of images)", option="images")
-    from dlsuite.apps.classify.task import TrainConfig, load_images as load_run_data
+    from dlsuite.apps import table
     from dlsuite.apps.core import train_args
-    from dlsuite.apps.vision import pipeline
+    from dlsuite.apps.vision import datasets, pipeline
 
-    data = load_run_data(train_args.saved_config(TrainConfig, network.run_dir))
+    config_class = table.get("classify").task_class().config_class
+    data = datasets.load_configured(train_args.saved_config(config_class, network.run_dir))
     batches = pipeline.batches(data.test.take(max_images), image_size=network.input_size, channels=network.channels,
                                batch_size=64, training=False, cache=False)
     pixels = np.concatenate([np.asarray(images, dtype="float32") for images, _ in batches])

@@ -11,7 +11,6 @@ every layer at the full rate, the baseline to compare with.
 """
 
 import dataclasses
-import sys
 
 from dlsuite.apps.core import task, train_args
 from dlsuite.apps.vision import classifier_task
@@ -19,7 +18,7 @@ from dlsuite.apps.core.errors import UsageError
 
 
 @dataclasses.dataclass
-class TransferConfig(train_args.TrainingConfig):
+class TransferConfig(train_args.TrainingConfig, train_args.ImageSplitConfig):
     """A fine-tuning run; saved as config.json beside the model."""
 
     backbone: str | None = None
@@ -36,15 +35,6 @@ class TransferConfig(train_args.TrainingConfig):
     head_dropout: float = 0.2
     batch_size: int | None = None
     augment: list | None = None
-    strict: bool = False
-    validation_fraction: float = 0.15
-    test_fraction: float = 0.15
-    shapes_classes: int = 4
-    shapes_size: int = 64
-    shapes_count: int = 1200
-    data_dir: str | None = None
-    validation_data: str | None = None  # folders used whole as those splits
-    test_data: str | None = None
 
 
 def few_labels(dataset, per_class, *, seed):
@@ -131,14 +121,7 @@ def load_data(config):
     per-channel statistics of that split (for backbones that standardize)."""
     from dlsuite.apps.vision import classifier, datasets, pipeline
 
-    data = datasets.load(
-        config.dataset, seed=config.seed, validation_fraction=config.validation_fraction,
-        test_fraction=config.test_fraction, strict=config.strict, shapes_classes=config.shapes_classes,
-        shapes_size=config.shapes_size, shapes_count=config.shapes_count, data_dir=config.data_dir,
-        validation_data=config.validation_data, test_data=config.test_data,
-    )
-    for path, reason in data.skipped:
-        print(f"skipped {path}: {reason}", file=sys.stderr)
+    data = datasets.load_configured(config)
     if config.train_per_class:
         train, size = few_labels(data.train, config.train_per_class, seed=config.seed)
         data = dataclasses.replace(data, train=train, sizes={**data.sizes, "train": size})

@@ -15,6 +15,7 @@ Resizing, channel matching and batching are `pipeline.batches`' job.
 import concurrent.futures
 import dataclasses
 import os
+import sys
 
 import numpy as np
 import tensorflow as tf
@@ -162,6 +163,19 @@ def _with_given_splits(data, given, *, strict):
         sizes[key] = len(paths)
         skipped += [(check.path, check.reason) for check in checks if check.reason]
     return dataclasses.replace(data, sizes=sizes, skipped=skipped, **replaced)
+
+
+def load_configured(config):
+    """The dataset an image app's config names (`config.dataset` and the
+    fields of `train_args.ImageSplitConfig`); files left out as unreadable
+    are reported on stderr."""
+    data = load(config.dataset, seed=config.seed, validation_fraction=config.validation_fraction,
+                test_fraction=config.test_fraction, strict=config.strict, shapes_classes=config.shapes_classes,
+                shapes_size=config.shapes_size, shapes_count=config.shapes_count, data_dir=config.data_dir,
+                validation_data=config.validation_data, test_data=config.test_data)
+    for path, reason in data.skipped:
+        print(f"skipped {path}: {reason}", file=sys.stderr)
+    return data
 
 
 def _check_fractions(validation_fraction, test_fraction):
