@@ -296,10 +296,12 @@ def release_worker_dir(run_dir):
 
 
 def report_stop(result, run_dir):
-    """Records and prints why training stopped early (a NaN loss); returns
-    the exit status 1. The best checkpoint written so far stays."""
+    """Records and prints why training stopped early (a NaN or diverging
+    loss, `cause` "nan" or "divergence"); returns the exit status 1. The best
+    checkpoint written so far stays; nothing is exported."""
     rundir.write_json(pathlib.Path(run_dir) / "metrics.json", {
-        "status": "stopped", "reason": result.stopped_reason, "best_checkpoint": result.best_checkpoint,
+        "status": "stopped", "cause": dl_callbacks.nan_guard.stop_cause(result.stopped_reason),
+        "reason": result.stopped_reason, "best_checkpoint": result.best_checkpoint,
     })
     kept = f"; the last good model is {result.best_checkpoint}" if result.best_checkpoint else ""
     print(f"dlsuite: training stopped: {result.stopped_reason}{kept}", file=sys.stderr)

@@ -399,7 +399,7 @@ def run_doctor(args):
     from dlsuite.apps.core import rundir
 
     history, label, run_dir = curve_doctor.read_run(args.run_dir)
-    findings = curve_doctor.diagnose(history)
+    findings = curve_doctor.diagnose(history, **curve_doctor.read_context(run_dir))
     out = rundir.create(args.out or run_dir, "diagnose")
     curve_doctor.plot(history, findings, out / "diagnosis.png", title=label)
     rundir.write_json(out / "diagnosis.json", {"run": label, "findings": [f.to_json() for f in findings]})

@@ -2,6 +2,11 @@
 evidence (epochs, values) and the seed's remedies ("Network Tuning"):
 
 * NaN: the loss became NaN or infinite -> the learning rate is too high;
+* divergence: the loss exploded without becoming NaN (far above an untrained
+  model's loss), or rose epoch after epoch, or the run's NaN guard stopped it
+  for that -> the learning rate is too high (issue #15: `classify train
+  --optimizer sgd --lr 1e6` ended at a loss of 6e6, which this used to call
+  underfitting);
 * flat: the training loss does not move -> the learning rate is too low;
 * oscillation: the loss goes up and down from epoch to epoch -> too high;
 * overfitting: validation loss rising while training loss falls -> more
@@ -9,13 +14,18 @@ evidence (epochs, values) and the seed's remedies ("Network Tuning"):
 * underfitting: training loss stays high (and close to validation) -> more
   layers, less regularization, lower the learning rate, train longer.
 
-Every detector reads only the per-epoch `history` dict ({metric: [values]}),
-so synthetic histories test them as well as real runs.
+Every detector reads the per-epoch `history` dict ({metric: [values]}), so
+synthetic histories test them as well as real runs; divergence also reads
+what the run directory says (`read_context`: how the run stopped, and an
+untrained model's loss, ln(classes), from config.json).
 """
 
 import dataclasses
+import json
 import math
 import pathlib
+
+from dlsuite.callbacks import nan_guard
 
 # Thresholds, in relative terms so they hold for any loss scale.
 FLAT_CHANGE = 0.02  # the training loss moved by less than 2% over the run
@@ -34,7 +44,7 @@ STILL_FALLING = 0.02  # a loss still falling 2% per epoch at the end "has not co
 
 @dataclasses.dataclass
 class Finding:
-    name: str  # "nan", "flat", "oscillation", "overfitting", "underfitting", "healthy"
+    name: str  # "nan", "divergence", "flat", "oscillation", "overfitting", "underfitting", "healthy"
     summary: str
     evidence: str
     remedies: list
@@ -66,6 +76,44 @@ def find_nan(history):
                  "clip the gradient norm (--clip-norm 5), the fix for exploding gradients",
                  "check the input for NaN or infinite values and the loss for log(0)"],
             )
+    return None
+
+
+DIVERGENCE_REMEDIES = [
+    "lower the learning rate by 10x (--lr), or find one with `dlsuite diagnose lr-range`; the seed: 'observe if "
+    "the training process diverges (i.e., training loss increases), and decrease the rate until convergence'",
+    "clip the gradient norm (--clip-norm 5), the fix for exploding gradients",
+    "warm the rate up (--warmup-epochs 2) when a large rate or batch is what you want",
+]
+
+
+def find_divergence(history, *, stopped=None, untrained_loss=None):
+    """The loss diverged: the run's guard stopped it for that (`stopped`,
+    metrics.json of a stopped run), the last epoch's loss is past
+    `nan_guard.EXPLOSION_FACTOR` times an untrained model's (`untrained_loss`),
+    or any epoch's past that many times the first epoch's, or it rose `nan_guard.GROWTH_EPOCHS` epochs in a
+    row to twice where it began. The same thresholds as the guard's."""
+    summary = "the loss diverged: the learning rate is too high"
+    if stopped and nan_guard.stop_cause(stopped.get("reason")) == "divergence":
+        reason = stopped["reason"].split("; the learning rate")[0]
+        return Finding("divergence", summary, f"training stopped: {reason}", DIVERGENCE_REMEDIES)
+    losses = history.get("loss", [])
+    if not losses or not all(math.isfinite(v) for v in losses):
+        return None  # NaN is its own finding
+    reference = untrained_loss if untrained_loss else losses[0]
+    where = "an untrained model's" if untrained_loss else "the first epoch's"
+    # Against ln(classes), the loss must still be up at the end: a large
+    # weight penalty (--l2 on a big model) starts high too, but falls.
+    peak = len(losses) - 1 if untrained_loss else max(range(len(losses)), key=lambda i: losses[i])
+    if nan_guard.explosion(losses[peak], reference):
+        return Finding("divergence", summary,
+                       f"loss {losses[peak]:.4g} at epoch {_epoch(peak)}, "
+                       f"{losses[peak] / max(reference, nan_guard.LOSS_FLOOR):,.0f} times {where} "
+                       f"({reference:.4g})" + (f"; it ended at {losses[-1]:.4g}" if peak < len(losses) - 1 else ""),
+                       DIVERGENCE_REMEDIES)
+    for end in range(nan_guard.GROWTH_EPOCHS + 1, len(losses) + 1):
+        if evidence := nan_guard.growth(losses[:end], reference):
+            return Finding("divergence", summary, f"{evidence}, by epoch {end}", DIVERGENCE_REMEDIES)
     return None
 
 
@@ -190,14 +238,23 @@ def find_underfitting(history):
                    f"{level}{gap}{still}", remedies)
 
 
-DETECTORS = (find_nan, find_flat, find_oscillation, find_overfitting, find_underfitting)
+DETECTORS = (find_nan, find_divergence, find_flat, find_oscillation, find_overfitting, find_underfitting)
 
 
-def diagnose(history):
+def diagnose(history, *, stopped=None, untrained_loss=None):
     """Every finding for `history` ({metric: [per-epoch values]}), most
-    urgent first; a single "healthy" finding when nothing is wrong."""
-    findings = [finding for detect in DETECTORS if (finding := detect(history))]
-    if any(f.name in ("nan", "flat", "oscillation") for f in findings):
+    urgent first; a single "healthy" finding when nothing is wrong.
+
+    Args:
+        stopped: a stopped run's metrics.json ({"status": "stopped",
+            "reason": ...}), or None.
+        untrained_loss: an untrained model's loss (ln(classes) for a
+            cross-entropy), or None; see `read_context`.
+    """
+    findings = [finding for detect in DETECTORS if (finding := (
+        detect(history, stopped=stopped, untrained_loss=untrained_loss) if detect is find_divergence
+        else detect(history)))]
+    if any(f.name in ("nan", "divergence", "flat", "oscillation") for f in findings):
         # The learning rate explains the high loss; "a bigger model" would mislead.
         findings = [f for f in findings if f.name != "underfitting"]
     if findings:
@@ -231,9 +288,39 @@ def read_run(path):
     history.pop("epoch", None)
     if "loss" not in history:
         raise UsageError(f"{str(csv_path)!r} has no 'loss' column (columns: {', '.join(history) or 'none'})")
-    if len(history["loss"]) < 2:
+    # A run its guard stopped in the first epoch has one row, and the reason.
+    needed = 1 if read_context(csv_path.parent)["stopped"] else 2
+    if len(history["loss"]) < needed:
         raise UsageError(f"{str(csv_path)!r} has {len(history['loss'])} epoch(s); the curve doctor needs at least 2")
     return history, str(path), csv_path.parent
+
+
+def read_context(run_dir):
+    """What the run directory says beside its history: {"stopped": a
+    stopped run's metrics.json or None, "untrained_loss": ln(classes) of a
+    classifier or ln(vocabulary) of a language model or captioner, from
+    config.json, or None}. A phase's folder (transfer) reads its run's
+    files; unreadable files count as absent."""
+    run_dir = pathlib.Path(run_dir)
+
+    def read(name):
+        for folder in (run_dir, run_dir.parent):
+            try:
+                return json.loads((folder / name).read_text())
+            except (OSError, ValueError):
+                continue
+        return None
+
+    metrics = read("metrics.json")
+    stopped = metrics if isinstance(metrics, dict) and metrics.get("status") == "stopped" else None
+    resolved = (read("config.json") or {}).get("resolved") if isinstance(read("config.json"), dict) else None
+    untrained = None
+    if isinstance(resolved, dict):
+        classes = len(resolved["class_names"]) if isinstance(resolved.get("class_names"), list) else (
+            resolved.get("vocabulary_size"))
+        if isinstance(classes, int) and classes >= 2:
+            untrained = math.log(classes)
+    return {"stopped": stopped, "untrained_loss": untrained}
 
 
 def plot(history, findings, path, *, title):
