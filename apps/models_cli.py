@@ -23,6 +23,7 @@ EPILOG_MODELS = """examples:
   dlsuite models show resnet18 --input-shape 64,64,3 --classes 10 --batch-size 128
   dlsuite models show vgg16 --optimizer sgd --json
   dlsuite models show lstm --input-shape 35
+  dlsuite models show vgg16 --model-parallel 2
 """
 
 EPILOG_LIST = """examples:
@@ -40,6 +41,7 @@ examples:
   dlsuite models show resnet50 --batch-size 64 --optimizer sgd
   dlsuite models show resnet18 --input-shape 64,64,3 --classes 10
   dlsuite models show gru --input-shape 35 --classes 10000 --json
+  dlsuite models show vgg16 --model-parallel 2    # which layers on which device, memory per device
 """
 
 
@@ -87,6 +89,11 @@ def add_parser(subparsers):
     show_parser.add_argument(
         "--optimizer", choices=choices.OPTIMIZERS, default="adam",
         help="sets the optimizer slots counted in memory (default adam)",
+    )
+    show_parser.add_argument(
+        "--model-parallel", type=int, metavar="N",
+        help="split the layers into N pipeline stages, one device each, balanced by memory; "
+             "print each device's layers and memory",
     )
     show_parser.add_argument("--json", action="store_true", help="print one JSON object")
     show_parser.set_defaults(func=run_show)
@@ -190,10 +197,42 @@ def run_show(args):
         model = spec.builder(**kwargs)
     info = summary.describe(model, batch_size=args.batch_size, optimizer=args.optimizer)
     info = {"name": spec.name, "family": spec.family, "kind": spec.kind, **info}
+    if args.model_parallel is not None:
+        info["model_parallel"] = _model_parallel(model, args)
     if args.json:
         print(json.dumps(info))
         return
     _print_show(info, note)
+    if args.model_parallel is not None:
+        _print_model_parallel(info["model_parallel"])
+
+
+def _model_parallel(model, args):
+    from dlsuite.models import parallel
+
+    try:
+        return parallel.plan(model, args.model_parallel, batch_size=args.batch_size,
+                             optimizer=args.optimizer).describe()
+    except ValueError as error:  # models.errors.ArgumentError: the range of N
+        raise UsageError(str(error).replace("model_parallel", "--model-parallel", 1)) from None
+
+
+def _print_model_parallel(plan):
+    stages = plan["stages"]
+    print()
+    print(f"Model parallel, {len(stages)} devices (pipeline stages, batch {plan['batch_size']}, "
+          f"{plan['optimizer']}):")
+    table = [("Device", "Layers", "Params", "Weights+slots", "Activations", "Peak")]
+    for index, stage in enumerate(stages):
+        memory = stage["memory"]
+        table.append((
+            str(index), f"{stage['first']} .. {stage['last']} ({len(stage['layers'])})", f"{stage['params']:,}",
+            _bytes_text(memory["weights"] + memory["optimizer"]), _bytes_text(memory["activations"]),
+            _bytes_text(memory["total"]),
+        ))
+    _print_table(table, right_aligned={2, 3, 4, 5})
+    print(f"Largest device {_bytes_text(plan['largest'])}, against {_bytes_text(plan['single_device'])} "
+          "on one device; each device's peak as `models show` counts a whole model's.")
 
 
 def _print_show(info, note=None):

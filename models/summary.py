@@ -674,6 +674,50 @@ def _memory(model, rows, aliases, batch_size, optimizer):
     return memory
 
 
+def layer_memory(model, batch_size=32, optimizer="adam", sequence_length=None):
+    """The parts of `memory` that add up layer by layer, per layer call.
+
+    For splitting a model across devices (`models.parallel`): a device that
+    holds a run of layers holds their weights, optimizer slots, framework
+    bookkeeping and the activations backprop keeps of them, each activation
+    counted at the layer that makes it (the kept buffers of `memory`'s
+    walk, `batch_size` examples). The peak-only parts (gradients and
+    workspace at the fullest moment) are left to `memory` of the part.
+
+    Returns:
+        A list of bytes, one per row of `layer_table(model)`.
+    """
+    _check_memory_arguments(batch_size, optimizer)
+    aliases = {}
+    rows = _rows(model, sequence_length, aliases)
+    _raise_unknown(rows)
+
+    def buffer(tensor_id):
+        while tensor_id in aliases:
+            tensor_id = aliases[tensor_id]
+        return tensor_id
+
+    slots = OPTIMIZER_SLOTS[optimizer]
+    maker, kept, costs = {}, {}, []
+    for index, row in enumerate(rows):
+        inputs = [(buffer(t), b) for t, b in row["_inputs"]]
+        outputs = [(buffer(t), b) for t, b in row["_outputs"]]
+        for tensor, _ in outputs:
+            maker.setdefault(tensor, index)
+        keeps_inputs, keeps_outputs, extras = _backprop_needs(row["_layer"])
+        for tensor, size in (inputs if keeps_inputs else []) + (outputs if keeps_outputs else []):
+            kept[tensor] = size
+        layer = row["_layer"]
+        weights = layer.weights if row["params"] else []
+        trainable = sum(row["_trainable"])
+        variables = len(weights) + slots * len(row["_trainable"])
+        costs.append(_weight_bytes(weights) + slots * trainable + FRAMEWORK_BYTES_PER_VARIABLE * variables
+                     + batch_size * extras * sum(b for _, b in outputs))
+    for tensor, size in kept.items():
+        costs[maker.get(tensor, 0)] += batch_size * size
+    return costs
+
+
 def memory(model, batch_size=32, optimizer="adam", sequence_length=None):
     """Bytes a training step holds: the seed's "memory concerns".
 

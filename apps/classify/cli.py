@@ -51,7 +51,8 @@ def _add_train_parser(subparsers):
     knobs.add_argument("--batch-norm", action=argparse.BooleanOptionalAction, default=True,
                        help="batch normalization after each conv/dense layer (default on; --no-batch-norm for the paper's exact network)")
 
-    train_args.add_training_arguments(parser, app="classify", epochs=30, export_default="<model>_<dataset>")
+    train_args.add_training_arguments(parser, app="classify", epochs=30, export_default="<model>_<dataset>",
+                                      model_parallel=True)
     parser.set_defaults(func=run_train)
 
 

@@ -71,6 +71,22 @@ class ClassifyTask(classifier_task.ImageClassifierTask):
         if self.config.early_stopping < 0:
             raise UsageError(f"early_stopping must be >= 0 epochs, received {self.config.early_stopping}",
                              option="early_stopping")
+        train_args.check_model_parallel(self.config)
+        if self.config.model_parallel > 1:
+            self.check_model_parallel_devices()
+
+    def check_model_parallel_devices(self):
+        """The devices of --model-parallel, found now: logical CPUs can only be
+        made before TensorFlow starts, and the lifecycle makes the strategy next."""
+        from dlsuite.models import parallel
+
+        if self.config.jit_compile == "on":
+            raise UsageError("jit_compile on compiles for one device; --model-parallel places the stages on "
+                             f"{self.config.model_parallel}: pass --jit-compile auto or off", option="jit_compile")
+        try:
+            self.devices = parallel.devices(self.config.model_parallel)
+        except ValueError as error:  # models.errors.ArgumentError
+            raise UsageError(str(error), option="model_parallel") from None
 
     def load_data(self):
         from dlsuite.apps.vision import datasets
@@ -119,19 +135,55 @@ class ClassifyTask(classifier_task.ImageClassifierTask):
 
         size = self.size_for(self.config.model)
         mean, variance = self.channel_statistics()
-        return classifier.build_classifier(
-            self.config.model, classes=len(self.data.class_names), image_size=(size, size),
-            channels=self.data.channels, mean=mean, variance=variance, augment=self.config.augment,
-            seed=self.config.seed, **self.knobs())
+
+        def build():
+            return classifier.build_classifier(
+                self.config.model, classes=len(self.data.class_names), image_size=(size, size),
+                channels=self.data.channels, mean=mean, variance=variance, augment=self.config.augment,
+                seed=self.config.seed, **self.knobs())
+
+        if self.config.model_parallel == 1:
+            return build()
+        return self.build_pipeline(build)
+
+    def build_pipeline(self, build):
+        """--model-parallel N: the classifier built on the host CPU, then its
+        stages placed on the N devices (`models.parallel.Pipeline`)."""
+        import tensorflow as tf
+
+        from dlsuite.models import parallel, summary
+
+        if tf.distribute.has_strategy():
+            strategy = tf.distribute.get_strategy()
+            raise UsageError(f"model_parallel {self.config.model_parallel} places the model on its own devices and "
+                             f"cannot run under {type(strategy).__name__} ({strategy.num_replicas_in_sync} "
+                             "replica(s)); pass --strategy default", option="model_parallel")
+        with tf.device("/cpu:0"):
+            model = build()
+        optimizer = self.config.optimizer.get("optimizer", "adam")
+        try:
+            return parallel.pipeline(model, self.config.model_parallel, device_names=self.devices,
+                                     batch_size=self.config.batch_size or 32,
+                                     optimizer=optimizer if optimizer in summary.OPTIMIZER_SLOTS else "adam")
+        except ValueError as error:  # models.errors.ArgumentError: more stages than the model can be cut in
+            raise UsageError(str(error), option="model_parallel") from None
 
     def resolved(self, model, batches):
         size = self.size_for(self.config.model)
-        return {"image_size": size, "channels": self.data.channels, "class_names": self.data.class_names,
-                "sizes": self.data.sizes, "skipped": [list(item) for item in self.data.skipped]}
+        resolved = {"image_size": size, "channels": self.data.channels, "class_names": self.data.class_names,
+                    "sizes": self.data.sizes, "skipped": [list(item) for item in self.data.skipped]}
+        if self.config.model_parallel > 1:
+            resolved["model_parallel"] = [{"device": device, "first": stage.layers[0].name,
+                                           "last": stage.layers[-1].name}
+                                          for device, stage in zip(model.devices, model.stages)]
+        return resolved
 
     def describe(self, model, batches):
         size = self.size_for(self.config.model)
-        return f"{self.config.model} on {self.data_line()}, input {size}x{size}x{self.data.channels}"
+        line = f"{self.config.model} on {self.data_line()}, input {size}x{size}x{self.data.channels}"
+        if self.config.model_parallel > 1:
+            line += f", {self.config.model_parallel} pipeline stages on {', '.join(model.devices)}"
+        return line
 
     def title(self):
         return f"{self.config.model} on {self.data.name}"

@@ -89,7 +89,7 @@ class ImageSplitConfig:
 
 
 def add_training_arguments(parser, *, app, epochs, optimizer="adam", clip_norm=None, batch_size=None, lr=None, export_default,
-                           resumable=True):
+                           resumable=True, model_parallel=False):
     """Adds the training, hardware and output option groups to `parser`.
 
     Args:
@@ -101,6 +101,7 @@ def add_training_arguments(parser, *, app, epochs, optimizer="adam", clip_norm=N
         lr: default --lr (None: the optimizer's default).
         export_default: how the default export name is made, for the help.
         resumable: offer --resume.
+        model_parallel: offer --model-parallel (the app's task splits its model, `models.parallel`).
     """
     training = parser.add_argument_group("training")
     if epochs is not None:
@@ -137,6 +138,12 @@ def add_training_arguments(parser, *, app, epochs, optimizer="adam", clip_norm=N
     hardware.add_argument("--strategy", default="auto", help="auto, default, one-device, mirrored, multi-worker (reads TF_CONFIG) or tpu")
     hardware.add_argument("--mixed-precision", choices=choices.SWITCHES, default="auto")
     hardware.add_argument("--jit-compile", choices=choices.SWITCHES, default="auto")
+    if model_parallel:
+        hardware.add_argument("--model-parallel", type=positive_int, default=1, metavar="N",
+                              help="split the model's layers into N pipeline stages, one device each, balanced by "
+                                   "memory (the GPUs when there are N, else N logical CPU devices): for a model too "
+                                   "large for one device; `dlsuite models show NAME --model-parallel N` shows the "
+                                   "split (default 1)")
 
     add_config_argument(parser)
     output = parser.add_argument_group("output")
@@ -146,6 +153,18 @@ def add_training_arguments(parser, *, app, epochs, optimizer="adam", clip_norm=N
     output.add_argument("--no-export", action="store_true")
     if resumable:
         output.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its directory")
+
+
+def check_model_parallel(config):
+    """Raises UsageError for a --model-parallel the run cannot take (the model's own limit is checked when built)."""
+    from dlsuite.apps.core.errors import UsageError
+
+    stages = config.model_parallel
+    if isinstance(stages, bool) or not isinstance(stages, int) or stages < 1:
+        raise UsageError(f"model_parallel must be an integer >= 1, received {stages!r}", option="model_parallel")
+    if stages > 1 and config.strategy not in ("auto", "default"):
+        raise UsageError(f"model_parallel {stages} places the model on its own devices and cannot be combined with "
+                         f"strategy {config.strategy!r}; pass --strategy default", option="model_parallel")
 
 
 def add_config_argument(parser):
@@ -181,6 +200,7 @@ class TrainingConfig:
     strategy: str = "auto"
     mixed_precision: str = "auto"
     jit_compile: str = "auto"
+    model_parallel: int = 1  # --model-parallel: pipeline stages, one device each (models.parallel)
     precise_bn: int | None = None  # --precise-bn: batches to recompute batch norm over (0: the training split)
     out: str | None = None
     export: str | None = None
