@@ -134,3 +134,16 @@ def search_finished(oracle, servicer):
 
     return bool(oracle_chief.exit_chief(oracle))
 
+
+def build_training_state(model, element_spec):
+    """Creates the optimizer's slots and the compiled metrics' variables of a
+    compiled `model` before its first step, from the (x, y) `element_spec` of
+    its training batches (no data is read), so a checkpoint can be restored
+    into them. Keras's private `Trainer._symbolic_build(data_batch=...)`;
+    `fit` runs it itself only under a distribution strategy and otherwise
+    builds this state in the first step. Checked with keras 3.15.1.
+    """
+    model._symbolic_build(data_batch=element_spec)
+    if model.optimizer is not None and not model.optimizer.built:
+        model.optimizer.build(model.trainable_variables)
+

@@ -38,11 +38,11 @@ def _fresh_keras_state():
 @pytest.fixture()
 def interrupt_at_epoch_end(monkeypatch):
     """`interrupt_at_epoch_end(n)`: the n-th epoch end from now raises
-    KeyboardInterrupt, as Ctrl-C would, after the epoch's log line; later
+    KeyboardInterrupt, as Ctrl-C would, after the epoch's checkpoint; later
     epoch ends (a resumed run) pass."""
-    from dlsuite.callbacks import EpochLog
+    from dlsuite.apps.core.checkpoints import ResumeCheckpoint
 
-    original, ends = EpochLog.on_epoch_end, []
+    original, ends = ResumeCheckpoint.on_epoch_end, []
 
     def arm(count):
         def on_epoch_end(self, epoch, logs=None):
@@ -51,6 +51,6 @@ def interrupt_at_epoch_end(monkeypatch):
             if len(ends) == count:
                 raise KeyboardInterrupt
 
-        monkeypatch.setattr(EpochLog, "on_epoch_end", on_epoch_end)
+        monkeypatch.setattr(ResumeCheckpoint, "on_epoch_end", on_epoch_end)
 
     return arm

@@ -39,7 +39,7 @@ def test_main_job_reaches_97_percent_and_writes_the_run_directory(trained):
     assert metrics["test_accuracy"] >= 0.97
     for name in ("config.json", "history.csv", "train.log", "curves.png", "confusion.png", "model.keras", "checkpoints/best.keras"):
         assert (run_dir / name).exists(), name
-    assert not (run_dir / "checkpoints" / "backup").exists()  # removed once the run finished
+    assert not (run_dir / "checkpoints" / "resume").exists()  # removed once the run finished
     rows = history_rows(run_dir)
     assert len(rows) == 30 and {"loss", "accuracy", "val_loss", "val_accuracy", "learning_rate"} <= set(rows[0])
     config = json.loads((run_dir / "config.json").read_text())

@@ -74,7 +74,7 @@ def test_an_interrupted_run_resumes_and_leaves_the_whole_run(app, tmp_path, caps
     import tensorflow as tf
 
     assert "serving_default" in tf.saved_model.load(str(export)).signatures
-    assert not list(run_dir.rglob("backup"))
+    assert not list(run_dir.rglob("resume")) and not list(run_dir.rglob(".*tmp*"))
 
     status, _, err = run([app, TINY[app][1], "--resume", run_dir], capsys)
     assert status == 2 and "that run finished; start a new run instead" in err

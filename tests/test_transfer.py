@@ -250,7 +250,7 @@ def test_resume_reads_the_finished_phase_back_and_goes_on_with_the_interrupted_o
                               "--shapes-size", "32", "--shapes-count", "200", "--freeze-epochs", "2",
                               "--finetune-epochs", "2", "--out", run, "--no-export"], capsys)
     assert status == 130 and "interrupted" in err
-    assert (run / "finetune" / "checkpoints" / "backup").exists() and not (run / "freeze" / "checkpoints" / "backup").exists()
+    assert (run / "finetune" / "checkpoints" / "resume").exists() and (run / "freeze" / "checkpoints" / "resume" / "finished.json").exists()
     freeze_history = (run / "freeze" / "history.csv").read_text()
 
     status, out, err = run_cli(["transfer", "finetune", "--resume", run], capsys)
@@ -260,7 +260,7 @@ def test_resume_reads_the_finished_phase_back_and_goes_on_with_the_interrupted_o
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["phases"] == {"freeze": 2, "finetune": 2}
     assert len((run / "history.csv").read_text().splitlines()) == 5
-    assert not (run / "finetune" / "checkpoints" / "backup").exists()
+    assert not list(run.rglob("resume"))
 
     status, _, err = run_cli(["transfer", "finetune", "--resume", run], capsys)
     assert status == 2 and "that run finished; start a new run instead" in err

@@ -720,6 +720,25 @@ def caption_batches(cache, pairs, *, batch_size, shuffle, seed=0):
     rows are read from the memory-mapped cache per batch, so a cache larger
     than memory still trains.
     """
+    pair_rows, finish = _caption_pipeline(cache, pairs, batch_size=batch_size)
+    if shuffle:
+        return finish(pair_rows.shuffle(len(pairs[0]), seed=seed, reshuffle_each_iteration=True))
+    return finish(pair_rows)
+
+
+def caption_order(cache, pairs, *, batch_size, seed=0):
+    """The shuffled training batches of `caption_batches` as an
+    `epochs.EpochOrder`: each epoch's order a function of (seed, epoch), so a
+    resumed run sees what the interrupted one would have."""
+    from dlsuite.apps.core import epochs
+
+    pair_rows, finish = _caption_pipeline(cache, pairs, batch_size=batch_size)
+    return epochs.EpochOrder(pair_rows, buffer=len(pairs[0]), seed=seed, finish=finish)
+
+
+def _caption_pipeline(cache, pairs, *, batch_size):
+    """(the unbatched (image index, inputs, targets) rows, the function that
+    batches them and gathers their image rows from `cache`)."""
     import tensorflow as tf
 
     image_index, inputs, targets, _ = pairs
@@ -734,8 +753,8 @@ def caption_batches(cache, pairs, *, batch_size, shuffle, seed=0):
         values = tf.cast(tf.ensure_shape(values, (None, *row_shape)), tf.float32)
         return (values, inputs), targets
 
-    dataset = tf.data.Dataset.from_tensor_slices((image_index, inputs, targets))
-    if shuffle:
-        dataset = dataset.shuffle(len(image_index), seed=seed, reshuffle_each_iteration=True)
-    dataset = dataset.batch(batch_size).map(gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return dataset.prefetch(tf.data.AUTOTUNE)
+    def finish(dataset):
+        dataset = dataset.batch(batch_size).map(gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        return dataset.prefetch(tf.data.AUTOTUNE)
+
+    return tf.data.Dataset.from_tensor_slices((image_index, inputs, targets)), finish

@@ -347,8 +347,8 @@ class CaptionTask(task.Task):
         from dlsuite.apps.caption import data as caption_data
 
         return task.Batches(
-            train=caption_data.caption_batches(self.caches["train"], self.pairs["train"], batch_size=batch_size,
-                                               shuffle=True, seed=self.config.seed),
+            train=caption_data.caption_order(self.caches["train"], self.pairs["train"], batch_size=batch_size,
+                                             seed=self.config.seed),
             validation=caption_data.caption_batches(self.caches["validation"], self.pairs["validation"],
                                                     batch_size=batch_size, shuffle=False),
             steps_per_epoch=-(-self.train_examples() // batch_size), batch_size=batch_size,

@@ -18,7 +18,8 @@ import keras
 import tensorflow as tf
 
 from dlsuite import callbacks as dl_callbacks
-from dlsuite.apps.core import distribute, lbfgs, optim, rundir
+from dlsuite.apps.core import checkpoints, distribute, lbfgs, optim, rundir
+from dlsuite.apps.core import epochs as epochs_lib
 from dlsuite.apps.core.choices import SWITCHES
 from dlsuite.apps.core.errors import UsageError
 
@@ -93,7 +94,7 @@ def run_paths(run_dir):
         "history": os.path.join(run_dir, "history.csv"),
         "log": os.path.join(run_dir, "train.log"),
         "best": os.path.join(run_dir, "checkpoints", "best.keras"),
-        "backup": os.path.join(run_dir, "checkpoints", "backup"),
+        "resume": os.path.join(run_dir, "checkpoints", "resume"),
         "tensorboard": os.path.join(run_dir, "tensorboard"),
     }
 
@@ -111,13 +112,16 @@ def fit(
     model, train, validation, *, strategy, optimizer_config, loss, epochs, steps_per_epoch,
     global_batch_size, run_dir, early_stopping=0, jit_compile="auto", resume=False,
     metrics=("accuracy",), monitors=(), callbacks=(), initial_epoch=0, compile=True, best_checkpoint=True,
-    verbose=None,
+    verbose=None, checkpoint_every=60.0,
 ):
     """Compiles and trains `model`, writing checkpoints and logs into `run_dir`.
 
     Args:
         model: built inside `strategy.scope()`.
-        train, validation: batched (x, y) tf.data datasets (global batch size).
+        train: the training batches (global batch size): an
+            `epochs.EpochOrder`, which resumes mid-epoch exactly, or a
+            tf.data dataset of (x, y), which resumes at epoch ends.
+        validation: a batched (x, y) tf.data dataset.
         strategy: the tf.distribute strategy the model was built under.
         optimizer_config: an `optim.OptimizerConfig`.
         loss: a Keras loss object.
@@ -130,7 +134,7 @@ def fit(
         metrics: Keras metric names, or one list per output.
         monitors: names of `dlsuite.callbacks.monitors.MONITORS` ("updates",
             "gradients", "dead-relu") to watch while training (model.fit only).
-        resume: continue from the backup an interrupted run left in run_dir.
+        resume: continue from the checkpoint an interrupted run left in run_dir.
         callbacks: more Keras callbacks, run first (metrics they add to the
             logs reach the checkpoints and the history); model.fit only.
         initial_epoch: the epoch to start at (Hyperband continuing a trial).
@@ -139,6 +143,9 @@ def fit(
             keras-tuner's own instead).
         verbose: model.fit's verbosity (default: a progress bar on a
             terminal, a line an epoch otherwise).
+        checkpoint_every: seconds between checkpoints inside an epoch (0:
+            at epoch ends only; None: no checkpoints to resume from, for a
+            tuner's trials).
 
     Returns:
         A FitResult; the model holds the final weights (the caller may load the
@@ -146,6 +153,8 @@ def fit(
     """
     paths = run_paths(run_dir)
     os.makedirs(os.path.dirname(paths["best"]), exist_ok=True)
+    order = train if isinstance(train, epochs_lib.EpochOrder) else None
+    train = epochs_lib.as_dataset(train)
     if monitors and (optimizer_config.optimizer == "lbfgs" or distribute.needs_custom_loop(strategy)):
         path = "L-BFGS" if optimizer_config.optimizer == "lbfgs" else "the multi-worker loop"
         print(f"dlsuite: --monitor watches model.fit training; {path} trains without it", file=sys.stderr)
@@ -160,45 +169,72 @@ def fit(
     if compile:
         compile_model(model, strategy=strategy, optimizer_config=optimizer_config, loss=loss, metrics=metrics,
                       steps_per_epoch=steps_per_epoch, epochs=epochs, jit_compile=jit_compile)
+    store = checkpoints.Store(paths["resume"])
+    saved = store.latest() if resume else None
+    start_epoch, start_batch = (saved.epoch, saved.batch) if saved else (initial_epoch, 0)
+    if saved:  # history.csv as the checkpoint knew it: rows written after it are trained again
+        rundir.write_history(paths["history"], saved.history)
+        print(f"resuming from {saved.path}: epoch {start_epoch + 1}, batch {start_batch}", flush=True)
+    steps = (order.steps_per_epoch if order else None) or steps_per_epoch
+    # A resumed epoch's remaining batches are a fit of their own, then the epochs after it.
+    segments = [(start_epoch, start_epoch + 1, start_batch)] if start_batch else []
+    if start_epoch + bool(start_batch) < epochs:
+        segments.append((start_epoch + bool(start_batch), epochs, 0))
 
     nan_guard = dl_callbacks.NaNGuard()
+    stateful = [*optim.schedule_callbacks(optimizer_config),
+                *([keras.callbacks.EarlyStopping(monitor="val_loss", patience=early_stopping)] if early_stopping else [])]
     run_callbacks = [
-        *callbacks, *optim.schedule_callbacks(optimizer_config), dl_callbacks.LearningRateLogger(), nan_guard,
+        *callbacks, *stateful, dl_callbacks.LearningRateLogger(), nan_guard,
         *_run_callbacks(paths, epochs=epochs, resume=resume, initial_epoch=initial_epoch,
                         best_checkpoint=best_checkpoint),
     ]
-    if early_stopping:
-        run_callbacks.append(keras.callbacks.EarlyStopping(monitor="val_loss", patience=early_stopping))
     if monitors:
         run_callbacks += _monitor_callbacks(monitors, train, paths, run_dir, steps_per_epoch)
+    if resume:  # early stopping and the plateau schedule count the epochs before the interruption
+        run_callbacks.insert(len(callbacks) + len(stateful),
+                             checkpoints.HistoryReplay(stateful, rundir.read_history(paths["history"])))
 
-    history = model.fit(
-        train, validation_data=validation, epochs=epochs, initial_epoch=initial_epoch, callbacks=run_callbacks,
-        shuffle=False,  # tf.data shuffles
-        verbose=(1 if sys.stdout.isatty() else 2) if verbose is None else verbose,
-    )
-    full_history = rundir.read_history(paths["history"]) or history.history
+    epochs_run, history, logged = 0, None, saved.history if saved else {}
+    for index, (first, end, skip) in enumerate(segments):
+        resumer = [] if checkpoint_every is None else [checkpoints.ResumeCheckpoint(
+            store, every=checkpoint_every if order else 0, saved=saved if index == 0 else None, batch_offset=skip,
+            element_spec=train.element_spec, history=logged)]
+        history = model.fit(
+            order.stream(first, end, skip) if order else train, validation_data=validation, epochs=end,
+            initial_epoch=first, steps_per_epoch=steps - skip if order else None,
+            callbacks=[*run_callbacks, *resumer],  # the checkpoint last: after the epoch's history row
+            shuffle=False,  # tf.data shuffles
+            verbose=(1 if sys.stdout.isatty() else 2) if verbose is None else verbose,
+        )
+        epochs_run += len(history.history.get("loss", []))
+        logged = resumer[0].history if resumer else logged
+        for callback in run_callbacks:  # the next segment appends to history.csv
+            if isinstance(callback, keras.callbacks.CSVLogger):
+                callback.append = True
+        if nan_guard.message or model.stop_training:
+            break
+    if checkpoint_every is not None and not nan_guard.message:
+        store.mark_finished(epochs_run)
+    full_history = rundir.read_history(paths["history"]) or (history.history if history else {})
     full_history.pop("epoch", None)
     return FitResult(
         history=full_history,
         stopped_reason=nan_guard.message,
         best_checkpoint=paths["best"] if os.path.exists(paths["best"]) else None,
-        epochs_run=len(history.history.get("loss", [])),
+        epochs_run=epochs_run,
     )
 
 
 def _run_callbacks(paths, *, epochs, resume, initial_epoch, best_checkpoint):
-    """What a run directory gets from training: the best checkpoint, the
-    backup to resume from, history.csv, train.log and TensorBoard logs."""
+    """What a run directory gets from training: the best checkpoint,
+    history.csv, train.log and TensorBoard logs."""
     best_value = None
     if resume:  # the best checkpoint must beat what the interrupted part reached
         previous = rundir.read_history(paths["history"])
         best_value = min(previous["val_loss"]) if previous.get("val_loss") else None
     return [
         *([dl_callbacks.BestCheckpoint(paths["best"], monitor="val_loss", best=best_value)] if best_checkpoint else []),
-        # Saves model, optimizer and epoch after every epoch; an interrupted
-        # run restarted with --resume continues from the last finished epoch.
-        keras.callbacks.BackupAndRestore(paths["backup"], delete_checkpoint=True),
         keras.callbacks.CSVLogger(paths["history"], append=resume or initial_epoch > 0),
         dl_callbacks.EpochLog(paths["log"], epochs),
         *_tensorboard(paths["tensorboard"]),

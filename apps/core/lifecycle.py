@@ -14,7 +14,9 @@
 
 `--resume RUN_DIR` goes through the same steps with the run's saved config:
 a phase that finished is read back, the interrupted one continues from its
-backup, a phase not reached yet starts.
+last checkpoint (mid-epoch, exactly: `checkpoints`), a phase not reached yet
+starts. The checkpoints go only once metrics.json is written, so a run
+killed while it scores or exports resumes into those steps.
 """
 
 import dataclasses
@@ -54,15 +56,28 @@ def resumed_config(config_class, run_dir):
 
 
 def phase_state(phase_dir):
-    """"new", "interrupted" (a backup to go on from) or "finished", from what a phase left."""
-    from dlsuite.apps.core import engine, rundir
+    """"new", "interrupted" (a checkpoint to go on from) or "finished", from what a phase left.
+
+    Raises:
+        UsageError: the phase trained epochs but their checkpoints are gone
+            (going on from fresh weights would quietly end worse).
+    """
+    from dlsuite.apps.core import checkpoints, engine, rundir
 
     paths = engine.run_paths(phase_dir)
-    if os.path.exists(paths["backup"]):
-        return "interrupted"
-    if rundir.read_history(paths["history"]).get("loss"):
+    store = checkpoints.Store(paths["resume"])
+    if store.finished:
         return "finished"
-    return "new"  # not started, or stopped before its first epoch ended
+    if store.has_any():
+        return "interrupted"
+    trained = len(rundir.read_history(paths["history"]).get("loss", []))
+    # One epoch's row without a checkpoint is a kill between the two writes;
+    # more, or a checkpoint noted but gone, is a run whose checkpoints were deleted.
+    if store.was_written() or trained > 1:
+        raise UsageError(f"resume {str(phase_dir)!r}: {trained} epochs were trained but their checkpoints in "
+                         f"{store.folder} are gone; the run cannot go on from where it stopped: start a new run",
+                         option="resume")
+    return "new"  # not started, or killed before its first checkpoint
 
 
 def run(task, *, run_dir=None):
@@ -145,6 +160,7 @@ class Trained:
     best_checkpoint: str | None
     phase_epochs: dict
     stopped: object = None  # the engine.FitResult of a phase that stopped (NaN)
+    phase_dirs: list = dataclasses.field(default_factory=list)  # where each phase keeps its checkpoints
 
 
 def train_phases(task, model, batches, *, strategy, run_dir, resume=False, callbacks=(), initial_epoch=0,
@@ -163,7 +179,7 @@ def train_phases(task, model, batches, *, strategy, run_dir, resume=False, callb
     from dlsuite.apps.core import engine, rundir
 
     phases = [phase for phase in task.phases() if phase.epochs > 0]
-    history, phase_epochs, best = {}, {}, (float("inf"), None)
+    history, phase_epochs, best, phase_dirs = {}, {}, (float("inf"), None), []
     start = 0  # the phase's first epoch on a trial's epoch axis
     for index, phase in enumerate(phases):
         end = start + phase.epochs
@@ -172,7 +188,10 @@ def train_phases(task, model, batches, *, strategy, run_dir, resume=False, callb
         if trial and initial_epoch >= end:
             continue
         phase_dir = run_dir / phase.name if phase.name else run_dir
+        phase_dirs.append(phase_dir)
         state = phase_state(phase_dir) if resume else "new"
+        if resume and state == "new" and index == 0:
+            print(f"resume {run_dir}: no checkpoint was written before the run stopped; it starts over", flush=True)
         with strategy.scope():
             described = phase.prepare(model) if phase.prepare and not (trial and index == 0) else None
         if state == "finished":
@@ -192,12 +211,13 @@ def train_phases(task, model, batches, *, strategy, run_dir, resume=False, callb
                 resume=state == "interrupted", monitors=task.config.monitor or (),
                 callbacks=[*task.metric_callbacks(), *callbacks], initial_epoch=first, verbose=verbose,
                 compile=not (trial and index == 0), best_checkpoint=not trial,
+                checkpoint_every=None if trial else task.config.checkpoint_every,
             )
         phase_epochs[phase.name] = len(result.history.get("loss", []))
         for key, values in result.history.items():
             history.setdefault(key, []).extend(values)
         if result.stopped_reason:
-            return Trained(history, best[1], phase_epochs, stopped=result)
+            return Trained(history, best[1], phase_epochs, stopped=result, phase_dirs=phase_dirs)
         phase_best = min(result.history.get("val_loss") or [float("inf")])
         if result.best_checkpoint and (best[1] is None or phase_best <= best[0]):
             best = (phase_best, result.best_checkpoint)
@@ -205,7 +225,7 @@ def train_phases(task, model, batches, *, strategy, run_dir, resume=False, callb
             model.load_weights(result.best_checkpoint)  # the next phase starts from this one's best
     if any(phase.name for phase in phases):  # the run's own history.csv: every phase's epochs
         rundir.write_history(run_dir / "history.csv", history)
-    return Trained(history, best[1], phase_epochs)
+    return Trained(history, best[1], phase_epochs, phase_dirs=phase_dirs)
 
 
 def _read_back(phase_dir):
@@ -228,7 +248,9 @@ def finish(task, model, trained, *, run_dir, batches):
     if trained.history:
         rundir.plot_curves(trained.history, run_dir / "curves.png", title=task.title())
     if trained.stopped is not None:  # metrics.json says why, and the run is not resumed
-        return engine.report_stop(trained.stopped, run_dir)
+        status = engine.report_stop(trained.stopped, run_dir)
+        _drop_checkpoints(trained)
+        return status
     model = engine.final_model(engine.FitResult(trained.history, None, trained.best_checkpoint, 0), model)
     config = task.config
     if config.precise_bn is not None:
@@ -246,8 +268,17 @@ def finish(task, model, trained, *, run_dir, batches):
     metrics["export"] = None if config.no_export else str(
         task.export(model, figures, name=config.export, base_dir=config.export_dir))
     rundir.write_json(run_dir / METRICS_FILE, metrics)
+    _drop_checkpoints(trained)
     print(f"{task.report(metrics)}; run dir {run_dir}" + (f"; export {metrics['export']}" if metrics["export"] else ""))
     return 0
+
+
+def _drop_checkpoints(trained):
+    """The run ended (metrics.json is written): nothing is left to resume."""
+    from dlsuite.apps.core import checkpoints, engine
+
+    for phase_dir in trained.phase_dirs:
+        checkpoints.Store(engine.run_paths(phase_dir)["resume"]).clear()
 
 
 def _with_precise_batch_norm(task, model, batches, run_dir):
@@ -259,7 +290,9 @@ def _with_precise_batch_norm(task, model, batches, run_dir):
 
     moving_weights = model.get_weights()
     moving = {"validation_loss": _validation_loss(task, model, batches), "test": task.evaluate(model, None)}
-    used = precise_bn.recompute(model, batches.train, max_batches=task.config.precise_bn or None)
+    from dlsuite.apps.core import epochs
+
+    used = precise_bn.recompute(model, epochs.as_dataset(batches.train), max_batches=task.config.precise_bn or None)
     if not used:
         print("precise batch norm: no batch normalization to recompute", flush=True)
         return task.evaluate(model, run_dir), {"batches": 0}

@@ -20,6 +20,17 @@ def positive_int(text):
     return value
 
 
+def non_negative_float(text):
+    """argparse type: a number >= 0, with the received text in the error."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, received {text!r}")
+    return value
+
+
 def size_pair(text):
     """argparse type for --input-size H,W (or one number for a square)."""
     parts = [part.strip() for part in text.split(",")]
@@ -152,7 +163,12 @@ def add_training_arguments(parser, *, app, epochs, optimizer="adam", clip_norm=N
     output.add_argument("--export-dir", default="saved_models")
     output.add_argument("--no-export", action="store_true")
     if resumable:
-        output.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its directory")
+        output.add_argument("--resume", metavar="RUN_DIR",
+                            help="continue an interrupted run from its directory, from its last checkpoint, with the "
+                                 "batches and random numbers it would have had: it ends as if never stopped")
+    output.add_argument("--checkpoint-every", type=non_negative_float, default=60.0, metavar="SECONDS",
+                        help="write a checkpoint to resume from every SECONDS inside an epoch, besides each epoch's "
+                             "end (default 60: a kill loses at most a minute; 0: at epoch ends only)")
 
 
 def check_model_parallel(config):
@@ -202,6 +218,7 @@ class TrainingConfig:
     jit_compile: str = "auto"
     model_parallel: int = 1  # --model-parallel: pipeline stages, one device each (models.parallel)
     precise_bn: int | None = None  # --precise-bn: batches to recompute batch norm over (0: the training split)
+    checkpoint_every: float = 60.0  # seconds between checkpoints inside an epoch (0: at epoch ends only)
     out: str | None = None
     export: str | None = None
     export_dir: str = "saved_models"

@@ -151,8 +151,12 @@ class LanguageModelTask(task.Task):
         return max(1, (len(self.train_ids) - 1) // self.window())
 
     def batches(self, batch_size):
+        from dlsuite.apps.lm import text
+
+        train = text.window_order(self.train_ids, seq_len=self.window(), batch_size=batch_size, seed=self.config.seed,
+                                  then=_bilm_pairs if self.bidirectional else None)
         return task.Batches(
-            train=self.windows(self.train_ids, batch_size, shuffle=True),
+            train=train,
             validation=self.windows(self.validation_ids, batch_size, shuffle=False),
             steps_per_epoch=max(1, -(-(len(self.train_ids) - 1) // self.window() // batch_size)),
             batch_size=batch_size, train_examples=self.train_examples())

@@ -516,6 +516,29 @@ def windows(ids, *, seq_len, batch_size, shuffle, seed=0, drop_remainder=False):
     Raises:
         UsageError: seq_len or batch_size not positive, or fewer than seq_len + 1 ids.
     """
+    dataset, count = _window_examples(ids, seq_len=seq_len, batch_size=batch_size)
+    finish = _window_batcher(batch_size, drop_remainder=bool(drop_remainder) and count >= batch_size)
+    if shuffle:
+        # A buffer of every window: a full shuffle, and windows are small.
+        return finish(dataset.shuffle(count, seed=seed, reshuffle_each_iteration=True))
+    return finish(dataset)
+
+
+def window_order(ids, *, seq_len, batch_size, seed=0, drop_remainder=False, then=None):
+    """The shuffled training batches of `windows` as an `epochs.EpochOrder`:
+    each epoch's order a function of (seed, epoch) alone, so a resumed run
+    sees what the interrupted one would have. `then` maps each batch
+    (the bidirectional model's pairs)."""
+    from dlsuite.apps.core import epochs
+
+    dataset, count = _window_examples(ids, seq_len=seq_len, batch_size=batch_size)
+    batcher = _window_batcher(batch_size, drop_remainder=bool(drop_remainder) and count >= batch_size)
+    finish = batcher if then is None else (lambda shuffled: batcher(shuffled).map(then))
+    return epochs.EpochOrder(dataset, buffer=count, seed=seed, finish=finish)
+
+
+def _window_examples(ids, *, seq_len, batch_size):
+    """(the unbatched (x, y) windows of `windows`, their count), after the checks."""
     for label, value in (("seq_len", seq_len), ("batch_size", batch_size)):
         if not isinstance(value, numbers.Integral) or value < 1:
             raise UsageError(f"{label}={value!r} must be a positive integer.")
@@ -529,12 +552,11 @@ def windows(ids, *, seq_len, batch_size, shuffle, seed=0, drop_remainder=False):
     used = count * seq_len
     x = ids[:used].reshape(count, seq_len)  # (windows, time)
     y = ids[1:used + 1].reshape(count, seq_len)  # (windows, time), x shifted by one
-    dataset = tf.data.Dataset.from_tensor_slices((x, y))
-    if shuffle:
-        # A buffer of every window: a full shuffle, and windows are small.
-        dataset = dataset.shuffle(count, seed=seed, reshuffle_each_iteration=True)
-    dataset = dataset.batch(int(batch_size), drop_remainder=bool(drop_remainder) and count >= batch_size)
-    return dataset.prefetch(tf.data.AUTOTUNE)
+    return tf.data.Dataset.from_tensor_slices((x, y)), count
+
+
+def _window_batcher(batch_size, *, drop_remainder):
+    return lambda dataset: dataset.batch(int(batch_size), drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)
 
 
 def unigram_entropy(train_ids, eval_ids, vocab_size):

@@ -23,8 +23,8 @@ class ImageClassifierTask(task.Task):
 
         size, channels = self.input_shape()
         shape = dict(image_size=tuple(size), channels=channels, batch_size=batch_size)
-        if training:  # a new dataset each time: its shuffle order depends on the seed alone
-            return pipeline.batches(getattr(self.data, name), training=True, seed=self.config.seed, **shape)
+        if training:  # an `epochs.EpochOrder`: each epoch's order depends on the seed and the epoch alone
+            return pipeline.epoch_order(getattr(self.data, name), seed=self.config.seed, **shape)
         cache = self.__dict__.setdefault("_split_cache", {})
         key = (name, tuple(size), batch_size)
         if key not in cache:

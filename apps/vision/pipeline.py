@@ -10,6 +10,7 @@ import numbers
 
 import tensorflow as tf
 
+from dlsuite.apps.core import epochs
 from dlsuite.apps.core.errors import UsageError
 
 # Largest shuffle buffer: beyond it the buffer costs memory and start-up time
@@ -85,6 +86,22 @@ def batches(dataset, *, image_size, channels, batch_size, training, seed=0, cach
     Raises:
         UsageError: a non-positive size or batch size, or channels not 1 or 3.
     """
+    examples = _prepared(dataset, image_size=image_size, channels=channels, batch_size=batch_size, cache=cache)
+    if training:
+        return _order(examples, batch_size=batch_size, seed=seed).dataset()
+    return _batched(examples, batch_size)
+
+
+def epoch_order(dataset, *, image_size, channels, batch_size, seed=0, cache=True):
+    """The training batches of `batches(training=True)` as an `epochs.EpochOrder`:
+    each epoch's order a function of (seed, epoch), so a resumed run goes on
+    with the batches the interrupted one would have seen."""
+    examples = _prepared(dataset, image_size=image_size, channels=channels, batch_size=batch_size, cache=cache)
+    return _order(examples, batch_size=batch_size, seed=seed)
+
+
+def _prepared(dataset, *, image_size, channels, batch_size, cache):
+    """Checks the arguments; the resized, channel-matched and (with `cache`) cached examples."""
     if len(image_size) != 2 or any(not isinstance(d, numbers.Integral) or d < 1 for d in image_size):
         raise UsageError(f"image_size={image_size!r} must be two positive integers (height, width).")
     if channels not in (1, 3):
@@ -98,8 +115,15 @@ def batches(dataset, *, image_size, channels, batch_size, training, seed=0, cach
         # After the deterministic work, before the shuffle: epochs 2+ skip
         # decoding and resizing but still see a new order.
         dataset = dataset.cache()
-    if training:
-        dataset = dataset.shuffle(_shuffle_buffer(dataset), seed=seed, reshuffle_each_iteration=True)
+    return dataset
+
+
+def _order(examples, *, batch_size, seed):
+    return epochs.EpochOrder(examples, buffer=_shuffle_buffer(examples), seed=seed,
+                             finish=lambda shuffled: _batched(shuffled, batch_size))
+
+
+def _batched(dataset, batch_size):
     dataset = dataset.batch(int(batch_size), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return dataset.prefetch(tf.data.AUTOTUNE)
 

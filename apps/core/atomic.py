@@ -1,0 +1,191 @@
+"""Files and folders written whole or not at all, and what a killed writer left.
+
+Every output of a run (JSON, history, plots, `.keras` models, export
+versions) is written under a temporary name beside its final one and renamed
+into place. The temporary name says who writes it: `<host>-<pid>`. A process
+killed mid-write (SIGKILL, a power cut) cannot clean up after itself, so the
+next write of the same file or export removes the temporaries whose owner is
+no longer running (`os.kill(pid, 0)`); ones from another machine (a shared
+file system) or from before the owner tag (`legacy`) go only once they are
+older than a day or an hour, the longest a write can take.
+
+Out of space (ENOSPC, or EDQUOT over a quota) while writing is a user error,
+one line naming the path (`UsageError`, exit 2), with the partial file
+removed; the file or version written before stays as it was.
+"""
+
+import contextlib
+import errno
+import os
+import pathlib
+import re
+import secrets
+import shutil
+import socket
+import sys
+import time
+
+from dlsuite.apps.core.errors import UsageError
+
+# How old a temporary must be before it counts as abandoned when its owner
+# cannot be asked: another machine's process, or a name without an owner.
+FOREIGN_AGE_S = 24 * 3600
+LEGACY_AGE_S = 3600
+
+_OUT_OF_SPACE = (errno.ENOSPC, errno.EDQUOT)
+# TensorFlow's and h5py's errors carry the OS message in their text only.
+_OUT_OF_SPACE_TEXT = ("no space left on device", "disk quota exceeded")
+# `.tmp-[<version>-]<host>-<pid>-<8 hex>`: an export version's folder or a file's temporary.
+_OWNER = re.compile(r"\.tmp-(?:\d+-)?(?P<tag>[A-Za-z0-9]+)-(?P<pid>\d+)-[0-9a-f]{8}")
+
+
+def host():
+    """This machine's name as it appears in temporary names (letters and digits)."""
+    return re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:32] or "host"
+
+
+def owner_tag():
+    """`<host>-<pid>`: who writes a temporary file or folder."""
+    return f"{host()}-{os.getpid()}"
+
+
+def temporary_name(prefix, suffix=""):
+    """`{prefix}.tmp-<host>-<pid>-<8 hex>{suffix}`, unique to this write."""
+    return f"{prefix}.tmp-{owner_tag()}-{secrets.token_hex(4)}{suffix}"
+
+
+def temporary_file(path):
+    """A hidden temporary path beside `path` with the same suffix (Keras
+    insists on `.keras`): `dir/.name.tmp-<host>-<pid>-<hex>.keras`."""
+    path = pathlib.Path(path)
+    return path.with_name(temporary_name(f".{path.stem}", path.suffix))
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def is_abandoned(path, *, now=None):
+    """True if the temporary `path` (a name a glob for temporaries found)
+    belongs to no live process.
+
+    Its name carries the owner (`.tmp-<host>-<pid>-`): on this machine, the
+    owner is asked with `os.kill(pid, 0)`; from another machine, or without
+    an owner in its name, it counts as abandoned once it is older than
+    FOREIGN_AGE_S or LEGACY_AGE_S.
+    """
+    path = pathlib.Path(path)
+    match = _OWNER.search(path.name)
+    if match is not None and match["tag"] == host():
+        pid = int(match["pid"])
+        return pid != os.getpid() and not _alive(pid)
+    try:
+        age = (now or time.time()) - path.lstat().st_mtime
+    except FileNotFoundError:
+        return False
+    return age > (LEGACY_AGE_S if match is None else FOREIGN_AGE_S)
+
+
+def remove(path):
+    """Removes the file or folder `path`, if it is there."""
+    path = pathlib.Path(path)
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+            path.unlink()
+
+
+def clean_abandoned(folder, pattern):
+    """Removes the temporaries in `folder` matching the glob `pattern` that
+    no live process owns (`is_abandoned`); returns the removed paths."""
+    folder = pathlib.Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for path in sorted(folder.glob(pattern)):
+        if is_abandoned(path):
+            remove(path)
+            removed.append(path)
+    if removed:
+        print(f"dlsuite: removed {len(removed)} temporary file(s) a killed run left: "
+              + ", ".join(str(p) for p in removed[:3]) + (", ..." if len(removed) > 3 else ""),
+              file=sys.stderr, flush=True)
+    return removed
+
+
+def out_of_space(error):
+    """True if `error` (an OSError, or TensorFlow's or h5py's wrapping of
+    one) says the disk or the quota is full."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if getattr(error, "errno", None) in _OUT_OF_SPACE:
+            return True
+        if any(text in str(error).lower() for text in _OUT_OF_SPACE_TEXT):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def no_space_error(path, error, *, partial="file"):
+    """The one-line UsageError for running out of space writing `path`
+    (`partial`: "file", or "version" for an export)."""
+    what = "the disk quota is exceeded" if getattr(error, "errno", None) == errno.EDQUOT or (
+        "quota" in str(error).lower()) else "no space left on the device"
+    return UsageError(f"cannot write {str(path)!r}: {what}; the partial {partial} was removed. Free some space "
+                      "there or write to another disk")
+
+
+@contextlib.contextmanager
+def replacing(path):
+    """Yields a temporary path beside `path`, which the caller fills; on
+    success it replaces `path` in one rename, on any failure it is removed.
+
+    The temporaries of `path` that a killed writer left are removed first.
+    Out of space is a `UsageError` naming `path`; an earlier `path` stays.
+    """
+    path = pathlib.Path(path)
+    clean_abandoned(path.parent, f".{glob_escape(path.stem)}.tmp-*{glob_escape(path.suffix)}")
+    clean_abandoned(path.parent, f"{glob_escape(path.stem)}.tmp{glob_escape(path.suffix)}")  # before #15
+    temporary = temporary_file(path)
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    except BaseException as error:  # KeyboardInterrupt too: nothing half-written stays
+        remove(temporary)
+        if isinstance(error, Exception) and out_of_space(error):
+            raise no_space_error(path, error) from None
+        raise
+
+
+def glob_escape(text):
+    """`text` with glob's special characters taken literally."""
+    return re.sub(r"([*?\[])", r"[\1]", text)
+
+
+def check_writable(path, *, what, option=None, hint="pass a folder you can write to"):
+    """Raises UsageError unless `path` (a folder, maybe not there yet) could
+    be created and written by this process; creates nothing.
+
+    The folder, or its nearest existing parent, must be a directory with
+    write and search permission. Called before training, so that a bad
+    output path costs nothing.
+    """
+    path = pathlib.Path(path)
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"cannot write {what} under {str(path)!r}: {str(existing)!r} is not a folder; {hint}",
+                         option=option)
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot write {what} under {str(path)!r}: no write permission on {str(existing)!r}; "
+                         f"{hint}", option=option)
+    return path
