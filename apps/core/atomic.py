@@ -152,8 +152,8 @@ def replacing(path):
     Out of space is a `UsageError` naming `path`; an earlier `path` stays.
     """
     path = pathlib.Path(path)
-    clean_abandoned(path.parent, f".{glob_escape(path.stem)}.tmp-*{glob_escape(path.suffix)}")
-    clean_abandoned(path.parent, f"{glob_escape(path.stem)}.tmp{glob_escape(path.suffix)}")  # before #15
+    for pattern in temporary_patterns(path):
+        clean_abandoned(path.parent, pattern)
     temporary = temporary_file(path)
     try:
         yield temporary
@@ -163,6 +163,33 @@ def replacing(path):
         if isinstance(error, Exception) and out_of_space(error):
             raise no_space_error(path, error) from None
         raise
+
+
+def temporary_patterns(path):
+    """Globs for the temporaries of `path` in its folder: this module's
+    (`.name.tmp-<owner>-<hex>.ext`) and the ownerless names used before
+    issue #15 (`name.tmp.keras`, `.name.json.tmp`, `.name.tmp.png`)."""
+    path = pathlib.Path(path)
+    stem, suffix, name = (glob_escape(part) for part in (path.stem, path.suffix, path.name))
+    return [f".{stem}.tmp-*{suffix}", f"{stem}.tmp{suffix}", f".{name}.tmp", f".{stem}.tmp{suffix}"]
+
+
+# Every temporary a run directory can hold, for `clean_tree`.
+_RUN_PATTERNS = (".*.tmp-*", "*.tmp.keras", ".*.tmp", ".*.tmp.*")
+
+
+def clean_tree(folder, *, depth=2):
+    """Removes the abandoned temporaries (`is_abandoned`) in `folder` and
+    its subfolders down to `depth` levels (a run directory: its phases and
+    their `checkpoints/`); returns the removed paths."""
+    folder = pathlib.Path(folder)
+    removed = []
+    for level in range(depth + 1):
+        prefix = "*/" * level
+        for pattern in _RUN_PATTERNS:
+            for parent in sorted({p.parent for p in folder.glob(prefix + pattern)}):
+                removed += clean_abandoned(parent, pattern)
+    return removed
 
 
 def glob_escape(text):

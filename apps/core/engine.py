@@ -356,8 +356,11 @@ def final_model(result, model):
 
 
 def save_model(model, path):
-    """Saves a `.keras` file beside `path` and renames it into place."""
-    path = pathlib.Path(path)
-    temporary = path.with_name(f"{path.stem}.tmp.keras")
-    model.save(temporary)
-    os.replace(temporary, path)
+    """Saves a `.keras` file beside `path` and renames it into place
+    (`atomic.replacing`): a kill leaves the earlier file or none, the next
+    save removes the temporary a killed one left, and a full disk is a
+    UsageError naming `path`."""
+    from dlsuite.apps.core import atomic
+
+    with atomic.replacing(path) as temporary:
+        model.save(temporary)

@@ -2,31 +2,45 @@
 
 `runs/<app>/<timestamp>/` by default, holding `config.json` (enough to repeat
 the run), `history.csv`, `metrics.json`, `curves.png` and whatever the app
-adds. JSON files are written atomically (temporary file, then rename).
+adds. Every file is written atomically (`atomic.replacing`: a temporary file
+beside it, then one rename): a kill leaves the earlier file or none, the next
+write removes what a killed one left, and a full disk is one line.
 """
 
 import csv
 import dataclasses
 import datetime
 import json
-import os
 import pathlib
 import re
 import tempfile
 
 import numpy as np
 
+from dlsuite.apps.core import atomic
 from dlsuite.apps.core.errors import UsageError
 
 
 def create(out, app):
     """Makes (or reuses) the run directory and checks it is writable.
 
+    What a killed run left half-written (`atomic.clean_tree`) goes first:
+    in a reused directory, and in every earlier run beside a new
+    `runs/<app>/<timestamp>`, so the next run of the same command leaves no
+    temporary behind.
+
     Args:
-        out: the --out value, or None for `runs/<app>/<timestamp>`.
+        out: the --out value (or the path `run_path` made), or None for
+            `runs/<app>/<timestamp>`.
         app: the app's name, e.g. "classify".
     """
     path = run_path(out, app)
+    if path.parent == pathlib.Path("runs", app):  # the default layout: the app's earlier runs
+        for earlier in sorted(path.parent.glob("*")) if path.parent.is_dir() else ():
+            if earlier.is_dir():
+                atomic.clean_tree(earlier)
+    elif path.is_dir():
+        atomic.clean_tree(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-", delete=True)
@@ -63,10 +77,9 @@ def _default(value):
 
 def write_json(path, data):
     """Writes `data` as indented JSON, atomically."""
-    path = pathlib.Path(path)
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(data, indent=2, default=_default) + "\n")
-    os.replace(temporary, path)
+    text = json.dumps(data, indent=2, default=_default) + "\n"  # a TypeError before any file is touched
+    with atomic.replacing(path) as temporary:
+        temporary.write_text(text)
 
 
 def read_json(path):
@@ -87,14 +100,11 @@ def write_history(path, history, *, first_epoch=0):
     """Writes {metric: [per-epoch values]} as history.csv with an epoch column."""
     keys = sorted(history)
     epochs = max((len(v) for v in history.values()), default=0)
-    path = pathlib.Path(path)
-    temporary = path.with_name(f".{path.name}.tmp")
-    with temporary.open("w", newline="") as handle:
+    with atomic.replacing(path) as temporary, temporary.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["epoch", *keys])
         for index in range(epochs):
             writer.writerow([first_epoch + index] + [history[k][index] if index < len(history[k]) else "" for k in keys])
-    os.replace(temporary, path)
 
 
 def plot_curves(history, path, *, title=""):
@@ -151,8 +161,8 @@ def plot_confusion(matrix, class_names, path, *, title="Confusion matrix (test)"
 def save_figure(figure, path):
     import matplotlib.pyplot as plt
 
-    path = pathlib.Path(path)
-    temporary = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    figure.savefig(temporary, dpi=110)
-    plt.close(figure)
-    os.replace(temporary, path)
+    try:
+        with atomic.replacing(path) as temporary:
+            figure.savefig(temporary, dpi=110)
+    finally:
+        plt.close(figure)

@@ -10,6 +10,7 @@ import re
 import secrets
 import shutil
 
+from dlsuite.apps.core import atomic
 from dlsuite.apps.core.errors import UsageError
 
 _NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]+")
@@ -79,7 +80,10 @@ def write_version_atomically(model_dir, version, write):
     The temporary folder is hidden inside `model_dir` (same file system, and
     a name TF Serving ignores because it is not an integer), so a reader never
     sees a half-written version; on any failure it is removed, and so is
-    `model_dir` if this call created it. Every app's export writes this way.
+    `model_dir` if this call created it. Its name holds its owner
+    (`.tmp-<version>-<host>-<pid>-<hex>`), so the next export removes what
+    a killed one left (`atomic.clean_abandoned`). Every app's export writes
+    this way.
 
     Args:
         model_dir: `base_dir/NAME`, the folder holding the versions.
@@ -90,7 +94,8 @@ def write_version_atomically(model_dir, version, write):
         The `pathlib.Path` of the version folder.
 
     Raises:
-        UsageError: a bad or existing version, or an unwritable folder.
+        UsageError: a bad or existing version, an unwritable folder, or no
+            space left (the partial version removed, the others untouched).
     """
     model_dir = pathlib.Path(model_dir)
     if version is None:
@@ -104,13 +109,18 @@ def write_version_atomically(model_dir, version, write):
             f"to get the next one ({next_version(model_dir)})."
         )
     created_model_dir = not model_dir.exists()
+    # A killed export could not remove its folder: the next export of the
+    # model does, once no live process owns it (its name holds the owner).
+    atomic.clean_abandoned(model_dir, ".tmp-*")
     try:
         model_dir.mkdir(parents=True, exist_ok=True)
         # mkdir, not tempfile.mkdtemp: mkdtemp's 0700 mode would survive the
         # rename and lock out a TF Serving process running as another user.
-        temporary = model_dir / f".tmp-{version}-{secrets.token_hex(4)}"
+        temporary = model_dir / f".tmp-{version}-{atomic.owner_tag()}-{secrets.token_hex(4)}"
         temporary.mkdir()
     except OSError as error:
+        if atomic.out_of_space(error):
+            raise atomic.no_space_error(model_dir, error) from None
         raise UsageError(
             f"Cannot write exports to {model_dir.parent}: {error.strerror or error}. "
             "Pick a folder you can write to."
@@ -123,7 +133,7 @@ def write_version_atomically(model_dir, version, write):
             if target.exists():  # a concurrent export took the same version
                 raise UsageError(f"{target} appeared during the export; run it again.") from None
             raise
-    except BaseException:
+    except BaseException as error:
         # KeyboardInterrupt included: nothing half-written may stay behind.
         shutil.rmtree(temporary, ignore_errors=True)
         if created_model_dir:
@@ -131,6 +141,9 @@ def write_version_atomically(model_dir, version, write):
                 model_dir.rmdir()
             except OSError:
                 pass  # not empty: another export put something there meanwhile
+        if isinstance(error, Exception) and atomic.out_of_space(error):
+            # TensorFlow wraps the OS error; the versions before stay as they were.
+            raise atomic.no_space_error(target, error, partial="version") from None
         raise
     return target
 

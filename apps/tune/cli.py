@@ -141,11 +141,16 @@ def run(args):
     if args.strategy == "multi-worker":
         raise UsageError("--strategy multi-worker cannot train a trial (Keras fit fails under it); spread trials over machines "
                          "with a distributed search instead: see `dlsuite tune --help`")
-    if args.export is not None:
-        from dlsuite.apps.core import versions
+    from dlsuite.apps.core import atomic, versions
 
+    if args.export is not None:
         versions.check_export_name(args.export)
     directory = pathlib.Path(args.dir or os.path.join("runs", "tune", f"{args.app}_{_slug(app.data_name(args))}_{args.tuner}"))
+    if role != "worker":  # the chief writes the search and the export: both checked before any trial
+        atomic.check_writable(directory, what="the tuning directory", option="dir",
+                              hint="pass --dir with a writable folder")
+        if not args.no_export:
+            versions.check_export_dir(args.export_dir)
     max_trials = args.max_trials or (None if args.tuner == "hyperband" else app.max_trials)
 
     from dlsuite.apps.core import distribute
