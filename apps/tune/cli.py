@@ -19,8 +19,8 @@ The tuning directory (`--dir`, default `runs/tune/<app>_<data>_<tuner>`) holds
 
 Run the same command again and the search resumes: finished trials are kept,
 an interrupted one runs again, a larger --max-trials adds trials. A trial
-that fails (an infeasible configuration, a NaN loss) is recorded with its
-error and the search goes on, until --max-failures trials fail in a row.
+that fails (an infeasible configuration, a NaN or diverging loss) is recorded
+with its error and the search goes on, until --max-failures trials fail in a row.
 
 A distributed search uses keras-tuner's own environment variables: the same
 command on every machine, with KERASTUNER_ORACLE_IP and KERASTUNER_ORACLE_PORT

@@ -11,7 +11,8 @@ with the task's own hooks.
 
 `fit` returns the metrics of the trial's best epoch (the one keras-tuner's
 checkpoint keeps) plus `epochs`, `best_epoch` and `seconds`; a loss that turns
-NaN fails the trial with the NaN guard's advice.
+NaN or diverges fails the trial (keras-tuner's FailedTrialError: recorded
+FAILED, not retried) with the NaN guard's advice.
 """
 
 import pathlib
