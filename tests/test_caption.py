@@ -147,6 +147,15 @@ print('dlsuite loaded:', any(name.startswith('dlsuite') for name in sys.modules)
     assert all(caption and set(caption.split()) <= set(captioner.vocabulary[4:]) for caption in expected)
 
 
+def test_the_export_passes_the_saved_model_scan(trained):
+    """Nothing `saved_model_cli scan` flags (#15): our exports load without --trust-model."""
+    from dlsuite.apps.core import saved_models
+
+    path = trained["export"] / "1"
+    assert saved_models.denylisted_ops(saved_models.read(path)) == []
+    saved_models.check(path, signatures=caption_export.SIGNATURES)
+
+
 def test_the_keras_model_and_the_export_agree(trained, test_images):
     """model.keras (pixels + words -> logits) scores a caption as the export's `score` signature does."""
     paths, references = test_images

@@ -199,6 +199,15 @@ def test_saved_model_cli_lists_the_signatures(abc_export):
         assert fragment in shown.stdout, fragment
 
 
+def test_the_export_passes_the_saved_model_scan(abc_export, word_export):
+    """Nothing `saved_model_cli scan` flags (#15): our exports load without --trust-model."""
+    from dlsuite.apps.core import saved_models
+
+    for path in (abc_export[2], word_export[2]):
+        assert saved_models.denylisted_ops(saved_models.read(path)) == []
+        saved_models.check(path, signatures=lm_export.SIGNATURES["next_token"])
+
+
 def test_exported_language_model_reads_the_newest_version(abc_export, served):
     model, vocabulary, path = abc_export
     assert served.path == path
@@ -261,6 +270,9 @@ def test_bilm_exports_embeddings_and_a_forward_score(tmp_path):
     path = lm_export.export_language_model(model, vocabulary, name="bi", base_dir=tmp_path)
     served = ExportedLanguageModel.load(path)
     assert served.kind == "bilm" and served.can_embed
+    from dlsuite.apps.core import saved_models
+
+    assert saved_models.denylisted_ops(saved_models.read(path)) == []  # passes the scan (#15)
     tokens, embeddings = served.embed("ab ca€")
     assert tokens == list("ab ca€")
     expected = embedding_model(model)(vocabulary.encode("ab ca€")[np.newaxis])[0]

@@ -74,6 +74,8 @@ def _add_encoder_arguments(group, *, fine_tune):
     group.add_argument("--encoder-weights", default="none",
                        help="none (random, the offline default), imagenet, a .weights.h5 file, or a model this suite "
                             "trained (runs/.../model.keras, saved_models/NAME)")
+    train_args.add_trust_model_argument(group, help="with a SavedModel as --encoder-weights: "
+                                                    + train_args.TRUST_MODEL_HELP)
     group.add_argument("--encoder-layer", metavar="NAME",
                        help="use this layer's feature map instead of the last one, e.g. block4_pool (default: the "
                             "last, except for the default encoder)")
@@ -158,6 +160,7 @@ def add_parser(subparsers):
     generate.add_argument("image", nargs="+", help="JPEG, PNG, BMP or GIF files")
     _add_decoding_arguments(generate, default_beam=None)
     generate.add_argument("--json", action="store_true", help="one JSON object per image, with the log-likelihood")
+    train_args.add_trust_model_argument(generate)
     generate.set_defaults(func=run_generate)
 
     evaluate = commands.add_parser("evaluate", help="corpus BLEU-1..4 of an export against reference captions",
@@ -167,6 +170,7 @@ def add_parser(subparsers):
     _add_decoding_arguments(evaluate, default_beam=None)
     evaluate.add_argument("--batch-size", type=train_args.positive_int, default=32)
     evaluate.add_argument("--json", action="store_true")
+    train_args.add_trust_model_argument(evaluate)
     evaluate.set_defaults(func=run_evaluate)
 
 
@@ -197,7 +201,7 @@ def run_generate(args):
     good = [check.path for check in checks if check.reason is None]
     bad = [f"{check.path} ({check.reason})" for check in checks if check.reason]
     search = _search(args)
-    captioner = caption_export.ExportedCaptioner.load(args.saved_model)
+    captioner = caption_export.ExportedCaptioner.load(args.saved_model, trust_model=args.trust_model)
     found = captioner.caption_files(good, **search) if good else {"caption": []}
     for index, path in enumerate(good):
         if args.json:
@@ -218,7 +222,7 @@ def run_evaluate(args):
     if (args.images is None) != (args.captions is None):
         raise UsageError("--images and --captions go together: the folder of images and the file of their captions")
     search = _search(args)
-    captioner = caption_export.ExportedCaptioner.load(args.saved_model)
+    captioner = caption_export.ExportedCaptioner.load(args.saved_model, trust_model=args.trust_model)
     if args.images is not None:
         found = caption_data.captioned_images(args.images, args.captions, strict=args.strict)
         for warning in found.warnings:

@@ -38,6 +38,7 @@ import pathlib
 import numpy as np
 import tensorflow as tf
 
+from dlsuite.apps.core import saved_models
 from dlsuite.apps.core.errors import UsageError
 from dlsuite.apps.core.versions import check_export_name, resolve_version_dir, write_version_atomically
 
@@ -165,11 +166,15 @@ class ExportedCaptioner:
         self.vocabulary = vocabulary
 
     @classmethod
-    def load(cls, path):
+    def load(cls, path, *, trust_model=False):
         """Loads a version folder, or the NAME folder's highest version.
 
+        Args:
+            trust_model: run it even if it reads or writes files or prints (see `core.saved_models`).
+
         Raises:
-            UsageError: nothing there, or a SavedModel that `export_captioner` did not write.
+            UsageError: nothing there, a SavedModel that `export_captioner` did not write, or one that is
+                damaged or untrusted.
         """
         path = resolve_version_dir(path)
         try:
@@ -183,10 +188,7 @@ class ExportedCaptioner:
         if metadata.get("format_version", 0) > FORMAT_VERSION:
             raise UsageError(f"{path} was exported by a newer dlsuite (format version {metadata['format_version']}); "
                              "upgrade dlsuite to read it")
-        saved_model = tf.saved_model.load(str(path))
-        missing = [name for name in SIGNATURES if name not in saved_model.signatures]
-        if missing:
-            raise UsageError(f"{path} lacks the signatures {missing}; export it again")
+        saved_model = saved_models.load(path, trust_model=trust_model, signatures=SIGNATURES)
         return cls(path, saved_model, metadata, vocabulary)
 
     def caption_bytes(self, contents, *, beam_size=None, max_length=None, alpha=None):

@@ -48,6 +48,7 @@ class CaptionConfig(train_args.TrainingConfig):
     strict: bool = False
     encoder: str | None = None
     encoder_weights: str | None = "none"
+    trust_model: bool = False  # a SavedModel --encoder-weights may read or write files or print
     encoder_layer: str | None = None
     input_size: list | None = None
     preprocess: str = "auto"
@@ -100,7 +101,7 @@ def load_data_and_encoder(config, weights):
                              training=False, cache=False)
     base = backbones.build_base(config.encoder, weights=weights, input_size=input_size, channels=data.channels,
                                 statistics=classifier.channel_statistics(probe, max_batches=8),
-                                preprocessing=config.preprocess)
+                                preprocessing=config.preprocess, trust_model=config.trust_model)
     if config.encoder_layer:
         base = _cut_encoder(base, config.encoder_layer)
     return data, vocabulary, base
@@ -327,7 +328,8 @@ class CaptionTask(task.Task):
                              option=("pooling", "attention"))
         if config.optimizer.get("optimizer") == "lbfgs":
             raise UsageError("optimizer lbfgs is for small image classifiers; captioners train with adam, rmsprop or sgd", option="optimizer")
-        self.weights = backbones.check_weights_argument(config.encoder, config.encoder_weights)
+        self.weights = backbones.check_weights_argument(config.encoder, config.encoder_weights,
+                                                        trust_model=config.trust_model)
 
     def load_data(self):
         self.data, self.vocabulary, self.base = load_data_and_encoder(self.config, self.weights)

@@ -81,6 +81,7 @@ def add_parser(subparsers):
     evaluate.add_argument("--test-fraction", type=float, default=0.15)
     evaluate.add_argument("--out", help="where to write metrics.json and confusion.png (default runs/evaluate/<timestamp>)")
     evaluate.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
+    train_args.add_trust_model_argument(evaluate)
     evaluate.set_defaults(func=run_evaluate)
 
     predict = commands.add_parser("predict", help="top-k labels for image files",
@@ -91,6 +92,7 @@ def add_parser(subparsers):
     predict.add_argument("images", nargs="+", metavar="IMAGE")
     predict.add_argument("--top-k", type=train_args.positive_int, default=3)
     predict.add_argument("--json", action="store_true", help="one JSON object per line")
+    train_args.add_trust_model_argument(predict)
     predict.set_defaults(func=run_predict)
 
 
@@ -106,7 +108,7 @@ def run_evaluate(args):
     from dlsuite.apps.vision import export, metrics, pipeline
     from dlsuite.apps.core import rundir
 
-    served = export.ExportedClassifier.load(args.saved_model)
+    served = export.ExportedClassifier.load(args.saved_model, trust_model=args.trust_model)
     data = _evaluation_data(args, served)
     if list(data.class_names) != list(served.class_names):
         raise UsageError(
@@ -170,7 +172,7 @@ def run_predict(args):
             raise UsageError(f"image {path!r} does not exist") from None
         except (UnidentifiedImageError, OSError) as error:
             raise UsageError(f"cannot read image {path!r} ({error}); pass PNG, JPEG, BMP or GIF files") from None
-    served = export.ExportedClassifier.load(args.saved_model)
+    served = export.ExportedClassifier.load(args.saved_model, trust_model=args.trust_model)
     probabilities = served.predict_files(args.images)
     k = min(args.top_k, len(served.class_names))
     for path, row in zip(args.images, probabilities):

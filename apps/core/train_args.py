@@ -191,6 +191,16 @@ def add_config_argument(parser):
                              "repeats the run")
 
 
+TRUST_MODEL_HELP = ("run the SavedModel even if its graph reads or writes files or prints (ReadFile, WriteFile, "
+                    "PrintV2, what `saved_model_cli scan` flags); refused by default, since a SavedModel is a "
+                    "program: pass it only for a model you trust")
+
+
+def add_trust_model_argument(parser, help=TRUST_MODEL_HELP):
+    """--trust-model, for every command that loads a SavedModel it is given (`core.saved_models`)."""
+    parser.add_argument("--trust-model", action="store_true", help=help)
+
+
 def optimizer_config(args):
     """The `optim.OptimizerConfig` fields from parsed arguments, as a dict."""
     from dlsuite.apps.core import optim
@@ -243,10 +253,57 @@ def saved_config(config_class, run_dir):
     if not path.exists():
         raise UsageError(f"resume {str(run_dir)!r}: no config.json there; pass the directory of an interrupted run",
                          option="resume")
+
+    def refuse(problem):
+        return UsageError(f"resume {str(run_dir)!r}: {path} is not a config this app wrote ({problem}); pass the "
+                          "directory of an interrupted run", option="resume")
+
     try:
-        saved = json.loads(path.read_text(encoding="utf-8"))["config"]
-        names = {f.name for f in dataclasses.fields(config_class)}
-        return config_class(**{k: v for k, v in saved.items() if k in names})
-    except (ValueError, KeyError, TypeError, AttributeError) as error:
-        raise UsageError(f"resume {str(run_dir)!r}: {path} is not a config this app wrote ({type(error).__name__}: "
-                         f"{error}); pass the directory of an interrupted run", option="resume") from None
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise refuse("not UTF-8 text") from None
+    except ValueError as error:  # names the line and column
+        raise refuse(f"malformed JSON: {error}") from None
+    if not isinstance(saved, dict) or "config" not in saved:
+        raise refuse('no "config" key')
+    saved = saved["config"]
+    if not isinstance(saved, dict):
+        raise refuse(f'"config" holds a {type(saved).__name__}, not a mapping of fields')
+    names = {f.name for f in dataclasses.fields(config_class)}
+    values = {k: v for k, v in saved.items() if k in names}
+    from dlsuite.apps.core import optim
+
+    wrong = _wrong_types(values, config_class) or _wrong_types(
+        values.get("optimizer") if isinstance(values.get("optimizer"), dict) else {}, optim.OptimizerConfig)
+    if wrong:
+        raise refuse(wrong)
+    return config_class(**values)
+
+
+def _wrong_types(values, config_class):
+    """'FIELD is VALUE, not TYPE' for the first value whose type its dataclass field does not allow, or None."""
+    import types
+    import typing
+
+    hints = typing.get_type_hints(config_class)
+
+    def fits(value, hint):
+        if hint is None or hint is typing.Any:
+            return True
+        if typing.get_origin(hint) in (typing.Union, types.UnionType):
+            return any(fits(value, arg) for arg in typing.get_args(hint))
+        if hint is type(None):
+            return value is None
+        if hint is bool:
+            return isinstance(value, bool)
+        if hint is int:
+            return isinstance(value, int) and not isinstance(value, bool)
+        if hint is float:
+            return isinstance(value, (int, float)) and not isinstance(value, bool)
+        origin = typing.get_origin(hint) or hint
+        return not isinstance(origin, type) or isinstance(value, origin)
+
+    for key, value in values.items():
+        if not fits(value, hints.get(key)):
+            return f"{key} is {value!r}, not {getattr(hints[key], '__name__', hints[key])}"
+    return None

@@ -213,6 +213,7 @@ def _add_features_parser(commands):
     features.add_argument("--input-size", type=train_args.size_pair, metavar="H,W",
                           help="with a registry name as MODEL: the input size (default the model's)")
     features.add_argument("--out", help="where the pictures go (default runs/features/<time>)")
+    train_args.add_trust_model_argument(features)
     features.set_defaults(func=run_features)
 
 
@@ -478,7 +479,8 @@ def run_features(args):
     from dlsuite.apps.core import rundir
     from dlsuite.apps.diagnose import features
 
-    network = features.load_network(args.model, weights=args.weights, input_size=args.input_size)  # every check before the output folder: bad input leaves nothing
+    network = features.load_network(args.model, weights=args.weights, input_size=args.input_size,
+                                    trust_model=args.trust_model)  # every check before the output folder: bad input leaves nothing
     layers = features.choose_layers(network, args.layer)
     image = features.load_image(network, args.image) if args.image else None
     images = features.load_images(network, folder=args.images, max_images=args.max_images, image=image)

@@ -30,6 +30,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from dlsuite.apps.core import keras_files, saved_models
 from dlsuite.apps.core.errors import UsageError
 
 DEFAULT_LAYERS = 4  # feature-map layers picked when --layer is absent
@@ -86,10 +87,11 @@ class Network:
 # --- loading ------------------------------------------------------------------
 
 
-def load_network(path, *, weights=None, input_size=None):
+def load_network(path, *, weights=None, input_size=None, trust_model=False):
     """A `Network` from a run directory, a `.keras` file, an export folder, or
     a registry CNN (`path` its name) with `weights` (imagenet, a weights
     file, none) at `input_size`, its pixel preprocessing inside.
+    `trust_model`: an export may read or write files or print (`core.saved_models`).
 
     Raises:
         UsageError: a missing path, a file that is not a Keras model, a model
@@ -109,7 +111,7 @@ def load_network(path, *, weights=None, input_size=None):
     elif path.is_file() and path.suffix == ".keras":
         network = _from_keras(path, run_dir=path.parent if (path.parent / "config.json").is_file() else None)
     elif path.is_dir():
-        network = _from_export(path)
+        network = _from_export(path, trust_model=trust_model)
     else:
         raise UsageError(f"model {str(path)!r} is not {MODEL_FORMS}", option="model")
     _check_cnn(network)
@@ -139,11 +141,7 @@ def _check_cnn(network):
 def _from_keras(path, *, run_dir):
     from dlsuite.apps.vision import backbones  # registers the suite's custom layers
 
-    try:
-        model = keras.models.load_model(path, compile=False)
-    except Exception as error:  # zip, JSON and deserialization errors alike
-        raise UsageError(f"cannot load {str(path)!r} as a Keras model ({' '.join(str(error).split())[:200]})",
-                         option="model") from None
+    model = keras_files.load(path, option="model")
     if len(model.inputs) != 1 or len(model.outputs) != 1:
         raise UsageError(f"{str(path)!r} has {len(model.inputs)} inputs and {len(model.outputs)} outputs; "
                          "`diagnose features` takes an image model with one of each", option="model")
@@ -199,14 +197,14 @@ def _run_class_names(run_dir):
         return None
 
 
-def _from_export(path):
+def _from_export(path, *, trust_model=False):
     """A classify export: the backbone from `backbones.build_base`, the head rebuilt from the registry."""
     from dlsuite import models
     from dlsuite.apps.core import versions
     from dlsuite.apps.vision import backbones, export
 
     version_dir = versions.resolve_version_dir(path)
-    base = backbones.build_base(None, weights=str(version_dir))
+    base = backbones.build_base(None, weights=str(version_dir), trust_model=trust_model)
     metadata = json.loads((version_dir / "assets" / export.METADATA_FILE).read_text(encoding="utf-8"))
     class_names = [str(name) for name in metadata["class_names"]]
     architecture = base.architecture
@@ -216,7 +214,8 @@ def _from_export(path):
     names = [layer.name for layer in full.layers]
     tail = full.layers[names.index(base.model.layers[-1].name) + 1:]
     head, _ = _chain(tail, tuple(base.model.output.shape[1:]))
-    loaded = tf.saved_model.load(str(version_dir))  # kept alive: the signature only holds weak references
+    # Kept alive: the signature only holds weak references.
+    loaded = saved_models.load(version_dir, trust_model=trust_model, signatures=("serving_default",))
     saved = {variable.name.rsplit(":", 1)[0]: variable for variable in loaded.signatures["serving_default"].variables}
     for layer in tail:
         for weight in layer.weights:

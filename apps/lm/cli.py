@@ -5,7 +5,6 @@ of generating, evaluating and embedding with their exports."""
 import argparse
 import json
 import os
-import pathlib
 import sys
 
 from dlsuite.apps.core import train_args
@@ -74,6 +73,7 @@ def add_parser(subparsers):
     generate.add_argument("--temperature", type=float, default=0.8)
     generate.add_argument("--top-k", type=int, help="sample among the K most likely tokens only")
     generate.add_argument("--seed", type=int, default=0)
+    train_args.add_trust_model_argument(generate)
     generate.set_defaults(func=run_generate)
 
     evaluate = commands.add_parser("evaluate", help="loss, perplexity and bits per character of an export on a text",
@@ -82,6 +82,7 @@ def add_parser(subparsers):
     evaluate.add_argument("saved_model")
     evaluate.add_argument("--text", required=True)
     evaluate.add_argument("--json", action="store_true")
+    train_args.add_trust_model_argument(evaluate)
     evaluate.set_defaults(func=run_evaluate)
 
     embed = commands.add_parser("embed", help="contextual embeddings of a text from a biLM export",
@@ -90,6 +91,7 @@ def add_parser(subparsers):
     embed.add_argument("saved_model")
     embed.add_argument("--text", required=True)
     embed.add_argument("--out", required=True, help="an .npz file: tokens and embeddings (tokens, 2 x units)")
+    train_args.add_trust_model_argument(embed)
     embed.set_defaults(func=run_embed)
 
 
@@ -108,7 +110,7 @@ def run_generate(args):
         raise UsageError(f"--temperature must be > 0, received {args.temperature}; 0.8 is typical, lower is more conservative")
     if args.top_k is not None and args.top_k < 1:
         raise UsageError(f"--top-k must be >= 1, received {args.top_k}")
-    served = lm_export.ExportedLanguageModel.load(args.saved_model)
+    served = lm_export.ExportedLanguageModel.load(args.saved_model, trust_model=args.trust_model)
     unknown = served.vocabulary.unknown_count(args.prompt)
     if unknown:
         unit = "characters" if served.vocabulary.level == "char" else "words"
@@ -124,7 +126,7 @@ def run_generate(args):
 def run_evaluate(args):
     from dlsuite.apps.lm import export as lm_export, text
 
-    served = lm_export.ExportedLanguageModel.load(args.saved_model)
+    served = lm_export.ExportedLanguageModel.load(args.saved_model, trust_model=args.trust_model)
     _, content = text.load_text(args.text)
     loss_sum, tokens = served.score(content)
     if tokens < 1:
@@ -142,17 +144,16 @@ def run_evaluate(args):
 def run_embed(args):
     import numpy as np
 
+    from dlsuite.apps.core import outputs
     from dlsuite.apps.lm import export as lm_export, text
 
-    served = lm_export.ExportedLanguageModel.load(args.saved_model)
+    out = outputs.check_file(args.out, option="out", suffix=".npz")  # before the work, which an unwritable path would waste
+    served = lm_export.ExportedLanguageModel.load(args.saved_model, trust_model=args.trust_model)
     if not served.can_embed:
         raise UsageError(f"{args.saved_model!r} is a one-direction language model; embeddings come from a biLM "
                          "(train one with `dlsuite lm train --cell bilstm`)")
     _, content = text.load_text(args.text)
     tokens, embeddings = served.embed(content)
-    out = pathlib.Path(args.out)
-    if out.suffix != ".npz":
-        raise UsageError(f"--out must name an .npz file, received {args.out!r}")
     temporary = out.with_name(f".{out.stem}.tmp.npz")
     np.savez(temporary, tokens=np.asarray(tokens), embeddings=embeddings)
     os.replace(temporary, out)

@@ -61,6 +61,7 @@ import numpy as np
 import tensorflow as tf
 
 from dlsuite.apps.lm import generate as generation
+from dlsuite.apps.core import saved_models
 from dlsuite.apps.core.errors import UsageError
 from dlsuite.apps.core.versions import check_export_name, resolve_version_dir, write_version_atomically
 from dlsuite.apps.lm.text import Vocabulary, tf_word_tokens
@@ -450,12 +451,16 @@ class ExportedLanguageModel:
         self.vocabulary = vocabulary
 
     @classmethod
-    def load(cls, path):
+    def load(cls, path, *, trust_model=False):
         """Loads a version folder, or the NAME folder's highest version.
 
+        Args:
+            trust_model: run it even if it reads or writes files or prints
+                (see `core.saved_models`).
+
         Raises:
-            UsageError: nothing there, or a SavedModel `export_language_model`
-                did not write.
+            UsageError: nothing there, a SavedModel `export_language_model`
+                did not write, or one that is damaged or untrusted.
         """
         path = resolve_version_dir(path)
         assets = path / "assets"
@@ -478,12 +483,8 @@ class ExportedLanguageModel:
                 "dlsuite to read it."
             )
         vocabulary = Vocabulary.from_json(vocabulary)
-        saved_model = tf.saved_model.load(str(path))
-        missing = [
-            name for name in SIGNATURES[metadata["kind"]] if name not in saved_model.signatures
-        ]
-        if missing:
-            raise UsageError(f"{path} lacks the signatures {missing}; export it again.")
+        saved_model = saved_models.load(path, trust_model=trust_model,
+                                        signatures=SIGNATURES[metadata["kind"]])
         return cls(path, saved_model, metadata, vocabulary)
 
     @property

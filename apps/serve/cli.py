@@ -73,6 +73,10 @@ def add_parser(subparsers):
                         help="how often to look for new and removed versions (default 2)")
     parser.add_argument("--max-body-mb", type=_positive_float("--max-body-mb"), default=16.0,
                         help="largest request body in MiB; larger ones get 413 (default 16)")
+    parser.add_argument("--trust-model", action="store_true",
+                        help="serve SavedModels whose graph reads or writes files or prints (ReadFile, WriteFile, "
+                             "PrintV2, what `saved_model_cli scan` flags); such versions are refused by default, "
+                             "since a SavedModel is a program: pass it only for models you trust")
     parser.set_defaults(func=run)
 
 
@@ -126,13 +130,14 @@ def _has_versions(folder):
 
 
 def run(args):
-    from dlsuite.apps.serve.repository import Repository
+    from dlsuite.apps.serve.repository import Repository, load_version
     from dlsuite.apps.serve.server import MIB, Server, bind
     import asyncio
 
     models, bases = resolve_folders(args.export_dirs, args.model_name)
     log = functools.partial(print, flush=True)
-    repository = Repository(models=models, bases=bases, poll_seconds=args.poll_seconds, log=log)
+    loader = functools.partial(load_version, trust_model=args.trust_model)
+    repository = Repository(models=models, bases=bases, poll_seconds=args.poll_seconds, log=log, loader=loader)
     server = Server(repository, max_body_bytes=args.max_body_mb * MIB, poll_seconds=args.poll_seconds, log=log)
     try:
         sock = bind(args.host, args.port)

@@ -25,6 +25,7 @@ Each load and unload is one line through `log`.
 import dataclasses
 import json
 import pathlib
+import re
 import threading
 import time
 
@@ -33,8 +34,9 @@ import tensorflow as tf
 from google.protobuf import json_format
 from tensorflow.core.framework import types_pb2
 from tensorflow.core.protobuf import error_codes_pb2
-from tensorflow.core.protobuf import saved_model_pb2
 
+from dlsuite.apps.core import saved_models
+from dlsuite.apps.core.errors import UsageError
 from dlsuite.apps.serve import tensors
 from dlsuite.apps.serve.errors import not_found
 
@@ -106,15 +108,21 @@ class _Failure:
     code: str
 
 
-def load_version(model, number, path):
-    """Loads `path` (a SavedModel folder) with the MetaGraph tagged "serve", as TensorFlow Serving does."""
-    saved_model_proto = saved_model_pb2.SavedModel()
-    saved_model_proto.ParseFromString((path / "saved_model.pb").read_bytes())
-    graphs = list(saved_model_proto.meta_graphs)
-    if not graphs:
-        raise ValueError(f"{path / 'saved_model.pb'} holds no MetaGraph")
-    graph = next((g for g in graphs if "serve" in g.meta_info_def.tags), graphs[0])
-    loaded = tf.saved_model.load(str(path), tags=list(graph.meta_info_def.tags) or None)
+def load_version(model, number, path, *, trust_model=False):
+    """Loads `path` (a SavedModel folder) with the MetaGraph tagged "serve", as TensorFlow Serving does.
+
+    Args:
+        trust_model: serve it even if its graph reads or writes files or
+            prints (`core.saved_models`; `dlsuite serve --trust-model`).
+
+    Raises:
+        UsageError: a damaged, foreign or untrusted SavedModel, in words for the server's log.
+    """
+    try:
+        graph = saved_models.check(path, trust_model=trust_model)
+        loaded = saved_models.load(path, trust_model=trust_model)
+    except UsageError as error:  # the log names the flag, as the command line would
+        raise UsageError(re.sub(r"\btrust_model\b", "--trust-model", str(error))) from None
     signatures = {name: _signature(function) for name, function in loaded.signatures.items()}
     signature_defs = {
         name: json_format.MessageToDict(definition, preserving_proto_field_name=True,
@@ -373,6 +381,8 @@ def _error_code(error):
         return op_error_name(error)
     if isinstance(error, FileNotFoundError):
         return "NOT_FOUND"
+    if isinstance(error, UsageError):  # damaged, foreign or untrusted: the folder must change first
+        return "FAILED_PRECONDITION"
     return "UNKNOWN"
 
 

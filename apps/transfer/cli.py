@@ -56,6 +56,7 @@ def _add_backbone_arguments(group, *, weights_default):
                        help="imagenet (downloaded once into the Keras cache), none (random), a .weights.h5/.h5 file, "
                             "or a model this suite trained: runs/.../model.keras or saved_models/NAME "
                             f"(default {weights_default})")
+    train_args.add_trust_model_argument(group, help="with a SavedModel as --weights: " + train_args.TRUST_MODEL_HELP)
     group.add_argument("--input-size", type=train_args.size_pair, metavar="H,W",
                        help="size the backbone sees (default: the trained model's, else the backbone's own, e.g. 224,224)")
     group.add_argument("--preprocess", choices=choices.TRANSFER_PREPROCESSING, default="auto",
@@ -175,11 +176,13 @@ def _atomic_npz(path, arrays):
 
 
 def run_extract(args):
-    if not args.out.endswith(".npz"):
-        raise UsageError(f"--out {args.out!r} must end in .npz, e.g. --out features.npz")
+    from dlsuite.apps.core import outputs
     from dlsuite.apps.vision import backbones
 
-    weights = backbones.check_weights_argument(args.backbone, args.weights)  # before any image is read
+    outputs.check_file(args.out, option="out", suffix=".npz")  # before the work, which an unwritable path would waste
+
+    # Before any image is read; a model file's readable parts too.
+    weights = backbones.check_weights_argument(args.backbone, args.weights, trust_model=args.trust_model)
     paths, labels, class_names = _list_images(args.images)
 
     import keras
@@ -202,7 +205,7 @@ def run_extract(args):
 
     base = backbones.build_base(args.backbone, weights=weights,
                                 input_size=args.input_size, channels=channels, preprocessing=args.preprocess,
-                                batch_norm=args.batch_norm)
+                                batch_norm=args.batch_norm, trust_model=args.trust_model)
     extractor = feature_model(base, args.layer, args.pooling)
     images = tf.data.Dataset.from_tensor_slices((paths, np.zeros(len(paths), "int32"))).map(
         datasets.decoder(channels, None), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)

@@ -23,6 +23,7 @@ class TransferConfig(train_args.TrainingConfig, train_args.ImageSplitConfig):
 
     backbone: str | None = None
     weights: str | None = "imagenet"
+    trust_model: bool = False  # a SavedModel --weights may read or write files or print
     preprocess: str = "auto"
     batch_norm: bool | None = None
     dataset: str = "shapes"
@@ -159,7 +160,8 @@ class TransferTask(classifier_task.ImageClassifierTask):
             raise UsageError(f"head_dropout must be in [0, 1), received {config.head_dropout}", option="head_dropout")
         if config.optimizer.get("optimizer") == "lbfgs":
             raise UsageError("optimizer lbfgs cannot train a frozen backbone in phases; use adam, sgd or momentum", option="optimizer")
-        self.weights = backbones.check_weights_argument(config.backbone, config.weights)
+        self.weights = backbones.check_weights_argument(config.backbone, config.weights,
+                                                        trust_model=config.trust_model)
 
     clip_unfreeze = False  # a search's trial unfreezes at most every layer the backbone has
 
@@ -193,7 +195,8 @@ class TransferTask(classifier_task.ImageClassifierTask):
         config = self.config
         self.base = backbones.build_base(config.backbone, weights=self.weights, input_size=config.input_size,
                                          channels=self.data.channels, statistics=self.statistics,
-                                         preprocessing=config.preprocess, batch_norm=config.batch_norm)
+                                         preprocessing=config.preprocess, batch_norm=config.batch_norm,
+                                         trust_model=config.trust_model)
         model = build_transfer_model(self.base, classes=len(self.data.class_names), augment=config.augment,
                                      seed=config.seed, head_dropout=config.head_dropout)
         if not self.clip_unfreeze:

@@ -30,6 +30,7 @@ import numpy as np
 from keras import layers
 
 from dlsuite import models
+from dlsuite.apps.core import keras_files, saved_models
 from dlsuite.apps.core.errors import UsageError
 from dlsuite.models import common
 from dlsuite.models.layers import ImagePreprocessing
@@ -146,12 +147,45 @@ def check_weights(name, weights):
             f"--weights {weights!r} does not exist; pass imagenet, none, a .weights.h5/.h5 file, "
             "a .keras model or a SavedModel folder (saved_models/NAME)"
         )
+    import h5py
+
+    if not str(weights).endswith(".h5") or not h5py.is_hdf5(weights):
+        raise UsageError(
+            f"--weights {weights!r} is not a weights file (Keras writes .weights.h5 or .h5, HDF5 inside); pass one, "
+            "imagenet, none, a .keras model or a SavedModel folder (saved_models/NAME)"
+        )
+
+    def read(_, item):  # every array, so that a truncated file fails here rather than in training
+        if isinstance(item, h5py.Dataset):
+            item[()]
+
+    try:
+        with h5py.File(weights, "r") as file:
+            file.visititems(read)
+    except (OSError, KeyError, ValueError) as error:  # h5py's errors for truncated or damaged files
+        raise UsageError(f"--weights {weights!r} is damaged ({' '.join(str(error).split())[:160]}); save or "
+                         "download the weights file again") from None
     return str(weights)
 
 
-def check_weights_argument(backbone, weights):
-    """Checks --backbone and --weights together; returns --weights normalized."""
+def check_weights_argument(backbone, weights, *, trust_model=False):
+    """Checks --backbone and --weights together; returns --weights normalized.
+
+    A model file is checked whole without TensorFlow running anything (no
+    strategy exists yet), so that a search fails before its first trial: a
+    `.keras` archive's members and config, a SavedModel's graph and every
+    variable of its checkpoint.
+
+    Args:
+        trust_model: a SavedModel that reads or writes files or prints is accepted.
+    """
     if is_model_file(weights):
+        if pathlib.Path(weights).suffix == ".keras":
+            keras_files.check(weights)
+        else:
+            version_dir, _ = _export_architecture(weights)
+            saved_models.check(version_dir, trust_model=trust_model, signatures=("serving_default",))
+            saved_models.check_variables(version_dir)
         return str(weights)
     if backbone is None:
         raise UsageError("--backbone is needed unless --weights is a model this suite trained; "
@@ -159,7 +193,8 @@ def check_weights_argument(backbone, weights):
     return check_weights(canonical_name(backbone), weights)
 
 
-def build_base(name, *, weights=None, input_size=None, channels=3, statistics=None, preprocessing="auto", batch_norm=None):
+def build_base(name, *, weights=None, input_size=None, channels=3, statistics=None, preprocessing="auto", batch_norm=None,
+               trust_model=False):
     """Builds the feature extractor for backbone `name` with `weights`.
 
     Args:
@@ -178,6 +213,8 @@ def build_base(name, *, weights=None, input_size=None, channels=3, statistics=No
         batch_norm: for a registry CNN built here (weights None or a file):
             batch normalization after each conv; None: on for random weights
             (as `dlsuite classify` trains), the paper's network for a file.
+        trust_model: load a SavedModel `weights` even if it reads or writes
+            files or prints (see `core.saved_models`).
 
     Raises:
         UsageError: unknown names, sizes below the minimum, weights that do not
@@ -186,7 +223,7 @@ def build_base(name, *, weights=None, input_size=None, channels=3, statistics=No
     if preprocessing not in PREPROCESSING:
         raise UsageError(f"--preprocess must be one of {', '.join(PREPROCESSING)}, received {preprocessing!r}")
     if is_model_file(weights):
-        return _base_from_trained_model(weights, input_size=input_size, expected_name=name)
+        return _base_from_trained_model(weights, input_size=input_size, expected_name=name, trust_model=trust_model)
     name = canonical_name(name)
     weights = check_weights(name, weights)
     if name in KERAS_APPLICATIONS:
@@ -302,12 +339,12 @@ def _mismatch(message):
 # --- models this suite trained -------------------------------------------------
 
 
-def _base_from_trained_model(path, *, input_size, expected_name):
+def _base_from_trained_model(path, *, input_size, expected_name, trust_model=False):
     path = pathlib.Path(path)
     if path.suffix == ".keras":
         base = _base_from_keras_file(path)
     else:
-        base = _base_from_export(path)
+        base = _base_from_export(path, trust_model=trust_model)
     if expected_name is not None and canonical_name(expected_name) != base.name:
         raise UsageError(
             f"--backbone {expected_name} does not match the model in {str(path)!r}, which is a {base.name}; "
@@ -319,10 +356,7 @@ def _base_from_trained_model(path, *, input_size, expected_name):
 
 
 def _base_from_keras_file(path):
-    try:
-        model = keras.models.load_model(path, compile=False)
-    except Exception as error:  # zip, JSON and deserialization errors alike
-        raise UsageError(f"cannot load {str(path)!r} as a Keras model ({' '.join(str(error).split())[:200]})") from None
+    model = keras_files.load(path)
     if any(layer.name == BACKBONE_LAYER for layer in model.layers):  # a transfer model: reuse its base
         inner = model.get_layer(BACKBONE_LAYER)
         feature_model = keras.Model(inner.input, inner.output, name=BACKBONE_LAYER)
@@ -370,10 +404,8 @@ def _resized(base, input_size):
     return dataclasses.replace(base, model=model, input_size=input_size)
 
 
-def _base_from_export(path):
-    """A classify export: rebuild its backbone from the metadata, fill it from the SavedModel's variables."""
-    import tensorflow as tf
-
+def _export_architecture(path):
+    """(version folder, assets/dlsuite.json) of a classify export that records its registry backbone."""
     from dlsuite.apps.core import versions
     from dlsuite.apps.vision import export
 
@@ -382,13 +414,24 @@ def _base_from_export(path):
     try:
         metadata = json.loads(metadata_path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        raise UsageError(f"{str(path)!r} is not a dlsuite export (no readable assets/{export.METADATA_FILE})") from None
+        metadata = None
+    if not isinstance(metadata, dict) or not {"channels", "input_size"} <= set(metadata):
+        raise UsageError(f"{str(path)!r} is not a dlsuite export (no readable assets/{export.METADATA_FILE}); pass "
+                         "a classify export (saved_models/NAME) or a run's model.keras")
     architecture = metadata.get("architecture")
-    if not architecture or architecture.get("backbone") not in models.names(kind="cnn"):
+    if not isinstance(architecture, dict) or architecture.get("backbone") not in models.names(kind="cnn"):
         raise UsageError(
             f"the export {str(version_dir)!r} does not record a registry backbone to rebuild; pass the run "
             "directory's model.keras instead (runs/.../model.keras)"
         )
+    return version_dir, metadata
+
+
+def _base_from_export(path, *, trust_model=False):
+    """A classify export: rebuild its backbone from the metadata, fill it from the SavedModel's variables."""
+    version_dir, metadata = _export_architecture(path)
+    architecture = metadata["architecture"]
+    loaded = saved_models.load(version_dir, trust_model=trust_model, signatures=("serving_default",))
     statistics = architecture.get("statistics")
     channels = int(metadata["channels"])
     size = tuple(metadata["input_size"])
@@ -399,7 +442,6 @@ def _base_from_export(path):
     features = models.build(architecture["backbone"], include_top=False, input_tensor=x, **knobs).output
     model = keras.Model(pixels, features, name=BACKBONE_LAYER)
 
-    loaded = tf.saved_model.load(str(version_dir))
     saved = {variable.name.rsplit(":", 1)[0]: variable for variable in loaded.signatures["serving_default"].variables}
     for weight in model.weights:
         value = saved.get(weight.path)

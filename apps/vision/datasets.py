@@ -340,9 +340,20 @@ def _bmp_problem(path, mode):
     return f"{bits}-bit BMP, which TensorFlow cannot decode (save it as PNG)"
 
 
+def _is_utf8(path):
+    """False for a file name os.listdir gave with undecodable bytes (surrogate escapes): tf.data takes UTF-8 only."""
+    try:
+        os.fspath(path).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _check_image(path):
     """Fully decodes `path` with PIL; returns a `_FileCheck` with a reason if it fails."""
     format_ = None  # known once PIL has read the header
+    if not _is_utf8(path):
+        return _FileCheck(path, reason="its name is not UTF-8, which TensorFlow cannot open (rename the file)")
     try:
         if os.path.getsize(path) == 0:
             return _FileCheck(path, reason="empty file")
