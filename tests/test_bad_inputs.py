@@ -517,7 +517,7 @@ def test_the_table_covers_every_subcommand():
 
 
 @pytest.mark.parametrize("argv", CASES)
-def test_bad_command_line_is_one_line(argv, files, tmp_path, monkeypatch, capsys):
+def test_bad_command_line_is_one_line(argv, files, tmp_path, monkeypatch, capsys, request):
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     monkeypatch.chdir(cwd)
@@ -533,3 +533,5 @@ def test_bad_command_line_is_one_line(argv, files, tmp_path, monkeypatch, capsys
     assert _listing(cwd) == [], "the command left files behind"
     assert _listing(files["root"]) == fixtures, "the command wrote beside its input"
     assert not Path(files["root"], PWNED).exists(), "the untrusted SavedModel ran"
+    if "untrusted" in request.node.callspec.id:  # refused for what it does, not for a missing signature
+        assert "runs WriteFile" in lines[0] and "pass --trust-model" in lines[0], lines[0]
