@@ -172,8 +172,10 @@ def fit(
     store = checkpoints.Store(paths["resume"])
     saved = store.latest() if resume else None
     start_epoch, start_batch = (saved.epoch, saved.batch) if saved else (initial_epoch, 0)
-    if saved:  # history.csv as the checkpoint knew it: rows written after it are trained again
+    if saved and saved.history:  # history.csv as the checkpoint knew it: rows written after it are trained again
         rundir.write_history(paths["history"], saved.history)
+    elif saved:  # no epoch ended before it: CSVLogger starts the file, header and all
+        pathlib.Path(paths["history"]).unlink(missing_ok=True)
         print(f"resuming from {saved.path}: epoch {start_epoch + 1}, batch {start_batch}", flush=True)
     steps = (order.steps_per_epoch if order else None) or steps_per_epoch
     # A resumed epoch's remaining batches are a fit of their own, then the epochs after it.
