@@ -1,0 +1,292 @@
+"""LSTM and GRU layers with a fast CPU training path and Keras's own numbers.
+
+`FusedLSTM` and `FusedGRU` are `keras.layers.LSTM` and `keras.layers.GRU`
+(same weights, same config, same cell, so `layer.cell(x, states)` still steps
+them one token at a time) with one change: on a machine where TensorFlow sees
+no GPU, and for the cuDNN-compatible configuration (tanh, sigmoid, bias, no
+recurrent dropout, no mask, no unroll, GRU reset_after), the sequence runs
+through a loop written for the CPU instead of Keras's generic one. On a GPU
+the layers call Keras's `inner_loop`, which picks the cuDNN kernel.
+
+Why (issue 17, ../shared/notes/recurrent-speed.md): Keras's generic loop
+computes `x_t @ W` at every step and autodiff accumulates dW and dU step by
+step, 0.71x PyTorch's nn.LSTM for a 2x512 char model on 2 cores. Here the
+forward pass computes the input projection X @ W for all time steps in one
+matmul, the loop does only `h @ U` and the gate arithmetic, and a hand-written
+backward pass (`tf.custom_gradient`) runs a reverse loop doing only `dz @ U^T`
+and element-wise work, then takes the weight gradients as single large
+matmuls over all time x batch rows (dU = H_prev^T dZ; dW, db, dX from the
+one projection). `tf.raw_ops.BlockLSTMV2` is not used: its registered
+gradient assumes the V1 gate order and comes out wrong, and it runs Eigen
+matmuls (0.45x Keras here).
+
+The math is Keras's: gates (i, f, c, o) for the LSTM, (z, r, h) with the
+reset gate after the recurrent matmul for the GRU; tests/test_rnn.py checks
+outputs and gradients against the stock layers on the same weights.
+"""
+
+import keras
+import tensorflow as tf
+
+
+def _no_gpu():
+    return not tf.config.list_logical_devices("GPU")
+
+
+# ---------------------------------------------------------------------------
+# LSTM: z_t = x_t W + b + h_{t-1} U, gates (i, f, g, o) = (σ, σ, tanh, σ)(z_t),
+# c_t = f c_{t-1} + i g, h_t = o tanh(c_t). Tensors are time-major inside.
+# ---------------------------------------------------------------------------
+
+@tf.function(autograph=False)
+def _lstm_forward(xw, h0, c0, recurrent_kernel):
+    """The forward loop over precomputed x_t W + b.
+
+    Args:
+        xw: (time, batch, 4 units) input projections.
+        h0, c0: (batch, units) initial states.
+        recurrent_kernel: (units, 4 units).
+
+    Returns:
+        hs, cs: (time, batch, units) every step's h and c; gates: (time, batch,
+        4 units) the activated gates (i, f, g, o), kept for the backward pass.
+    """
+    steps = tf.shape(xw)[0]
+    units = tf.shape(h0)[1]
+
+    def body(t, h, c, hs, cs, gates):
+        z = xw[t] + tf.matmul(h, recurrent_kernel)  # (batch, 4 units)
+        i, f, g, o = tf.split(z, 4, axis=1)
+        i, f, g, o = tf.sigmoid(i), tf.sigmoid(f), tf.tanh(g), tf.sigmoid(o)
+        c = f * c + i * g
+        h = o * tf.tanh(c)
+        return (t + 1, h, c, hs.write(t, h), cs.write(t, c), gates.write(t, tf.concat([i, f, g, o], axis=1)))
+
+    array = lambda: tf.TensorArray(xw.dtype, size=steps, element_shape=h0.shape)
+    _, _, _, hs, cs, gates = tf.while_loop(
+        lambda t, *_: t < steps, body,
+        (0, h0, c0, array(), array(),
+         tf.TensorArray(xw.dtype, size=steps, element_shape=tf.TensorShape([h0.shape[0], None]))),
+        parallel_iterations=1,
+    )
+    del units
+    return hs.stack(), cs.stack(), gates.stack()
+
+
+@tf.function(autograph=False)
+def _lstm_backward(dhs, dh_last, dc_last, c0, cs, gates, recurrent_kernel):
+    """The reverse loop: dZ for every step and the gradients of h0, c0."""
+    steps = tf.shape(dhs)[0]
+    recurrent_t = tf.transpose(recurrent_kernel)  # (4 units, units)
+    c_prev_all = tf.concat([c0[None], cs[:-1]], axis=0)  # (time, batch, units)
+
+    def body(t, dh_next, dc_next, dzs):
+        i, f, g, o = tf.split(gates[t], 4, axis=1)
+        tanh_c = tf.tanh(cs[t])
+        dh = dhs[t] + dh_next
+        dc = dc_next + dh * o * (1.0 - tanh_c * tanh_c)
+        dz = tf.concat([
+            dc * g * i * (1.0 - i),
+            dc * c_prev_all[t] * f * (1.0 - f),
+            dc * i * (1.0 - g * g),
+            dh * tanh_c * o * (1.0 - o),
+        ], axis=1)  # (batch, 4 units)
+        return t - 1, tf.matmul(dz, recurrent_t), dc * f, dzs.write(t, dz)
+
+    _, dh0, dc0, dzs = tf.while_loop(
+        lambda t, *_: t >= 0, body,
+        (steps - 1, dh_last, dc_last,
+         tf.TensorArray(dhs.dtype, size=steps, element_shape=gates.shape[1:])),
+        parallel_iterations=1,
+    )
+    return dzs.stack(), dh0, dc0
+
+
+def _lstm_sequence(x, h0, c0, kernel, recurrent_kernel, bias):
+    """(batch, time, features) -> hs (batch, time, units), h_T, c_T; with its gradient."""
+
+    @tf.custom_gradient
+    def run(x, h0, c0, kernel, recurrent_kernel, bias):
+        batch, steps, features = tf.shape(x)[0], tf.shape(x)[1], tf.shape(x)[2]
+        units4 = tf.shape(kernel)[1]
+        x_tm = tf.transpose(x, [1, 0, 2])  # (time, batch, features)
+        x_rows = tf.reshape(x_tm, [-1, features])  # (time * batch, features)
+        xw = tf.reshape(tf.matmul(x_rows, kernel) + bias, [steps, batch, units4])
+        hs, cs, gates = _lstm_forward(xw, h0, c0, recurrent_kernel)
+
+        def grad(d_out, d_h_last, d_c_last):
+            d_out = tf.zeros_like(hs) if d_out is None else tf.transpose(d_out, [1, 0, 2])
+            d_h_last = tf.zeros_like(h0) if d_h_last is None else d_h_last
+            d_c_last = tf.zeros_like(c0) if d_c_last is None else d_c_last
+            dzs, dh0, dc0 = _lstm_backward(d_out, d_h_last, d_c_last, c0, cs, gates, recurrent_kernel)
+            dz_rows = tf.reshape(dzs, [-1, units4])  # (time * batch, 4 units)
+            h_prev = tf.reshape(tf.concat([h0[None], hs[:-1]], axis=0), [-1, tf.shape(h0)[1]])
+            d_kernel = tf.matmul(x_rows, dz_rows, transpose_a=True)
+            d_recurrent = tf.matmul(h_prev, dz_rows, transpose_a=True)
+            d_bias = tf.reduce_sum(dz_rows, axis=0)
+            dx = tf.transpose(tf.reshape(tf.matmul(dz_rows, kernel, transpose_b=True), [steps, batch, features]),
+                              [1, 0, 2])
+            return dx, dh0, dc0, d_kernel, d_recurrent, d_bias
+
+        return (tf.transpose(hs, [1, 0, 2]), hs[-1], cs[-1]), grad
+
+    return run(x, h0, c0, kernel, recurrent_kernel, bias)
+
+
+# ---------------------------------------------------------------------------
+# GRU (reset_after): a_t = x_t W + b_in, r_t = h_{t-1} U + b_rec, split (z, r, h);
+# z = σ(a_z + r_z), r = σ(a_r + r_r), n = tanh(a_h + r * r_h),
+# h_t = z h_{t-1} + (1 - z) n.
+# ---------------------------------------------------------------------------
+
+@tf.function(autograph=False)
+def _gru_forward(xw, h0, recurrent_kernel, recurrent_bias):
+    """Returns hs (time, batch, units) and saved (time, batch, 4 units): z, r, n, r_h."""
+    steps = tf.shape(xw)[0]
+
+    def body(t, h, hs, saved):
+        inner = tf.matmul(h, recurrent_kernel) + recurrent_bias  # (batch, 3 units)
+        x_z, x_r, x_h = tf.split(xw[t], 3, axis=1)
+        r_z, r_r, r_h = tf.split(inner, 3, axis=1)
+        z = tf.sigmoid(x_z + r_z)
+        r = tf.sigmoid(x_r + r_r)
+        n = tf.tanh(x_h + r * r_h)
+        h = z * h + (1.0 - z) * n
+        return t + 1, h, hs.write(t, h), saved.write(t, tf.concat([z, r, n, r_h], axis=1))
+
+    _, _, hs, saved = tf.while_loop(
+        lambda t, *_: t < steps, body,
+        (0, h0, tf.TensorArray(xw.dtype, size=steps, element_shape=h0.shape),
+         tf.TensorArray(xw.dtype, size=steps, element_shape=tf.TensorShape([h0.shape[0], None]))),
+        parallel_iterations=1,
+    )
+    return hs.stack(), saved.stack()
+
+
+@tf.function(autograph=False)
+def _gru_backward(dhs, dh_last, h0, hs, saved, recurrent_kernel):
+    """Returns d(x W + b_in) and d(h U + b_rec), each (time, batch, 3 units), and dh0."""
+    steps = tf.shape(dhs)[0]
+    recurrent_t = tf.transpose(recurrent_kernel)  # (3 units, units)
+    h_prev_all = tf.concat([h0[None], hs[:-1]], axis=0)
+
+    def body(t, dh_next, d_xs, d_inners):
+        z, r, n, r_h = tf.split(saved[t], 4, axis=1)
+        dh = dhs[t] + dh_next
+        d_a_h = dh * (1.0 - z) * (1.0 - n * n)
+        d_a_z = dh * (h_prev_all[t] - n) * z * (1.0 - z)
+        d_a_r = d_a_h * r_h * r * (1.0 - r)
+        d_inner = tf.concat([d_a_z, d_a_r, d_a_h * r], axis=1)
+        d_x = tf.concat([d_a_z, d_a_r, d_a_h], axis=1)
+        dh_prev = tf.matmul(d_inner, recurrent_t) + dh * z
+        return t - 1, dh_prev, d_xs.write(t, d_x), d_inners.write(t, d_inner)
+
+    shape = tf.TensorShape([dhs.shape[1], None])
+    _, dh0, d_xs, d_inners = tf.while_loop(
+        lambda t, *_: t >= 0, body,
+        (steps - 1, dh_last, tf.TensorArray(dhs.dtype, size=steps, element_shape=shape),
+         tf.TensorArray(dhs.dtype, size=steps, element_shape=shape)),
+        parallel_iterations=1,
+    )
+    return d_xs.stack(), d_inners.stack(), dh0
+
+
+def _gru_sequence(x, h0, kernel, recurrent_kernel, bias):
+    """(batch, time, features) -> hs (batch, time, units), h_T; with its gradient."""
+
+    @tf.custom_gradient
+    def run(x, h0, kernel, recurrent_kernel, bias):
+        batch, steps, features = tf.shape(x)[0], tf.shape(x)[1], tf.shape(x)[2]
+        units3 = tf.shape(kernel)[1]
+        x_rows = tf.reshape(tf.transpose(x, [1, 0, 2]), [-1, features])  # (time * batch, features)
+        xw = tf.reshape(tf.matmul(x_rows, kernel) + bias[0], [steps, batch, units3])
+        hs, saved = _gru_forward(xw, h0, recurrent_kernel, bias[1])
+
+        def grad(d_out, d_h_last):
+            d_out = tf.zeros_like(hs) if d_out is None else tf.transpose(d_out, [1, 0, 2])
+            d_h_last = tf.zeros_like(h0) if d_h_last is None else d_h_last
+            d_xs, d_inners, dh0 = _gru_backward(d_out, d_h_last, h0, hs, saved, recurrent_kernel)
+            d_x_rows = tf.reshape(d_xs, [-1, units3])
+            d_inner_rows = tf.reshape(d_inners, [-1, units3])
+            h_prev = tf.reshape(tf.concat([h0[None], hs[:-1]], axis=0), [-1, tf.shape(h0)[1]])
+            d_kernel = tf.matmul(x_rows, d_x_rows, transpose_a=True)
+            d_recurrent = tf.matmul(h_prev, d_inner_rows, transpose_a=True)
+            d_bias = tf.stack([tf.reduce_sum(d_x_rows, axis=0), tf.reduce_sum(d_inner_rows, axis=0)])
+            dx = tf.transpose(tf.reshape(tf.matmul(d_x_rows, kernel, transpose_b=True), [steps, batch, features]),
+                              [1, 0, 2])
+            return dx, dh0, d_kernel, d_recurrent, d_bias
+
+        return (tf.transpose(hs, [1, 0, 2]), hs[-1]), grad
+
+    return run(x, h0, kernel, recurrent_kernel, bias)
+
+
+# ---------------------------------------------------------------------------
+# The layers.
+# ---------------------------------------------------------------------------
+
+def _fast_path_applies(layer, mask):
+    """Whether `layer` (an LSTM or GRU) may run the CPU loop: Keras's cuDNN conditions, and no GPU."""
+    cell = layer.cell
+    return (
+        keras.backend.backend() == "tensorflow"
+        and mask is None
+        and not layer.unroll
+        and not cell.recurrent_dropout
+        and cell.use_bias
+        and cell.activation is keras.activations.tanh
+        and cell.recurrent_activation is keras.activations.sigmoid
+        and getattr(cell, "reset_after", True)
+        and _no_gpu()
+    )
+
+
+def _dropped_sequences(layer, sequences, training):
+    """The input dropout Keras's cuDNN path applies: one mask per sequence, the same at every step."""
+    if training and layer.dropout:
+        mask = layer.cell.get_dropout_mask(sequences[:, 0, :])  # (batch, features)
+        return sequences * mask[:, None, :]
+    return sequences
+
+
+@keras.saving.register_keras_serializable(package="dlsuite")
+class FusedLSTM(keras.layers.LSTM):
+    """`keras.layers.LSTM` with a fast CPU training loop (see the module docstring); same arguments."""
+
+    def inner_loop(self, sequences, initial_state, mask, training=False):
+        if keras.tree.is_nested(mask):
+            mask = mask[0]
+        if not _fast_path_applies(self, mask):
+            return super().inner_loop(sequences, initial_state, mask, training=training)
+        x = _dropped_sequences(self, sequences, training)
+        if self.go_backwards:
+            x = tf.reverse(x, axis=[1])
+        dtype = x.dtype
+        outputs, h, c = _lstm_sequence(
+            x, tf.cast(initial_state[0], dtype), tf.cast(initial_state[1], dtype),
+            tf.cast(self.cell.kernel, dtype), tf.cast(self.cell.recurrent_kernel, dtype),
+            tf.cast(self.cell.bias, dtype),
+        )
+        return h, outputs, [h, c]
+
+
+@keras.saving.register_keras_serializable(package="dlsuite")
+class FusedGRU(keras.layers.GRU):
+    """`keras.layers.GRU` with a fast CPU training loop (see the module docstring); same arguments."""
+
+    def inner_loop(self, sequences, initial_state, mask, training=False):
+        if keras.tree.is_nested(mask):
+            mask = mask[0]
+        if not _fast_path_applies(self, mask):
+            return super().inner_loop(sequences, initial_state, mask, training=training)
+        if keras.tree.is_nested(initial_state):
+            initial_state = initial_state[0]
+        x = _dropped_sequences(self, sequences, training)
+        if self.go_backwards:
+            x = tf.reverse(x, axis=[1])
+        dtype = x.dtype
+        outputs, h = _gru_sequence(
+            x, tf.cast(initial_state, dtype), tf.cast(self.cell.kernel, dtype),
+            tf.cast(self.cell.recurrent_kernel, dtype), tf.cast(self.cell.bias, dtype),
+        )
+        return h, outputs, [h]
