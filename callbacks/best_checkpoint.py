@@ -18,10 +18,14 @@ class BestCheckpoint(keras.callbacks.Callback):
         monitor: a key of the epoch logs, such as "val_loss".
         mode: "min" or "max".
         best: the best value already reached (when resuming), or None.
+        save: save(model, path) writing the file atomically its own way
+            (the apps' `engine.save_model`: owner-named temporaries, a full
+            disk one line); None: a temporary beside it, then a rename.
     """
 
-    def __init__(self, path, monitor="val_loss", mode="min", best=None):
+    def __init__(self, path, monitor="val_loss", mode="min", best=None, save=None):
         super().__init__()
+        self.save = save
         if mode not in ("min", "max"):
             raise ValueError(f"mode must be 'min' or 'max', received {mode!r}.")
         if not str(path).endswith(".keras"):
@@ -42,10 +46,14 @@ class BestCheckpoint(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         value = (logs or {}).get(self.monitor)
         value = None if value is None else float(value)
-        if not self._improved(value):
+        # A run the NaN guard stopped ended its epoch early: not a model to keep.
+        if not self._improved(value) or getattr(self.model, "stop_training", False):
             return
         self.best, self.best_epoch = value, epoch
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        if self.save is not None:
+            self.save(self.model, self.path)
+            return
         temporary = self.path[: -len(".keras")] + ".tmp.keras"
         self.model.save(temporary)
         os.replace(temporary, self.path)

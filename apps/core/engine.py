@@ -183,7 +183,8 @@ def fit(
     if start_epoch + bool(start_batch) < epochs:
         segments.append((start_epoch + bool(start_batch), epochs, 0))
 
-    nan_guard = dl_callbacks.NaNGuard()
+    before = saved.history.get("loss", []) if saved else []  # the divergence guard sees the whole run
+    nan_guard = dl_callbacks.NaNGuard(reference=before[0] if before else None, epoch_losses=before)
     stateful = [*optim.schedule_callbacks(optimizer_config),
                 *([keras.callbacks.EarlyStopping(monitor="val_loss", patience=early_stopping)] if early_stopping else [])]
     run_callbacks = [
@@ -236,7 +237,7 @@ def _run_callbacks(paths, *, epochs, resume, initial_epoch, best_checkpoint):
         previous = rundir.read_history(paths["history"])
         best_value = min(previous["val_loss"]) if previous.get("val_loss") else None
     return [
-        *([dl_callbacks.BestCheckpoint(paths["best"], monitor="val_loss", best=best_value)] if best_checkpoint else []),
+        *([dl_callbacks.BestCheckpoint(paths["best"], monitor="val_loss", best=best_value, save=save_model)] if best_checkpoint else []),
         keras.callbacks.CSVLogger(paths["history"], append=resume or initial_epoch > 0),
         dl_callbacks.EpochLog(paths["log"], epochs),
         *_tensorboard(paths["tensorboard"]),
@@ -272,7 +273,7 @@ def _fit_custom_loop(model, train, validation, *, strategy, optimizer_config, lo
         optimizer = optim.make_optimizer(optimizer_config, steps_per_epoch=steps_per_epoch, epochs=epochs)
     chief = distribute.is_chief(strategy)
     best_path = paths["best"] if chief else os.path.join(distribute.worker_dir(os.path.dirname(paths["best"]), strategy), "best.keras")
-    best = dl_callbacks.BestCheckpoint(best_path, monitor="val_loss")
+    best = dl_callbacks.BestCheckpoint(best_path, monitor="val_loss", save=save_model)
     best.set_model(model)
     step_decay = [c for c in optim.schedule_callbacks(optimizer_config) if isinstance(c, dl_callbacks.StepDecay)]
     log = dl_callbacks.EpochLog(paths["log"], epochs) if chief else None
@@ -300,7 +301,7 @@ def _fit_custom_loop(model, train, validation, *, strategy, optimizer_config, lo
 
 
 def _fit_lbfgs(model, train, validation, *, optimizer_config, loss, epochs, paths):
-    best = dl_callbacks.BestCheckpoint(paths["best"], monitor="val_loss")
+    best = dl_callbacks.BestCheckpoint(paths["best"], monitor="val_loss", save=save_model)
     best.set_model(model)
     log = dl_callbacks.EpochLog(paths["log"], epochs)
 
@@ -317,10 +318,10 @@ def _fit_lbfgs(model, train, validation, *, optimizer_config, loss, epochs, path
         model, train, validation, iterations=epochs, loss=loss, on_iteration=on_iteration,
     )
     rundir.write_history(paths["history"], history)
-    reason = None
+    watch = dl_callbacks.nan_guard.LossWatch()
     losses = history.get("loss", [])
-    if losses and not all(map(lambda v: v == v and abs(v) != float("inf"), losses)):
-        reason = dl_callbacks.nan_guard.NAN_ADVICE.format(value=losses[-1], epoch=len(losses), batch="all")
+    any(watch.epoch(iteration, loss) for iteration, loss in enumerate(losses))
+    reason = watch.message
     return FitResult(history, reason, paths["best"] if os.path.exists(paths["best"]) else None, len(losses))
 
 

@@ -32,7 +32,12 @@ METRICS_FILE = "metrics.json"
 
 
 def check_outputs(config):
-    """Raises UsageError for an export name or folder that cannot be written."""
+    """Raises UsageError for a run directory, export name or export folder
+    that cannot be written; creates nothing."""
+    from dlsuite.apps.core import atomic
+
+    atomic.check_writable(config.out or "runs", what="the run directory", option="out",
+                          hint="pass --out with a folder you can write to")
     if config.no_export:
         return
     if config.export is not None:
@@ -113,18 +118,18 @@ def run(task, *, run_dir=None):
         with strategy.scope():
             model = task.build_model()
         batches = task.batches(batch_size)
-    except UsageError:
-        if created is not None:  # bad input found only now: leave nothing behind
+        if chief and not resume:
+            from dlsuite.apps.core import rundir
+
+            rundir.write_json(run_dir / "config.json", {"config": config, "resolved": {
+                **task.resolved(model, batches), "batch_size": batches.batch_size, "policy": policy, "device": device,
+                "strategy": type(strategy).__name__, "replicas": strategy.num_replicas_in_sync,
+                "parameters": model.count_params()}})
+            task.write_inputs(run_dir)
+    except UsageError:  # bad input (or a full disk) found only now: leave nothing behind
+        if created is not None:
             shutil.rmtree(created, ignore_errors=True)
         raise
-    if chief and not resume:
-        from dlsuite.apps.core import rundir
-
-        rundir.write_json(run_dir / "config.json", {"config": config, "resolved": {
-            **task.resolved(model, batches), "batch_size": batches.batch_size, "policy": policy, "device": device,
-            "strategy": type(strategy).__name__, "replicas": strategy.num_replicas_in_sync,
-            "parameters": model.count_params()}})
-        task.write_inputs(run_dir)
     print(f"{task.describe(model, batches)}, {model.count_params():,} parameters, "
           f"{distribute.describe(strategy)}; run dir {run_dir}", flush=True)
 
