@@ -45,7 +45,7 @@ import tensorflow as tf
 from dlsuite.apps.core.errors import UsageError
 from dlsuite.callbacks.nan_guard import NAN_ADVICE
 
-STRATEGIES = ("auto", "default", "one-device", "mirrored", "multi-worker", "tpu")
+STRATEGIES = ("auto", "default", "one-device", "mirrored", "multi-worker", "parameter-server", "tpu")
 
 TF_CONFIG_EXAMPLE = (
     '{"cluster": {"worker": ["host1:12345", "host2:12345"]}, '
@@ -102,6 +102,10 @@ def make_strategy(name, *, tpu_address=None):
             `multi-worker`: `MultiWorkerMirroredStrategy` over the cluster in
             the `TF_CONFIG` environment variable; create it before any other
             TensorFlow op (see the module docstring).
+            `parameter-server`: `ParameterServerStrategy` over the TF_CONFIG
+            cluster of chief, worker and ps tasks (`parameter_server`); on a
+            worker or ps task this serves until the chief's run is over and
+            exits the process (SystemExit 0) instead of returning.
             `tpu`: `TPUStrategy` on the TPU at `tpu_address` (a name or
             `grpc://host:port`; default: the environment's).
         tpu_address: TPU name or gRPC address, for `tpu` and `auto`.
@@ -127,6 +131,10 @@ def make_strategy(name, *, tpu_address=None):
         return tf.distribute.MirroredStrategy()
     if name == "multi-worker":
         return _multi_worker_strategy()
+    if name == "parameter-server":
+        from dlsuite.apps.core import parameter_server
+
+        return parameter_server.make_strategy()
     return _tpu_strategy(tpu_address)
 
 
@@ -215,6 +223,12 @@ def _one_line(error):
 def needs_custom_loop(strategy):
     """True where `model.fit` cannot train: MultiWorkerMirroredStrategy (keras-team/keras#20585)."""
     return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+
+
+def is_parameter_server(strategy):
+    """True for `--strategy parameter-server`: `parameter_server.fit` trains it
+    (neither `model.fit` nor `train_custom_loop` drives a ClusterCoordinator)."""
+    return isinstance(strategy, tf.distribute.ParameterServerStrategy)
 
 
 def is_chief(strategy):
@@ -639,6 +653,10 @@ def describe(strategy):
     if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
         workers = len(_cluster_workers()) or replicas
         return f"{workers} workers, all-reduce ({replicas} replicas)"
+    if is_parameter_server(strategy):
+        from dlsuite.apps.core import parameter_server
+
+        return parameter_server.describe()
     if isinstance(strategy, tf.distribute.TPUStrategy):
         return f"TPU, {replicas} cores"
     if isinstance(strategy, tf.distribute.MirroredStrategy):
@@ -666,5 +684,14 @@ def strategy_availability(name):
         "mirrored": f"{max(gpus, 1)} {'GPU' if gpus else 'CPU'} replica{'s' if gpus > 1 else ''} in this process",
         "multi-worker": "all-reduce over the TF_CONFIG cluster: " + (
             f"{len(_cluster_workers())} workers configured" if _cluster_workers() else "TF_CONFIG is not set"),
+        "parameter-server": "variables on the TF_CONFIG cluster's ps tasks, steps on its workers: " + (
+            _ps_cluster_line() if os.environ.get("TF_CONFIG") else "TF_CONFIG is not set"),
         "tpu": "the TPU named by TPU_NAME" + (" (set)" if tpu_hint else " (not set here)"),
     }[name]
+
+
+def _ps_cluster_line():
+    from dlsuite.apps.core import parameter_server
+
+    size = parameter_server.cluster_size()
+    return f"{size.get('worker', 0)} workers, {size.get('ps', 0)} ps configured"

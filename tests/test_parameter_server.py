@@ -1,0 +1,145 @@
+"""`--strategy parameter-server` on localhost: 1 chief, 2 workers, 1 ps, as processes.
+
+The cluster tests take about 40 s each on 2 idle CPU cores (most of it the
+four processes' TensorFlow start-up); `test_lost_parameter_server_then_resume`
+runs two clusters and only with DLSUITE_SLOW_TESTS=1.
+"""
+
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from dlsuite.apps.core import parameter_server
+from dlsuite.apps.core.errors import UsageError
+
+TASK_SCRIPT = str(pathlib.Path(__file__).with_name("ps_cluster_task.py"))
+TRAIN = ["classify", "train", "--model", "lenet5", "--dataset", "digits", "--strategy", "parameter-server",
+         "--no-export"]
+
+
+def _free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Cluster:
+    """The four tasks, each the same `dlsuite` command with its own TF_CONFIG."""
+
+    def __init__(self, folder, argv):
+        self.folder, self.argv = pathlib.Path(folder), argv
+        self.cluster = {"chief": [f"127.0.0.1:{_free_port()}"],
+                        "worker": [f"127.0.0.1:{_free_port()}", f"127.0.0.1:{_free_port()}"],
+                        "ps": [f"127.0.0.1:{_free_port()}"]}
+        self.tasks = {}
+
+    def start(self, role, index, argv=None):
+        env = dict(os.environ, TF_CONFIG=json.dumps({"cluster": self.cluster, "task": {"type": role, "index": index}}),
+                   TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
+        log = open(self.folder / f"{role}{index}.log", "w")
+        self.tasks[role, index] = subprocess.Popen(
+            [sys.executable, TASK_SCRIPT, "dlsuite", *(argv or self.argv)], env=env, stdout=log,
+            stderr=subprocess.STDOUT, cwd=self.folder)
+
+    def start_all(self, chief_argv=None):
+        for role, index in (("ps", 0), ("worker", 0), ("worker", 1)):
+            self.start(role, index)
+        self.start("chief", 0, chief_argv)
+
+    def log(self, role, index):
+        return (self.folder / f"{role}{index}.log").read_text()
+
+    def wait_for(self, text, timeout=240):
+        deadline = time.monotonic() + timeout
+        while text not in self.log("chief", 0):
+            assert self.tasks["chief", 0].poll() is None, self.log("chief", 0)[-3000:]
+            assert time.monotonic() < deadline, f"no {text!r} in the chief's log"
+            time.sleep(0.2)
+
+    def kill(self, role, index):
+        self.tasks[role, index].kill()
+        self.tasks[role, index].wait()
+
+    def wait(self, timeout=300):
+        """{(role, index): exit status}; a task still running is killed (-9)."""
+        statuses = {("chief", 0): self.tasks["chief", 0].wait(timeout=timeout)}
+        for key, task in self.tasks.items():
+            try:
+                statuses[key] = task.wait(timeout=parameter_server.CHIEF_GONE_S + 20)
+            except subprocess.TimeoutExpired:
+                task.kill()
+                statuses[key] = -9
+        return statuses
+
+
+@pytest.mark.parametrize("tf_config, message", [
+    (None, "needs the TF_CONFIG"),
+    ("{", "not valid JSON"),
+    ('{"cluster": {"worker": ["a:1"]}, "task": {"type": "worker", "index": 0}}', "cluster['chief']"),
+    ('{"cluster": {"chief": ["a:1"], "worker": ["b:1"]}, "task": {"type": "chief", "index": 0}}', "cluster['ps']"),
+    ('{"cluster": {"chief": ["a:1"], "worker": ["b:1"], "ps": ["c:1"]}, "task": {"type": "evaluator", "index": 0}}',
+     "task type"),
+    ('{"cluster": {"chief": ["a:1"], "worker": ["b:1"], "ps": ["c:1"]}, "task": {"type": "worker", "index": 1}}',
+     "index must be 0..0"),
+])
+def test_tf_config_is_checked(tf_config, message):
+    with pytest.raises(UsageError, match=message.replace("[", r"\[").replace("]", r"\]")) as raised:
+        parameter_server.check_tf_config(tf_config)
+    assert "TF_CONFIG=" in str(raised.value)  # an example to copy
+
+
+def test_cluster_trains_through_a_killed_worker(tmp_path):
+    """Worker 1 is SIGKILLed after the first epoch and started again: the run
+    finishes, with LeNet-5's quality on digits (one process, 4 epochs: test
+    accuracy 0.95 to 0.97)."""
+    cluster = Cluster(tmp_path, [*TRAIN, "--epochs", "4", "--out", str(tmp_path / "run")])
+    cluster.start_all()
+    cluster.wait_for("Epoch 1/4")
+    cluster.kill("worker", 1)
+    time.sleep(2)
+    cluster.start("worker", 1)
+    statuses = cluster.wait()
+    chief = cluster.log("chief", 0)
+    assert statuses["chief", 0] == 0, chief[-3000:]
+    assert "2 workers, 1 parameter server (asynchronous)" in chief
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["status"] == "finished" and metrics["epochs_run"] == 4
+    assert metrics["test_accuracy"] >= 0.9, metrics
+    history = (tmp_path / "run" / "history.csv").read_text().splitlines()
+    assert history[0].split(",")[:1] == ["epoch"] and len(history) == 5
+    assert {"loss", "accuracy", "val_loss", "val_accuracy", "learning_rate"} <= set(history[0].split(","))
+    assert (tmp_path / "run" / "checkpoints" / "best.keras").exists()
+    # every task exits by itself once the chief is done
+    assert all(status == 0 for status in statuses.values()), statuses
+    assert "the chief connected" in cluster.log("worker", 1)
+
+
+@pytest.mark.skipif(not os.environ.get("DLSUITE_SLOW_TESTS"), reason="two clusters, about 90 s: DLSUITE_SLOW_TESTS=1")
+def test_lost_parameter_server_then_resume(tmp_path):
+    run = tmp_path / "run"
+    cluster = Cluster(tmp_path, [*TRAIN, "--epochs", "4", "--out", str(run)])
+    cluster.start_all()
+    cluster.wait_for("Epoch 2/4")
+    cluster.kill("ps", 0)
+    statuses = cluster.wait()
+    chief = cluster.log("chief", 0)
+    assert statuses["chief", 0] == 2, chief[-3000:]
+    errors = [line for line in chief.splitlines() if line.startswith("dlsuite: error:")]
+    assert len(errors) == 1 and f"--resume {run}" in errors[0] and "Traceback" not in chief
+    assert not (run / "metrics.json").exists()
+
+    again = Cluster(tmp_path / "again", [*TRAIN, "--epochs", "4"])
+    again.folder.mkdir()
+    again.start_all(chief_argv=["classify", "train", "--resume", str(run)])
+    statuses = again.wait()
+    chief = again.log("chief", 0)
+    assert statuses["chief", 0] == 0, chief[-3000:]
+    assert "resuming from" in chief and "Epoch 4/4" in chief and "Epoch 1/4" not in chief
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["epochs_run"] == 4 and metrics["test_accuracy"] >= 0.9
