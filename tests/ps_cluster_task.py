@@ -22,6 +22,8 @@ def _dispatching_fit():
             return plain_fit(model, train, validation, strategy=strategy, run_dir=run_dir, **kwargs)
         for unused in ("jit_compile", "monitors", "compile"):
             kwargs.pop(unused, None)
+        resume_dir = kwargs.pop("resume_dir", None)
+        kwargs["resume_paths"] = engine.run_paths(resume_dir) if resume_dir else None
         return parameter_server.fit(model, train, validation, strategy=strategy, paths=engine.run_paths(run_dir),
                                     **kwargs)
 

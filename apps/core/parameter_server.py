@@ -256,7 +256,7 @@ class _Value:
 
 def fit(model, train, validation, *, strategy, optimizer_config, loss, metrics=("accuracy",), epochs,
         steps_per_epoch, global_batch_size, paths, early_stopping=0, resume=False, callbacks=(),
-        initial_epoch=0, best_checkpoint=True, checkpoint_every=60.0, verbose=True):
+        initial_epoch=0, best_checkpoint=True, checkpoint_every=60.0, verbose=True, resume_paths=None):
     """Trains `model` on the parameter-server cluster of `strategy`.
 
     Each training step is one batch of `global_batch_size` on one worker;
@@ -289,6 +289,8 @@ def fit(model, train, validation, *, strategy, optimizer_config, loss, metrics=(
         checkpoint_every: None: no checkpoints to resume from; any other
             value: a checkpoint at each epoch end.
         verbose: print one line per epoch.
+        resume_paths: `engine.run_paths` of the run whose checkpoint
+            `resume` goes on from (default: `paths`).
 
     Returns:
         An `engine.FitResult`.
@@ -316,7 +318,7 @@ def fit(model, train, validation, *, strategy, optimizer_config, loss, metrics=(
     host = _HostCopy(model, optimizer=optimizer, loss=loss, metrics=metrics)
 
     store = checkpoints.Store(paths["resume"])
-    saved = store.latest() if resume else None
+    saved = checkpoints.Store((resume_paths or paths)["resume"]).latest() if resume else None
     start_epoch = saved.epoch if saved else initial_epoch
     state = [*model.variables, *optimizer.variables]
     if saved:
