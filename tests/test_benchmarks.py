@@ -27,6 +27,9 @@ EXPECTED = {
     "startup": {"startup_help", "startup_classify_help", "startup_lm_help", "startup_models_help"},
     "memory": {"memory_lenet5_b8"},
 }
+# PyTorch is the reference of these rows where it is installed (`pip install -e ".[bench]"`).
+TORCH_ROWS = {"generate_stateful_vs_torch", "generate_export_vs_torch", "train_lstm_2x32_vs_torch",
+              "train_gru_2x32_vs_torch"}
 KEYS = {
     "name", "benchmark", "mode", "ours", "reference", "ratio", "unit", "ours_samples",
     "reference_samples", "config", "versions", "cores", "cpu", "command", "date",
@@ -64,6 +67,18 @@ def test_quick_run_prints_every_result_with_its_fields(quick_run):
         assert "--quick" in result["command"]
     for benchmark, expected in EXPECTED.items():
         assert expected <= names.get(benchmark, set()), f"{benchmark} printed {names.get(benchmark)}"
+    from benchmarks import torch_reference
+
+    if torch_reference.available():
+        assert TORCH_ROWS <= names["lm_speed"]
+
+
+def test_without_torch_the_torch_rows_are_skipped_with_a_message(monkeypatch, capsys):
+    from benchmarks import torch_reference
+
+    monkeypatch.setattr(torch_reference, "available", lambda: False)
+    assert torch_reference.TorchWorker.start(who="lm_speed") is None
+    assert "PyTorch is not installed, skipping the PyTorch rows" in capsys.readouterr().err
 
 
 def test_quick_run_reports_flop_utilisation(quick_run):

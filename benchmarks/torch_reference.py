@@ -1,0 +1,164 @@
+"""PyTorch reference models for the benchmarks, run in a process of their own.
+
+PyTorch is a reference only, never a dependency of dlsuite (`pip install -e
+".[bench]"` installs torch==2.13.0). It runs in a worker process, not beside
+TensorFlow: both keep thread pools that spin for a while after their work
+(TensorFlow's Eigen pool, PyTorch's OpenMP threads), so in one process each
+side's spinning threads would take the cores from the other side's next
+repeat. The parent sends one request per line on the worker's stdin and reads
+one JSON answer per line, timed inside the worker, so
+`common.interleaved` still alternates the two sides repeat by repeat.
+
+    worker = TorchWorker.start()            # None, with a message, where torch is missing
+    worker.setup("train", cell="lstm", units=512, layers=2, vocab_size=97, tokens=x, targets=y)
+    items, seconds = worker.run(steps=1)
+"""
+
+import importlib.util
+import json
+import subprocess
+import sys
+import time
+
+EMBEDDING_DIM = 64
+
+
+def available():
+    """Whether torch can be imported, found without importing it."""
+    return importlib.util.find_spec("torch") is not None
+
+
+class TorchWorker:
+    """The parent's handle on a worker process holding one PyTorch model."""
+
+    def __init__(self, process):
+        self._process = process
+        self.info = self._request({"op": "info"})
+
+    @classmethod
+    def start(cls, *, who="benchmark"):
+        """A running worker, or None (with a message on stderr) where torch is not installed."""
+        if not available():
+            print(f"{who}: PyTorch is not installed, skipping the PyTorch rows "
+                  "(pip install -e \".[bench]\" installs torch==2.13.0).", file=sys.stderr, flush=True)
+            return None
+        process = subprocess.Popen([sys.executable, "-m", "benchmarks.torch_reference"],
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        return cls(process)
+
+    def _request(self, request):
+        self._process.stdin.write(json.dumps(request) + "\n")
+        self._process.stdin.flush()
+        line = self._process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the PyTorch worker exited (status {self._process.wait()}); see its stderr above")
+        answer = json.loads(line)
+        if "error" in answer:
+            raise RuntimeError(f"the PyTorch worker failed: {answer['error']}")
+        return answer
+
+    def setup(self, task, **arguments):
+        """Builds the worker's model for `task` ("train" or "generate")."""
+        return self._request({"op": "setup", "task": task, **arguments})
+
+    def run(self, **arguments):
+        """One timed repeat in the worker: (items, seconds), as `common.interleaved` takes them."""
+        answer = self._request({"op": "run", **arguments})
+        return answer["items"], answer["seconds"]
+
+    def close(self):
+        self._process.stdin.close()
+        self._process.wait(timeout=60)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+# --- Inside the worker -------------------------------------------------------
+
+def _language_model(torch, cell, *, units, layers, vocab_size):
+    """Embedding(V, 64) -> nn.LSTM / nn.GRU(units) x layers -> Linear(V): the app's model in PyTorch."""
+
+    class LanguageModel(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embedding = torch.nn.Embedding(vocab_size, EMBEDDING_DIM)
+            recurrent = torch.nn.LSTM if cell == "lstm" else torch.nn.GRU
+            self.rnn = recurrent(EMBEDDING_DIM, units, num_layers=layers, batch_first=True)
+            self.predictions = torch.nn.Linear(units, vocab_size)
+
+        def forward(self, tokens, state=None):  # tokens (batch, time)
+            x, state = self.rnn(self.embedding(tokens), state)  # (batch, time, units)
+            return self.predictions(x), state  # (batch, time, vocab)
+
+    torch.manual_seed(0)
+    return LanguageModel()
+
+
+def _trainer(torch, *, cell, units, layers, vocab_size, tokens, targets, lr=0.003, clipnorm=5.0):
+    """Adam, gradients clipped to a global norm of 5, cross-entropy on every step: the Keras side's recipe."""
+    model = _language_model(torch, cell, units=units, layers=layers, vocab_size=vocab_size).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    x = torch.tensor(tokens, dtype=torch.int64)  # (batch, time)
+    y = torch.tensor(targets, dtype=torch.int64)
+
+    def run(steps):
+        for _ in range(steps):
+            optimizer.zero_grad()
+            logits, _ = model(x)
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, vocab_size), y.reshape(-1))
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clipnorm)
+            optimizer.step()
+        loss.item()
+        return steps * x.numel()
+
+    return run
+
+
+def _sampler(torch, *, cell, units, layers, vocab_size, start_id, temperature=0.8, seed=1):
+    """PyTorch's usual stateful sampling loop: one token in, the state carried, softmax / T, multinomial."""
+    model = _language_model(torch, cell, units=units, layers=layers, vocab_size=vocab_size).eval()
+
+    def run(length):
+        generator = torch.Generator().manual_seed(seed)
+        with torch.inference_mode():
+            token, state = torch.tensor([[start_id]]), None
+            for _ in range(length):
+                logits, state = model(token, state)  # (1, 1, V)
+                probabilities = torch.softmax(logits[0, -1] / temperature, dim=-1)
+                token = torch.multinomial(probabilities, 1, generator=generator)[None]  # (1, 1)
+        return length
+
+    return run
+
+
+def serve():
+    """The worker's loop: one JSON request per stdin line, one JSON answer per stdout line."""
+    import torch
+
+    runner = None
+    for line in sys.stdin:
+        request = json.loads(line)
+        op = request.pop("op")
+        try:
+            if op == "info":
+                answer = {"torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+            elif op == "setup":
+                task = request.pop("task")
+                runner = (_trainer if task == "train" else _sampler)(torch, **request)
+                answer = {"ok": True}
+            else:
+                start = time.perf_counter()
+                items = runner(**request)
+                answer = {"items": items, "seconds": time.perf_counter() - start}
+        except Exception as error:  # sent back: the parent raises it with its message
+            answer = {"error": f"{type(error).__name__}: {error}"}
+        print(json.dumps(answer), flush=True)
+
+
+if __name__ == "__main__":
+    serve()
