@@ -16,7 +16,8 @@ import subprocess
 import sys
 
 # Benchmark modules in this package, run in this order; a new one is one entry.
-BENCHMARKS = ("train_throughput", "input_pipeline", "lm_speed", "lstm_tuning", "serving_latency", "caption_speed",
+BENCHMARKS = ("train_throughput", "input_pipeline", "lm_speed", "lstm_tuning", "serving_latency", "serving_http",
+              "caption_speed",
               "startup", "memory", "model_parallel")
 
 PACKAGE = pathlib.Path(__file__).resolve().parent

@@ -22,6 +22,7 @@ EXPECTED = {
     "lstm_tuning": {"lstm_2x32_unroll_seq10", "lstm_2x32_batch32", "lstm_2x32_steps_per_execution4"},
     "serving_latency": {"serving_lenet5_b1", "serving_lenet5_b4", "predict_files_lenet5_b1", "predict_files_lenet5_b4",
                         "serving_lm_generate_2x32"},
+    "serving_http": {"http_lenet5_c1", "http_lenet5_c8"},
     # One row per app: a new app in apps/cli.py SUBCOMMANDS is measured without listing it here.
     "caption_speed": {"caption_cached_features_vs_encoder", "caption_beam3_vs_greedy"},
     "startup": {"startup_help", "startup_classify_help", "startup_lm_help", "startup_models_help"},

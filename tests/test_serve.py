@@ -265,6 +265,66 @@ def test_classifier_takes_encoded_images_as_b64(served):
                                pixels["predictions"][0]["probabilities"], rtol=1e-4, atol=1e-6)
 
 
+def test_an_image_as_integers_means_what_it_means_as_floats(served):
+    """A long integer list is read by NumPy (tensors.DenseIntegers); the same pixels written as
+    floats go the general way: both give the same answer, and a bad value in a long list gets
+    the general way's error."""
+    pixels = np.random.default_rng(3).integers(0, 256, (1, 40, 40, 3))
+    path = f"/v1/models/{CLASSIFIER}:predict"
+    status, integers = call(served, path, {"instances": pixels.tolist()})
+    assert status == 200, integers
+    status, floats = call(served, path, {"signature_name": "serving_float", "instances": pixels.astype(float).tolist()})
+    assert status == 200, floats
+    assert integers == floats
+    pixels[0, 5, 5, 1] = 300
+    status, answer = call(served, path, {"instances": pixels.tolist()})
+    assert status == 400 and "out of range for DT_UINT8" in answer["error"], answer
+
+
+_IMAGE = np.random.default_rng(0).integers(0, 256, (1, 24, 24, 3)).tolist()
+_IMAGE_TEXT = json.dumps(_IMAGE)
+
+
+@pytest.mark.parametrize("body, fast", [
+    (json.dumps({"instances": _IMAGE}), True),
+    (json.dumps({"signature_name": "serving_default", "inputs": _IMAGE}, separators=(",", ":")), True),
+    (json.dumps({"instances": _IMAGE}, indent=1), True),
+    (json.dumps({"instances": (-np.asarray(_IMAGE)).tolist()}), True),  # -0 and negatives: out of range
+    ('{"instances": ' + _IMAGE_TEXT.replace("[", "[ ") + "}", True),
+    ('{"instances": ' + _IMAGE_TEXT.replace(",", " ,\n") + "}", True),
+    ('{"instances": ' + _IMAGE_TEXT.replace(", ", " ", 1) + "}", False),  # "1 2"
+    ('{"instances": ' + _IMAGE_TEXT.replace(", ", ", 0", 1) + "}", False),  # a leading zero
+    ('{"instances": ' + _IMAGE_TEXT.replace(", ", ", -", 1).replace(", -", ", 1-", 1) + "}", False),
+    ('{"instances": ' + _IMAGE_TEXT.replace(", ", ", 99999999999, ", 1) + "}", False),  # ragged
+    ('{"instances": ' + _IMAGE_TEXT.replace("], [", "], 7, [", 1) + "}", False),
+    ('{"instances": ' + _IMAGE_TEXT.replace(", ", ", , ", 1) + "}", False),
+    ('{"instances": ' + _IMAGE_TEXT.replace("]]]]", "]]]") + "}", False),
+    ('{"instances": ' + _IMAGE_TEXT + ', "signature_name": 7}', False),
+    ('{"instances": ' + _IMAGE_TEXT + ', "inputs": [1]}', False),
+    ('{"instances": ' + _IMAGE_TEXT + ', "x": "\\u0000dlsuite:dense-integers"}', False),
+    ('{"inputs": {"images": ' + _IMAGE_TEXT + "}}", False),
+])
+@pytest.mark.parametrize("dtype", ["uint8", "int32", "float32", "int64"])
+def test_long_integer_lists_are_read_as_json_reads_them(body, fast, dtype, monkeypatch):
+    from dlsuite.apps.serve import tensors
+    from dlsuite.apps.serve.errors import ServingError
+
+    names = {"uint8": "DT_UINT8", "int32": "DT_INT32", "float32": "DT_FLOAT", "int64": "DT_INT64"}
+    specs = {"images": tensors.TensorSpec("images", names[dtype], np.dtype(dtype), (None, None, None, 3))}
+
+    def outcome():
+        try:
+            arrays = tensors.inputs_from_request(tensors.parse_request(body.encode()), specs)
+        except ServingError as error:
+            return error.message
+        return {name: (array.dtype, array.shape, array.tolist()) for name, array in arrays.items()}
+
+    assert isinstance(tensors._parse_with_dense_integers(body.encode()), dict) == fast
+    read = outcome()
+    monkeypatch.setattr(tensors, "_parse_with_dense_integers", lambda body: None)
+    assert read == outcome()
+
+
 def test_language_model_answers_text_in_columnar_format(served):
     request = {"inputs": {"prompt": "Return the ", "length": 40, "temperature": 0.7, "seed": 1}}
     status, answer = call(served, f"/v1/models/{LANGUAGE_MODEL}:predict", request)

@@ -79,6 +79,10 @@ def predict(repository, name, version, body):
     return tensors.response(outputs, tensors.request_format(request))
 
 
+def _predict_response(repository, name, version, body):
+    return _json(predict(repository, name, version, body))
+
+
 def _op_message(error):
     # TensorFlow appends the graph node ("\n\t [[{{node ...}}]]"), noise to a client.
     return " ".join(error.message.split("\n\t [[")[0].split())
@@ -180,10 +184,10 @@ class Server:
         if method.lower() != "predict":
             raise ServingError(f"dlsuite serve answers :predict only, not :{method}; "
                                "send the same inputs to :predict", code="UNIMPLEMENTED")
-        loop = asyncio.get_running_loop()
-        answer = await loop.run_in_executor(
-            self._workers, functools.partial(predict, self.repository, name, version, body))
-        return await loop.run_in_executor(self._workers, functools.partial(_json, answer))
+        # One trip to the pool for the JSON in, the call and the JSON out: on a busy machine every
+        # hand-over between threads waits for a core.
+        return await asyncio.get_running_loop().run_in_executor(
+            self._workers, functools.partial(_predict_response, self.repository, name, version, body))
 
     def _status(self, match):
         name, version_text, subresource = match.groups()
