@@ -16,11 +16,13 @@ PyTorch rows are skipped with a message on stderr and the others still run.
 import functools
 import statistics
 import tempfile
+import time
 
 import numpy as np
 
 from benchmarks import common, torch_reference
 
+WARMUP = 1
 VOCAB_CHARS = "".join(chr(c) for c in range(32, 127)) + "\n"
 
 
@@ -121,39 +123,49 @@ def training(cell, *, units, layers=2, batch, seq_len, steps, repeats, mode):
         model.compile(optimizer=keras.optimizers.Adam(0.003, global_clipnorm=5.0),
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
 
-    def step(model):
+    cpu_seconds = {name: [] for name in models}
+
+    def step(name, model):
         def run():
+            cpu_start = time.process_time()
             for _ in range(steps):
                 loss = model.train_on_batch(x, y)
             float(np.asarray(loss))
+            cpu_seconds[name].append(time.process_time() - cpu_start)
             return steps * batch * seq_len
         return run
 
-    runs = {name: step(model) for name, model in models.items()}
+    runs = {name: step(name, model) for name, model in models.items()}
     worker = torch_reference.TorchWorker.start(who="lm_speed")
     if worker is not None:
         worker.setup("train", cell=cell, units=units, layers=layers, vocab_size=vocab_size,
                      tokens=x.tolist(), targets=y.tolist())
         runs["torch"] = functools.partial(worker.run, steps=steps)
     try:
-        rates = common.interleaved(runs, warmup=1, repeats=repeats)
+        rates = common.interleaved(runs, warmup=WARMUP, repeats=repeats)
     finally:
         if worker is not None:
             worker.close()
+            cpu_seconds["torch"] = worker.cpu_seconds
+    # CPU seconds a step (warm-ups left out): the work each side does, which other processes on
+    # a shared machine change less than the wall time.
+    cpu_per_step = {name: statistics.median(times[WARMUP:]) / steps for name, times in cpu_seconds.items()}
+    details = "CPU s/step: " + ", ".join(f"{name} {seconds:.3g}" for name, seconds in cpu_per_step.items())
     shape = f"{layers}x{units}"
     config = {"batch": batch, "seq_len": seq_len, "steps_per_repeat": steps, "repeats": repeats,
               "optimizer": "Adam(0.003, global_clipnorm=5)"}
     ours_label = (f"the lm app's model: models.build(cell, layers={layers}, units, embedding 64) "
                   "(FusedLSTM/FusedGRU), train_on_batch")
     common.report(f"train_{cell}_{shape}", ours=rates["ours"], reference=rates["plain"], mode=mode, unit="tokens/s",
-                  bar=1.0, config=config, ours_label=ours_label,
-                  reference_label=f"keras.Sequential(Embedding, {layers} x LSTM/GRU, Dense), train_on_batch")
+                  bar=1.0, config=config, ours_label=ours_label, cpu_seconds_per_step=cpu_per_step,
+                  details=details, reference_label=f"keras.Sequential(Embedding, {layers} x LSTM/GRU, Dense), train_on_batch")
     if worker is not None:
         common.report(f"train_{cell}_{shape}_vs_torch", ours=rates["ours"], reference=rates["torch"], mode=mode,
                       unit="tokens/s", bar=1.0, config={**config, **worker.info}, ours_label=ours_label,
                       reference_label=(f"PyTorch (own process): Embedding, nn.{cell.upper()}({units}, num_layers={layers}), Linear; "
                                        "Adam(0.003), clip_grad_norm_(5), cross_entropy"),
-                      plain_keras_vs_torch=_median_ratio(rates["plain"], rates["torch"]))
+                      plain_keras_vs_torch=_median_ratio(rates["plain"], rates["torch"]),
+                      cpu_seconds_per_step=cpu_per_step, details=details)
 
 
 def _median_ratio(ours, reference):
@@ -169,10 +181,11 @@ def main(argv=None):
         for cell in ("lstm", "gru"):
             training(cell, units=32, batch=8, seq_len=20, steps=1, repeats=repeats, mode=mode)
     else:
+        # More repeats than the minimum: these rows carry the bar, on a machine often shared.
         for cell in ("lstm", "gru"):
-            training(cell, units=512, batch=64, seq_len=100, steps=1, repeats=repeats, mode=mode)
+            training(cell, units=512, batch=64, seq_len=100, steps=1, repeats=repeats + 4, mode=mode)
         for cell in ("lstm", "gru"):
-            training(cell, units=256, layers=1, batch=64, seq_len=100, steps=1, repeats=repeats, mode=mode)
+            training(cell, units=256, layers=1, batch=64, seq_len=100, steps=2, repeats=repeats + 4, mode=mode)
         generation(units=512, length=500, repeats=repeats, mode=mode)
 
 

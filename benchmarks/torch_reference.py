@@ -34,6 +34,7 @@ class TorchWorker:
     def __init__(self, process):
         self._process = process
         self.info = self._request({"op": "info"})
+        self.cpu_seconds = []  # the worker's CPU time of each run, warm-ups included
 
     @classmethod
     def start(cls, *, who="benchmark"):
@@ -64,6 +65,7 @@ class TorchWorker:
     def run(self, **arguments):
         """One timed repeat in the worker: (items, seconds), as `common.interleaved` takes them."""
         answer = self._request({"op": "run", **arguments})
+        self.cpu_seconds.append(answer["cpu_seconds"])
         return answer["items"], answer["seconds"]
 
     def close(self):
@@ -152,9 +154,10 @@ def serve():
                 runner = (_trainer if task == "train" else _sampler)(torch, **request)
                 answer = {"ok": True}
             else:
-                start = time.perf_counter()
+                start, cpu_start = time.perf_counter(), time.process_time()
                 items = runner(**request)
-                answer = {"items": items, "seconds": time.perf_counter() - start}
+                answer = {"items": items, "seconds": time.perf_counter() - start,
+                          "cpu_seconds": time.process_time() - cpu_start}
         except Exception as error:  # sent back: the parent raises it with its message
             answer = {"error": f"{type(error).__name__}: {error}"}
         print(json.dumps(answer), flush=True)
