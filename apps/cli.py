@@ -179,6 +179,9 @@ def main(argv=None):
             raise
         print(f"dlsuite: error: {os_error_line(error)}", file=sys.stderr)
         return EXIT_USAGE
+    except errors.RunFailed as error:
+        print(f"dlsuite: error: {error}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("dlsuite: interrupted", file=sys.stderr)
         return 130

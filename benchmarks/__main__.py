@@ -18,6 +18,7 @@ import sys
 # Benchmark modules in this package, run in this order; a new one is one entry.
 BENCHMARKS = ("train_throughput", "input_pipeline", "lm_speed", "lstm_tuning", "serving_latency", "serving_http",
               "caption_speed",
+              "checkpoint_cost",
               "startup", "memory", "model_parallel")
 
 PACKAGE = pathlib.Path(__file__).resolve().parent

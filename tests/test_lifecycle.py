@@ -140,3 +140,51 @@ def test_two_workers_leave_one_run_directory_and_one_export(app, tmp_path):
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["epochs_run"] == 1
     assert len(list((tmp_path / "exports").glob("*/1/saved_model.pb"))) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exports", "run"]
+
+
+def test_a_lost_worker_stops_the_other_with_one_line_and_both_resume(tmp_path):
+    """SIGKILL one of two workers after the first epoch: the chief stops
+    within the coordination service's heartbeat timeout, naming the lost
+    task, and both started again with --resume finish the run."""
+    ports = [_free_port(), _free_port()]
+    script = pathlib.Path(sys.executable).parent / "dlsuite"
+
+    def start(argv):
+        workers = []
+        for index in range(2):
+            tf_config = {"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]},
+                         "task": {"type": "worker", "index": index}}
+            env = {**os.environ, "TF_CONFIG": json.dumps(tf_config), "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "3"}
+            env = {k: v for k, v in env.items() if "proxy" not in k.lower()}
+            workers.append(subprocess.Popen([str(script), *argv], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                                            stderr=subprocess.PIPE, text=True))
+        return workers
+
+    workers = start([*TINY["classify"], "--epochs", "3", "--strategy", "multi-worker", "--out", str(tmp_path / "run"),
+                     "--no-export"])
+    try:
+        for line in workers[0].stdout:
+            if line.startswith("Epoch 1/3"):
+                workers[1].kill()
+                break
+        _, err = workers[0].communicate(timeout=120)
+    finally:
+        for worker in workers:
+            worker.kill()
+    assert workers[0].returncode == 1
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "the cluster lost worker 1" in lines[0] and "--resume" in lines[0], err
+    assert "Traceback" not in err
+
+    workers = start(["classify", "train", "--resume", str(tmp_path / "run")])
+    try:
+        outputs = [worker.communicate(timeout=300) for worker in workers]
+    finally:
+        for worker in workers:
+            worker.kill()
+    assert [worker.returncode for worker in workers] == [0, 0], outputs
+    assert "resuming from" in outputs[0][0]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["status"] == "finished" and metrics["epochs_run"] == 3
+    with open(tmp_path / "run" / "history.csv") as handle:
+        assert [row["epoch"] for row in csv.DictReader(handle)] == ["0", "1", "2"]

@@ -15,6 +15,7 @@ state and restarts an epoch from its first batch (../shared/notes/resume.md).
 checkpoint is found when it is read, and the one before it is used.
 """
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import json
@@ -63,6 +64,8 @@ class Store:
 
     def __init__(self, folder):
         self.folder = pathlib.Path(folder)
+        self._writer = None  # the background thread that writes checkpoints
+        self._pending = None  # the write in flight
 
     def paths(self):
         """The checkpoint files, newest first."""
@@ -89,23 +92,44 @@ class Store:
         return (self.folder / FINISHED).exists()
 
     def write(self, variables, *, epoch, batch, history):
-        """Writes a checkpoint of `variables` at (epoch, batch) with the
-        epochs' logs so far beside the others, renames it into place, notes
-        it in latest.json, then drops all but the newest KEEP."""
+        """Checkpoints `variables` at (epoch, batch) with the epochs' logs so
+        far: their values are copied now, and the file is written, synced,
+        renamed into place and noted in latest.json on a background thread
+        while training goes on (a ResNet-18 checkpoint took 3.9 s to sync on
+        this machine's disk, 6.5% of a minute); then all but the newest KEEP
+        go. Returns the checkpoint's path.
+
+        Raises:
+            UsageError: the write before this one ran out of disk space.
+        """
+        self.wait()  # one write at a time, and its error surfaces here
         self.folder.mkdir(parents=True, exist_ok=True)
         paths = self.paths()
         number = int(_NAME.match(paths[0].name).group(1)) + 1 if paths else 1
         path = self.folder / f"ckpt-{number:08d}.npz"
         record = {"format": FORMAT, "epoch": int(epoch), "batch": int(batch), "time": time.time(),
-                  "variables": [[v.path, list(v.shape)] for v in variables], "history": history}
-        arrays = {f"v{index}": np.asarray(keras.ops.convert_to_numpy(v.value)) for index, v in enumerate(variables)}
+                  "variables": [[v.path, list(v.shape)] for v in variables],
+                  "history": {key: list(values) for key, values in history.items()}}
+        arrays = {f"v{index}": np.array(keras.ops.convert_to_numpy(v.value)) for index, v in enumerate(variables)}
+        if self._writer is None:
+            self._writer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
+        self._pending = self._writer.submit(self._write_file, path, record, arrays)
+        return path
+
+    def _write_file(self, path, record, arrays):
         _write_atomically(path, lambda file: np.savez(file, record=np.array(json.dumps(record)), **arrays))
         _write_atomically(self.folder / LATEST, lambda file: file.write(json.dumps({"newest": path.name}).encode()))
         for old in self.paths()[KEEP:]:
             old.unlink(missing_ok=True)
-        return path
+
+    def wait(self):
+        """Waits for the checkpoint being written; raises its error."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
 
     def mark_finished(self, epochs):
+        self.wait()
         _write_atomically(self.folder / FINISHED, lambda file: file.write(json.dumps({"epochs": epochs}).encode()))
 
     def latest(self):
@@ -136,6 +160,7 @@ class Store:
 
     def clear(self):
         """Removes the checkpoints (the run finished: nothing to resume)."""
+        self.wait()
         for path in self.paths():
             path.unlink(missing_ok=True)
         for name in (FINISHED, LATEST):
@@ -233,10 +258,16 @@ class ResumeCheckpoint(keras.callbacks.Callback):
         self._last = time.monotonic()
 
     def on_train_batch_end(self, batch, logs=None):
+        steps = (self.params or {}).get("steps")
+        if steps and batch + 1 >= steps:
+            return  # the epoch's end writes one next, after its validation: a resume always has a batch to go on with
         if self.every and time.monotonic() - self._last >= self.every:
             self.store.write(state_variables(self.model), epoch=self._epoch, batch=self._offset + batch + 1,
                              history=self.history)
             self._last = time.monotonic()
+
+    def on_train_end(self, logs=None):
+        self.store.wait()  # the last checkpoint on disk before fit returns
 
     def on_epoch_end(self, epoch, logs=None):
         for key, value in (logs or {}).items():

@@ -21,6 +21,7 @@ from dlsuite import callbacks as dl_callbacks
 from dlsuite.apps.core import checkpoints, distribute, lbfgs, optim, rundir
 from dlsuite.apps.core import epochs as epochs_lib
 from dlsuite.apps.core.choices import SWITCHES
+from dlsuite.apps.core import errors
 from dlsuite.apps.core.errors import UsageError
 
 
@@ -112,7 +113,7 @@ def fit(
     model, train, validation, *, strategy, optimizer_config, loss, epochs, steps_per_epoch,
     global_batch_size, run_dir, early_stopping=0, jit_compile="auto", resume=False,
     metrics=("accuracy",), monitors=(), callbacks=(), initial_epoch=0, compile=True, best_checkpoint=True,
-    verbose=None, checkpoint_every=60.0,
+    verbose=None, checkpoint_every=60.0, resume_dir=None,
 ):
     """Compiles and trains `model`, writing checkpoints and logs into `run_dir`.
 
@@ -146,6 +147,8 @@ def fit(
         checkpoint_every: seconds between checkpoints inside an epoch (0:
             at epoch ends only; None: no checkpoints to resume from, for a
             tuner's trials).
+        resume_dir: the run directory whose checkpoint `resume` goes on
+            from (a cluster's workers: the chief's); default `run_dir`.
 
     Returns:
         A FitResult; the model holds the final weights (the caller may load the
@@ -155,6 +158,16 @@ def fit(
     os.makedirs(os.path.dirname(paths["best"]), exist_ok=True)
     order = train if isinstance(train, epochs_lib.EpochOrder) else None
     train = epochs_lib.as_dataset(train)
+    if distribute.is_parameter_server(strategy):
+        from dlsuite.apps.core import parameter_server
+
+        return parameter_server.fit(
+            model, order or train, validation, strategy=strategy, optimizer_config=optimizer_config, loss=loss,
+            metrics=metrics, epochs=epochs, steps_per_epoch=steps_per_epoch, global_batch_size=global_batch_size,
+            paths=paths, early_stopping=early_stopping, resume=resume, callbacks=callbacks,
+            initial_epoch=initial_epoch, best_checkpoint=best_checkpoint, checkpoint_every=checkpoint_every,
+            verbose=verbose, resume_paths=run_paths(resume_dir or run_dir) if resume else None,
+        )
     if monitors and (optimizer_config.optimizer == "lbfgs" or distribute.needs_custom_loop(strategy)):
         path = "L-BFGS" if optimizer_config.optimizer == "lbfgs" else "the multi-worker loop"
         print(f"dlsuite: --monitor watches model.fit training; {path} trains without it", file=sys.stderr)
@@ -164,18 +177,20 @@ def fit(
         return _fit_custom_loop(
             model, train, validation, strategy=strategy, optimizer_config=optimizer_config, loss=loss,
             epochs=epochs, steps_per_epoch=steps_per_epoch, global_batch_size=global_batch_size, paths=paths,
+            resume_paths=run_paths(resume_dir or run_dir) if resume else None, checkpoint_every=checkpoint_every,
         )
 
     if compile:
         compile_model(model, strategy=strategy, optimizer_config=optimizer_config, loss=loss, metrics=metrics,
                       steps_per_epoch=steps_per_epoch, epochs=epochs, jit_compile=jit_compile)
     store = checkpoints.Store(paths["resume"])
-    saved = store.latest() if resume else None
+    saved = checkpoints.Store(run_paths(resume_dir or run_dir)["resume"]).latest() if resume else None
     start_epoch, start_batch = (saved.epoch, saved.batch) if saved else (initial_epoch, 0)
     if saved and saved.history:  # history.csv as the checkpoint knew it: rows written after it are trained again
         rundir.write_history(paths["history"], saved.history)
     elif saved:  # no epoch ended before it: CSVLogger starts the file, header and all
         pathlib.Path(paths["history"]).unlink(missing_ok=True)
+    if saved:
         print(f"resuming from {saved.path}: epoch {start_epoch + 1}, batch {start_batch}", flush=True)
     steps = (order.steps_per_epoch if order else None) or steps_per_epoch
     # A resumed epoch's remaining batches are a fit of their own, then the epochs after it.
@@ -265,15 +280,31 @@ def _monitor_callbacks(names, train, paths, run_dir, steps_per_epoch):
     )
 
 
-def _fit_custom_loop(model, train, validation, *, strategy, optimizer_config, loss, epochs, steps_per_epoch, global_batch_size, paths):
+def _fit_custom_loop(model, train, validation, *, strategy, optimizer_config, loss, epochs, steps_per_epoch,
+                     global_batch_size, paths, resume_paths=None, checkpoint_every=60.0):
     """Multi-worker training: Keras 3.15's fit fails under
     MultiWorkerMirroredStrategy (keras#20585), so a custom loop over
-    strategy.run trains the same model and optimizer."""
+    strategy.run trains the same model and optimizer.
+
+    The chief checkpoints at epoch ends; started again with --resume, every
+    worker restores the chief's last checkpoint (`resume_paths`), so all go
+    on from the same epoch. A lost worker stops the others with one line
+    (`RunFailed`) instead of a traceback.
+    """
     with strategy.scope():
         optimizer = optim.make_optimizer(optimizer_config, steps_per_epoch=steps_per_epoch, epochs=epochs)
+        optimizer.build(model.trainable_variables)  # its slots exist before a checkpoint is restored into them
+    variables = [*model.variables, *optimizer.variables]
+    store = checkpoints.Store(paths["resume"])
+    saved = checkpoints.Store(resume_paths["resume"]).latest() if resume_paths else None
     chief = distribute.is_chief(strategy)
+    if saved:
+        checkpoints.restore(variables, saved)
+        print(f"resuming from {saved.path}: epoch {saved.epoch + 1}", flush=True)
+    start, logged = (saved.epoch, {k: list(v) for k, v in saved.history.items()}) if saved else (0, {})
     best_path = paths["best"] if chief else os.path.join(distribute.worker_dir(os.path.dirname(paths["best"]), strategy), "best.keras")
-    best = dl_callbacks.BestCheckpoint(best_path, monitor="val_loss", save=save_model)
+    best = dl_callbacks.BestCheckpoint(best_path, monitor="val_loss", save=save_model,
+                                       best=min(logged["val_loss"]) if logged.get("val_loss") else None)
     best.set_model(model)
     step_decay = [c for c in optim.schedule_callbacks(optimizer_config) if isinstance(c, dl_callbacks.StepDecay)]
     log = dl_callbacks.EpochLog(paths["log"], epochs) if chief else None
@@ -284,20 +315,44 @@ def _fit_custom_loop(model, train, validation, *, strategy, optimizer_config, lo
             log.on_epoch_end(epoch, logs)
         for callback in step_decay:  # set the next epoch's rate
             optimizer.learning_rate = callback.rate(epoch + 1)
+        for key, value in logs.items():
+            logged.setdefault(key, []).append(float(value))
+        if checkpoint_every is not None and chief:
+            store.write(variables, epoch=epoch + 1, batch=0, history=logged)
 
     for callback in step_decay:
-        optimizer.learning_rate = callback.rate(0)
+        optimizer.learning_rate = callback.rate(start)
+    reason = None
     try:
-        history, reason = distribute.train_custom_loop(
+        distribute.train_custom_loop(
             strategy=strategy, model=model, optimizer=optimizer, loss=loss, train_dataset=train,
             validation_dataset=validation, epochs=epochs, global_batch_size=global_batch_size,
-            on_epoch_end=on_epoch_end, verbose=chief,
-        ), None
+            on_epoch_end=on_epoch_end, verbose=chief, initial_epoch=start,
+        )
     except distribute.NonFiniteLoss as stop:
-        history, reason = stop.history, str(stop)
+        reason = str(stop)
+    except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.errors.AbortedError,
+            tf.errors.CancelledError, tf.errors.InternalError) as error:
+        raise errors.RunFailed(_lost_peer_line(error, store)) from None
+    if reason is None and checkpoint_every is not None and chief:
+        store.mark_finished(len(logged.get("loss", [])))
     if chief:
-        rundir.write_history(paths["history"], history)
-    return FitResult(history, reason, best_path if os.path.exists(best_path) else None, len(history.get("loss", [])))
+        rundir.write_history(paths["history"], logged)
+    return FitResult(logged, reason, best_path if os.path.exists(best_path) else None,
+                     len(logged.get("loss", [])) - start)
+
+
+def _lost_peer_line(error, store):
+    """What a worker says when a collective failed because another task of the cluster is gone."""
+    import re
+
+    text = str(error.message)
+    # TensorFlow's coordination service names the task that stopped sending heartbeats.
+    tasks = re.findall(r"reported from /job:(\w+)/(?:replica:\d+/)?task:(\d+)", text)
+    lost = ", ".join(f"{job} {index}" for job, index in sorted(set(tasks))) or "another task"
+    where = f"{store.folder}" if store.has_any() else "the chief's run directory"
+    return (f"training stopped: the cluster lost {lost} ({type(error).__name__}); start every task again with "
+            f"--resume RUN_DIR to go on from the last checkpoint ({where})")
 
 
 def _fit_lbfgs(model, train, validation, *, optimizer_config, loss, epochs, paths):

@@ -23,6 +23,12 @@ class UsageError(ValueError):
         self.option = option
 
 
+class RunFailed(RuntimeError):
+    """A run that cannot go on for a reason outside this process (a lost
+    worker of the cluster), not a bug: the command line prints it as one
+    line and exits 1; the message says how to continue."""
+
+
 def user_errors():
     """What the command line shows as one line: bad input to an app or to a
     model builder (a knob out of range reaches `models` unchanged). A

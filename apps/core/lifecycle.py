@@ -111,6 +111,7 @@ def run(task, *, run_dir=None):
     task.load_data()
     batch_size = task.batch_size(config.batch_size or engine.default_batch_size(device))
 
+    resume_root = run_dir  # every worker reads the chief's checkpoints there (a shared file system, as config.json)
     resume = run_dir is not None
     run_dir, created = _run_directory(task, run_dir, strategy, chief)
     try:
@@ -133,7 +134,8 @@ def run(task, *, run_dir=None):
     print(f"{task.describe(model, batches)}, {model.count_params():,} parameters, "
           f"{distribute.describe(strategy)}; run dir {run_dir}", flush=True)
 
-    trained = train_phases(task, model, batches, strategy=strategy, run_dir=run_dir, resume=resume)
+    trained = train_phases(task, model, batches, strategy=strategy, run_dir=run_dir, resume=resume,
+                           resume_root=resume_root)
     if not chief:  # the chief scores and exports
         engine.release_worker_dir(run_dir)
         return 0
@@ -169,7 +171,7 @@ class Trained:
 
 
 def train_phases(task, model, batches, *, strategy, run_dir, resume=False, callbacks=(), initial_epoch=0,
-                 verbose=None, trial=False):
+                 verbose=None, trial=False, resume_root=None):
     """Trains `model` through each of `task.phases()`; returns a `Trained`.
 
     A phase with a name trains in `run_dir/<name>`; the model goes into the
@@ -180,6 +182,10 @@ def train_phases(task, model, batches, *, strategy, run_dir, resume=False, callb
     on one epoch axis from `initial_epoch` (Hyperband continues a trial
     there) and keras-tuner keeps the best epoch's weights instead of
     checkpoints/best.keras.
+
+    `resume_root` is the run directory being resumed, whose checkpoints
+    every worker of a cluster resumes from (a worker trains in a scratch
+    `run_dir`); by default `run_dir`.
     """
     from dlsuite.apps.core import engine, rundir
 
@@ -193,14 +199,15 @@ def train_phases(task, model, batches, *, strategy, run_dir, resume=False, callb
         if trial and initial_epoch >= end:
             continue
         phase_dir = run_dir / phase.name if phase.name else run_dir
+        resume_dir = pathlib.Path(resume_root or run_dir) / (phase.name or "")
         phase_dirs.append(phase_dir)
-        state = phase_state(phase_dir) if resume else "new"
+        state = phase_state(resume_dir) if resume else "new"
         if resume and state == "new" and index == 0:
             print(f"resume {run_dir}: no checkpoint was written before the run stopped; it starts over", flush=True)
         with strategy.scope():
             described = phase.prepare(model) if phase.prepare and not (trial and index == 0) else None
         if state == "finished":
-            result = _read_back(phase_dir)
+            result = _read_back(resume_dir)
             print(f"phase {phase.name or 'train'}: finished before ({len(result.history.get('loss', []))} epochs), "
                   "read back", flush=True)
         else:
@@ -216,7 +223,7 @@ def train_phases(task, model, batches, *, strategy, run_dir, resume=False, callb
                 resume=state == "interrupted", monitors=task.config.monitor or (),
                 callbacks=[*task.metric_callbacks(), *callbacks], initial_epoch=first, verbose=verbose,
                 compile=not (trial and index == 0), best_checkpoint=not trial,
-                checkpoint_every=None if trial else task.config.checkpoint_every,
+                checkpoint_every=None if trial else task.config.checkpoint_every, resume_dir=resume_dir,
             )
         phase_epochs[phase.name] = len(result.history.get("loss", []))
         for key, values in result.history.items():
