@@ -27,6 +27,7 @@ EXPECTED = {
     "caption_speed": {"caption_cached_features_vs_encoder", "caption_beam3_vs_greedy"},
     "startup": {"startup_help", "startup_classify_help", "startup_lm_help", "startup_models_help"},
     "memory": {"memory_lenet5_b8"},
+    "checkpoint_cost": {"checkpoint_cost_lenet5", "checkpoint_cost_lstm_1x32"},
 }
 # PyTorch is the reference of these rows where it is installed (`pip install -e ".[bench]"`).
 TORCH_ROWS = {"generate_stateful_vs_torch", "generate_export_vs_torch", "train_lstm_2x32_vs_torch",
