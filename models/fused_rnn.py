@@ -52,7 +52,6 @@ def _lstm_forward(xw, h0, c0, recurrent_kernel):
         4 units) the activated gates (i, f, g, o), kept for the backward pass.
     """
     steps = tf.shape(xw)[0]
-    units = tf.shape(h0)[1]
 
     def body(t, h, c, hs, cs, gates):
         z = xw[t] + tf.matmul(h, recurrent_kernel)  # (batch, 4 units)
@@ -69,7 +68,6 @@ def _lstm_forward(xw, h0, c0, recurrent_kernel):
          tf.TensorArray(xw.dtype, size=steps, element_shape=tf.TensorShape([h0.shape[0], None]))),
         parallel_iterations=1,
     )
-    del units
     return hs.stack(), cs.stack(), gates.stack()
 
 
