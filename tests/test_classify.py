@@ -154,7 +154,7 @@ def make_folder(root, classes):
         (["--image-size", "16"], "--image-size 16 is too small for lenet5, which needs at least 32"),
         (["--batch-size", "5000"], "--batch-size 5000 is larger than the 1257 training images"),
         (["--export", "a/b"], "a/b"),
-        (["--out", "/etc/hostname/run"], "cannot write the run directory '/etc/hostname/run'"),
+        (["--out", "/etc/hostname/run"], "cannot write the run directory under '/etc/hostname/run'"),
         (["--lr", "-1"], "--lr must be > 0, received -1"),
         (["--strategy", "warp"], "warp"),
     ],

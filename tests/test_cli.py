@@ -181,7 +181,8 @@ def test_info_names_versions_devices_strategies_and_caches(capsys):
     facts = json.loads(capsys.readouterr().out)
     assert facts["versions"]["keras"] and facts["versions"]["tensorflow"]
     assert facts["devices"]["trains_on"] == "cpu" and facts["devices"]["cpu"] >= 1
-    assert set(facts["strategies"]) == {"auto", "default", "one-device", "mirrored", "multi-worker", "tpu"}
+    assert set(facts["strategies"]) == {"auto", "default", "one-device", "mirrored", "multi-worker",
+                                         "parameter-server", "tpu"}
     assert facts["caches"]["keras_weights"].endswith("models")
     assert cli.main(["info"]) == 0
     assert "strategies:" in capsys.readouterr().out

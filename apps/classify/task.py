@@ -37,6 +37,7 @@ class TrainConfig(train_args.TrainingConfig, train_args.ImageSplitConfig):
     # without, and deep plain nets (VGG, AlexNet) train at all on a CPU budget.
     # --no-batch-norm gives the paper's exact configuration.
     batch_norm: bool | None = True
+    model_parallel: int = 1  # --model-parallel: pipeline stages, one device each (models.parallel)
 
 
 def image_size(config, spec, data):

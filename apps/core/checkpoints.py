@@ -110,7 +110,7 @@ class Store:
         record = {"format": FORMAT, "epoch": int(epoch), "batch": int(batch), "time": time.time(),
                   "variables": [[v.path, list(v.shape)] for v in variables],
                   "history": {key: list(values) for key, values in history.items()}}
-        arrays = {f"v{index}": np.array(keras.ops.convert_to_numpy(v.value)) for index, v in enumerate(variables)}
+        arrays = {f"v{index}": _value(v) for index, v in enumerate(variables)}
         if self._writer is None:
             self._writer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
         self._pending = self._writer.submit(self._write_file, path, record, arrays)
@@ -168,6 +168,12 @@ class Store:
         atomic.clean_abandoned(self.folder, ".*.tmp-*")
         with contextlib.suppress(OSError):
             self.folder.rmdir()
+
+
+def _value(variable):
+    """A copy of `variable`'s value; a mirrored one's (tf.distribute) from its first copy."""
+    value = variable.value
+    return np.array(value.numpy() if hasattr(value, "numpy") else keras.ops.convert_to_numpy(value))
 
 
 def restore(variables, saved):

@@ -226,7 +226,6 @@ class TrainingConfig:
     strategy: str = "auto"
     mixed_precision: str = "auto"
     jit_compile: str = "auto"
-    model_parallel: int = 1  # --model-parallel: pipeline stages, one device each (models.parallel)
     precise_bn: int | None = None  # --precise-bn: batches to recompute batch norm over (0: the training split)
     checkpoint_every: float = 60.0  # seconds between checkpoints inside an epoch (0: at epoch ends only)
     out: str | None = None
