@@ -11,9 +11,11 @@ import pytest  # noqa: E402
 # collection order: the longest files go first, so that no long file starts
 # last while the other worker sits idle (measured on 2 cores: 10:21 with the
 # benchmarks' 3-minute quick run starting last).
-LONGEST_FIRST = ("test_benchmarks.py", "test_serve.py", "test_classify.py", "test_caption.py", "test_lifecycle.py",
-                 "test_transfer.py", "test_tune.py",
-                 "test_cnn_models.py", "test_diagnose.py", "test_distribute.py", "test_lm.py")
+LONGEST_FIRST = ("test_benchmarks.py", "test_lifecycle.py", "test_kill_resume.py", "test_tune.py", "test_serve.py",
+                 "test_classify.py", "test_caption.py", "test_transfer.py", "test_distribute.py",
+                 "test_parameter_server.py", "test_cnn_models.py", "test_diagnose.py", "test_lm.py",
+                 "test_bad_inputs.py", "test_checkpoints.py", "test_outputs.py", "test_model_parallel.py",
+                 "test_divergence.py")
 
 
 def pytest_collection_modifyitems(items):
