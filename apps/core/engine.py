@@ -215,24 +215,29 @@ def fit(
                              checkpoints.HistoryReplay(stateful, rundir.read_history(paths["history"])))
 
     epochs_run, history, logged = 0, None, saved.history if saved else {}
-    for index, (first, end, skip) in enumerate(segments):
-        resumer = [] if checkpoint_every is None else [checkpoints.ResumeCheckpoint(
-            store, every=checkpoint_every if order else 0, saved=saved if index == 0 else None, batch_offset=skip,
-            element_spec=train.element_spec, history=logged)]
-        history = model.fit(
-            order.stream(first, end, skip) if order else train, validation_data=validation, epochs=end,
-            initial_epoch=first, steps_per_epoch=steps - skip if order else None,
-            callbacks=[*run_callbacks, *resumer],  # the checkpoint last: after the epoch's history row
-            shuffle=False,  # tf.data shuffles
-            verbose=(1 if sys.stdout.isatty() else 2) if verbose is None else verbose,
-        )
-        epochs_run += len(history.history.get("loss", []))
-        logged = resumer[0].history if resumer else logged
-        for callback in run_callbacks:  # the next segment appends to history.csv
-            if isinstance(callback, keras.callbacks.CSVLogger):
-                callback.append = True
-        if nan_guard.message or model.stop_training:
-            break
+    try:
+        for index, (first, end, skip) in enumerate(segments):
+            resumer = [] if checkpoint_every is None else [checkpoints.ResumeCheckpoint(
+                store, every=checkpoint_every if order else 0, saved=saved if index == 0 else None, batch_offset=skip,
+                element_spec=train.element_spec, history=logged)]
+            history = model.fit(
+                order.stream(first, end, skip) if order else train, validation_data=validation, epochs=end,
+                initial_epoch=first, steps_per_epoch=steps - skip if order else None,
+                callbacks=[*run_callbacks, *resumer],  # the checkpoint last: after the epoch's history row
+                shuffle=False,  # tf.data shuffles
+                verbose=(1 if sys.stdout.isatty() else 2) if verbose is None else verbose,
+            )
+            epochs_run += len(history.history.get("loss", []))
+            logged = resumer[0].history if resumer else logged
+            for callback in run_callbacks:  # the next segment appends to history.csv
+                if isinstance(callback, keras.callbacks.CSVLogger):
+                    callback.append = True
+            if nan_guard.message or model.stop_training:
+                break
+    except BaseException:  # Ctrl-C included: the checkpoint being written goes to disk whole first
+        with contextlib.suppress(Exception):
+            store.wait()
+        raise
     if checkpoint_every is not None and not nan_guard.message:
         store.mark_finished(epochs_run)
     full_history = rundir.read_history(paths["history"]) or (history.history if history else {})
