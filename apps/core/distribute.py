@@ -190,11 +190,15 @@ def _multi_worker_strategy():
         ) from error
 
 
-def _check_tf_config(raw):
-    """Raises UsageError unless `raw` is a TF_CONFIG naming a worker of a cluster."""
-    example = f"for example TF_CONFIG='{TF_CONFIG_EXAMPLE}' (the same cluster on every worker, index 0, 1, ...)"
+def parse_tf_config(raw, *, strategy, example):
+    """(cluster, task) of the TF_CONFIG text `raw`, for `--strategy STRATEGY`.
+
+    Raises:
+        UsageError: missing, not JSON, or without a 'cluster' and a 'task' object;
+            the message ends with `example`.
+    """
     if not raw:
-        raise UsageError(f"--strategy multi-worker needs the TF_CONFIG environment variable; {example}")
+        raise UsageError(f"--strategy {strategy} needs the TF_CONFIG environment variable; {example}")
     try:
         config = json.loads(raw)
     except json.JSONDecodeError as error:
@@ -203,6 +207,13 @@ def _check_tf_config(raw):
     task = config.get("task") if isinstance(config, dict) else None
     if not isinstance(cluster, dict) or not isinstance(task, dict):
         raise UsageError(f"TF_CONFIG needs a 'cluster' and a 'task' object; {example}")
+    return cluster, task
+
+
+def _check_tf_config(raw):
+    """Raises UsageError unless `raw` is a TF_CONFIG naming a worker of a cluster."""
+    example = f"for example TF_CONFIG='{TF_CONFIG_EXAMPLE}' (the same cluster on every worker, index 0, 1, ...)"
+    cluster, task = parse_tf_config(raw, strategy="multi-worker", example=example)
     task_type, index = task.get("type"), task.get("index")
     if task_type not in ("chief", "worker"):
         raise UsageError(f"TF_CONFIG task type must be 'chief' or 'worker', got {task_type!r}; {example}")

@@ -88,19 +88,10 @@ def check_tf_config(raw):
         UsageError: missing, not JSON, no chief, worker or ps tasks, or a task
             that is not one of them.
     """
-    import json
+    from dlsuite.apps.core import distribute
 
     example = f"for example TF_CONFIG='{TF_CONFIG_EXAMPLE}' (the same cluster on every task, each its own task)"
-    if not raw:
-        raise UsageError(f"--strategy parameter-server needs the TF_CONFIG environment variable; {example}")
-    try:
-        config = json.loads(raw)
-    except json.JSONDecodeError as error:
-        raise UsageError(f"TF_CONFIG is not valid JSON ({error}); {example}") from error
-    cluster = config.get("cluster") if isinstance(config, dict) else None
-    task = config.get("task") if isinstance(config, dict) else None
-    if not isinstance(cluster, dict) or not isinstance(task, dict):
-        raise UsageError(f"TF_CONFIG needs a 'cluster' and a 'task' object; {example}")
+    cluster, task = distribute.parse_tf_config(raw, strategy="parameter-server", example=example)
     for role, minimum in (("chief", 1), ("worker", 1), ("ps", 1)):
         addresses = cluster.get(role)
         if (not isinstance(addresses, list) or len(addresses) < minimum
