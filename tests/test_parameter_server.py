@@ -94,6 +94,13 @@ def test_tf_config_is_checked(tf_config, message):
     assert "TF_CONFIG=" in str(raised.value)  # an example to copy
 
 
+def test_a_valid_tf_config_gives_its_cluster_and_task():
+    config = parameter_server.check_tf_config(
+        '{"cluster": {"chief": ["a:1"], "worker": ["b:1", "b:2"], "ps": ["c:1"]}, "task": {"type": "worker", "index": 1}}')
+    assert config == {"cluster": {"chief": ["a:1"], "worker": ["b:1", "b:2"], "ps": ["c:1"]},
+                      "task": {"type": "worker", "index": 1}}
+
+
 def test_cluster_trains_through_a_killed_worker(tmp_path):
     """Worker 1 is SIGKILLed after the first epoch and started again: the run
     finishes with a test accuracy of at least 0.9 (6-epoch cluster runs

@@ -106,7 +106,7 @@ def check_tf_config(raw):
     if not isinstance(index, int) or not 0 <= index < len(cluster[task_type]):
         raise UsageError(f"TF_CONFIG task index must be 0..{len(cluster[task_type]) - 1} for the "
                          f"{len(cluster[task_type])} {task_type} address(es), got {index!r}; {example}")
-    return config
+    return {"cluster": cluster, "task": task}
 
 
 def make_strategy(*, min_shard_bytes=MIN_SHARD_BYTES):
