@@ -189,6 +189,29 @@ def test_lr_range_suggestion_trains_a_toy_problem(tmp_path, capsys):
     assert history["val_accuracy"][-1] > 0.85
 
 
+def test_lr_range_on_a_language_model_suggests_a_rate_that_trains(tmp_path, capsys):
+    """`--model gru --text FILE`: the sweep runs on `lm train`'s model and windows,
+    the printed command is an `lm train` one, and that command's rate learns."""
+    sentences = ["the cat sat on the mat. ", "a dog ran in the park. ", "we read a book at home. "]
+    text = tmp_path / "tiny.txt"
+    text.write_text("".join(sentences[i % 3] for i in range(600)))
+    status, out, _ = run(capsys, "diagnose", "lr-range", "--model", "gru", "--text", text, "--layers", "1", "--units", "32",
+                         "--seq-len", "20", "--batch-size", "16", "--steps", "80", "--min-lr", "1e-5", "--max-lr", "10",
+                         "--out", tmp_path / "sweep", "--json")
+    assert status == 0
+    result = json.loads(out)
+    assert 1e-4 < result["suggestion"] < 0.5
+    assert result["command"].startswith(f"dlsuite lm train --text {text} --cell gru --layers 1 --units 32 --seq-len 20 ")
+    assert f"--lr {result['suggestion']:.2g}" in result["command"]
+    setup = diagnose_setup.prepare_language_model("gru", text=str(text), layers=1, units=32, seq_len=20,
+                                                  max_chars=1_000_000)
+    model = setup.build(seed=1)
+    model.compile(optimizer=keras.optimizers.Adam(result["suggestion"], global_clipnorm=5), loss=setup.loss())
+    history = model.fit(setup.batches("train", batch_size=16, training=True).repeat(), steps_per_epoch=60, epochs=2,
+                        verbose=0, shuffle=False).history
+    assert history["loss"][-1] < 0.5 * math.log(setup.task.vocabulary.size)  # well under a uniform guess
+
+
 def test_lr_range_suggest_picks_a_tenth_of_the_lowest_point():
     lrs = lr_range.rates(1e-5, 1.0, 51)
     losses = [2.0 if lr < 1e-3 else (2.0 - math.log10(lr / 1e-3) if lr < 0.1 else 10.0) for lr in lrs]

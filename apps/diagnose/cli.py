@@ -20,6 +20,9 @@ import sys
 from dlsuite.apps.core import choices, train_args
 from dlsuite.apps.core.errors import UsageError
 
+# `diagnose lr-range --model` names that mean `lm train`'s language model with that cell.
+LANGUAGE_MODEL_CELLS = ("lstm", "gru", "rnn")
+
 EPILOG = """examples:
   dlsuite diagnose init                                  # tanh, xavier, 5 layers x 100 units
   dlsuite diagnose init --activation relu --init xavier  # ReLU's spread shrinks layer after layer
@@ -135,10 +138,12 @@ def _add_lr_range_parser(commands):
         description="Train briefly while the learning rate grows from --min-lr to --max-lr; plot the loss\n"
                     "against the rate and suggest one (a tenth of the rate at the lowest loss).",
         epilog="examples:\n  dlsuite diagnose lr-range\n  dlsuite diagnose lr-range --model resnet18 --dataset shapes --optimizer momentum\n"
-               "  dlsuite diagnose lr-range --min-lr 1e-5 --max-lr 1 --steps 100 --json",
+               "  dlsuite diagnose lr-range --min-lr 1e-5 --max-lr 1 --steps 100 --json\n"
+               "  dlsuite diagnose lr-range --model lstm --text book.txt --batch-size 64   # lm train's model on a text",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sweep.add_argument("--model", default="lenet5", help="registry CNN (default lenet5)")
+    sweep.add_argument("--model", default="lenet5",
+                       help="registry CNN (default lenet5), or lstm, gru or rnn: `lm train`'s language model")
     sweep.add_argument("--dataset", default="digits", help="as classify train (default digits, bundled)")
     sweep.add_argument("--optimizer", choices=[o for o in choices.OPTIMIZERS if o != "lbfgs"], default="adam")
     sweep.add_argument("--min-lr", type=_positive_float("--min-lr"), default=1e-7)
@@ -146,6 +151,14 @@ def _add_lr_range_parser(commands):
     sweep.add_argument("--steps", type=train_args.positive_int, default=200, help="training steps in the sweep (default 200)")
     sweep.add_argument("--batch-size", type=train_args.positive_int, default=32)
     _add_model_knobs(sweep)
+    language = sweep.add_argument_group("language model (--model lstm, gru or rnn; as `dlsuite lm train`)")
+    language.add_argument("--text", help="a UTF-8 text file (default: the standard library's docstrings)")
+    language.add_argument("--max-chars", type=train_args.positive_int, default=1_000_000)
+    language.add_argument("--layers", type=train_args.positive_int, default=2)
+    language.add_argument("--units", type=train_args.positive_int, default=512)
+    language.add_argument("--seq-len", type=train_args.positive_int, default=100)
+    language.add_argument("--clip-norm", type=_positive_float("--clip-norm"),
+                          help="clip the global gradient norm (default 5 for a language model, as lm train; else off)")
     sweep.add_argument("--seed", type=int, default=0)
     sweep.add_argument("--out", help="where lr_range.png and .csv go (default runs/diagnose/<timestamp>)")
     sweep.add_argument("--json", action="store_true")
@@ -362,12 +375,20 @@ def run_lr_range(args):
         raise UsageError(f"--min-lr {args.min_lr:g} must be below --max-lr {args.max_lr:g}; e.g. --min-lr 1e-7 --max-lr 10")
     if args.steps < 10:
         raise UsageError(f"--steps {args.steps} is too few to see the loss curve; pass --steps 50 or more")
-    setup = diagnose_setup.prepare(args.model, args.dataset, seed=args.seed, image_size_override=args.image_size,
-                                   **_knobs(args))
-    if args.batch_size > setup.data.sizes["train"]:
-        raise UsageError(f"--batch-size {args.batch_size} is larger than the {setup.data.sizes['train']} training images")
+    clip_norm = args.clip_norm
+    if args.model in LANGUAGE_MODEL_CELLS:
+        setup = diagnose_setup.prepare_language_model(args.model, text=args.text, layers=args.layers, units=args.units,
+                                                      seq_len=args.seq_len, max_chars=args.max_chars, seed=args.seed)
+        clip_norm = 5.0 if clip_norm is None else clip_norm
+        examples = "training windows"
+    else:
+        setup = diagnose_setup.prepare(args.model, args.dataset, seed=args.seed, image_size_override=args.image_size,
+                                       **_knobs(args))
+        examples = "training images"
+    if args.batch_size > setup.train_examples:
+        raise UsageError(f"--batch-size {args.batch_size} is larger than the {setup.train_examples} {examples}")
     out = rundir.create(args.out, "diagnose")
-    _status(args, f"{args.model} on {setup.data.name}, {args.optimizer}: lr {args.min_lr:g} -> {args.max_lr:g} "
+    _status(args, f"{args.model} on {setup.name}, {args.optimizer}: lr {args.min_lr:g} -> {args.max_lr:g} "
                   f"over {args.steps} steps of batch {args.batch_size}")
 
     def progress(step, rate, loss):
@@ -375,11 +396,13 @@ def run_lr_range(args):
             _status(args, f"  step {step}: lr {rate:.3g}, loss {loss:.4f}")
 
     result = lr_range.lr_range(setup, optimizer=args.optimizer, min_lr=args.min_lr, max_lr=args.max_lr,
-                               steps=args.steps, batch_size=args.batch_size, seed=args.seed, on_step=progress)
-    lr_range.plot(result, out / "lr_range.png", title=f"{args.model} on {setup.data.name}, {args.optimizer}")
+                               steps=args.steps, batch_size=args.batch_size, clip_norm=clip_norm, seed=args.seed,
+                               on_step=progress)
+    lr_range.plot(result, out / "lr_range.png", title=f"{args.model} on {setup.name}, {args.optimizer}")
     lr_range.write_csv(result, out / "lr_range.csv")
-    command = (f"dlsuite classify train --model {args.model} --dataset {args.dataset} --optimizer {args.optimizer} "
-               f"--lr {result.suggestion:.2g}")
+    command = setup.train_command(**({} if args.model in LANGUAGE_MODEL_CELLS else
+                                     {"model": args.model, "dataset": args.dataset}),
+                                  optimizer=args.optimizer, **{"batch-size": args.batch_size}, lr=f"{result.suggestion:.2g}")
     if args.json:
         print(json.dumps({**result.to_json(), "command": command, "plot": str(out / "lr_range.png")}))
         return 0

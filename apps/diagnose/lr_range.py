@@ -80,35 +80,35 @@ def suggest(lrs, smoothed):
     return lrs[lowest] * SUGGESTION_FRACTION, lrs[lowest], steepest
 
 
-def lr_range(setup, *, optimizer="adam", min_lr=1e-7, max_lr=10.0, steps=200, batch_size=32, seed=0,
+def lr_range(setup, *, optimizer="adam", min_lr=1e-7, max_lr=10.0, steps=200, batch_size=32, clip_norm=None, seed=0,
              on_step=None):
     """Runs the range test on a fresh model of `setup`.
 
     Args:
-        setup: a `diagnose_setup.Setup`.
+        setup: a `diagnose_setup.Setup` or `LanguageModelSetup`.
         optimizer: an `optim.OPTIMIZERS` name other than lbfgs.
         min_lr, max_lr: the sweep's first and last rate.
         steps: training steps (batches) in the sweep.
+        clip_norm: clip the global gradient norm, as the run to come will
+            (None: off); clipping moves where the loss blows up.
         on_step: called as on_step(step, lr, loss) after every step.
 
     Returns:
         A `RangeResult`.
     """
-    import keras
-
     from dlsuite.apps.core import optim
 
     model = setup.build(seed)
-    update = optim.make_optimizer(optim.OptimizerConfig(optimizer=optimizer, lr=min_lr), steps_per_epoch=1,
+    update = optim.make_optimizer(optim.OptimizerConfig(optimizer=optimizer, lr=min_lr, clip_norm=clip_norm), steps_per_epoch=1,
                                   epochs=1)
-    model.compile(optimizer=update, loss=keras.losses.SparseCategoricalCrossentropy())
+    model.compile(optimizer=update, loss=setup.loss())
     batches = iter(setup.batches("train", batch_size=batch_size, training=True, seed=seed).repeat())
     schedule = rates(min_lr, max_lr, steps)
     used, losses, stopped = [], [], f"reached --max-lr {max_lr:g}"
     for step, rate in enumerate(schedule, start=1):
-        images, labels = next(batches)
+        inputs, targets = next(batches)
         update.learning_rate = rate
-        loss = float(model.train_on_batch(images, labels))
+        loss = float(model.train_on_batch(inputs, targets))
         used.append(rate)
         losses.append(loss)
         if on_step:

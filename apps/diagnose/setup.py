@@ -1,7 +1,8 @@
 """Data and model for a short diagnostic run (overfit check, LR range test),
 made from the classification pieces: `datasets.load`, `pipeline.batches`,
 `classifier.build_classifier`, so a diagnosis looks at the very network
-`dlsuite classify train` would train."""
+`dlsuite classify train` would train; for the range test also a language
+model, made by `dlsuite lm train`'s own task."""
 
 import dataclasses
 
@@ -37,6 +38,69 @@ class Setup:
 
         return pipeline.batches(getattr(self.data, split), image_size=(self.image_size,) * 2,
                                 channels=self.data.channels, batch_size=batch_size, training=training, seed=seed)
+
+    @property
+    def name(self):
+        return self.data.name
+
+    @property
+    def train_examples(self):
+        return self.data.sizes["train"]
+
+    def loss(self):
+        import keras
+
+        return keras.losses.SparseCategoricalCrossentropy()
+
+    def train_command(self, **options):
+        return " ".join(["dlsuite classify train", *(f"--{key} {value}" for key, value in options.items())])
+
+
+@dataclasses.dataclass
+class LanguageModelSetup:
+    """A language model of `dlsuite lm train` on its text, for the range test:
+    the same builder, windows and loss (logits, every step)."""
+
+    task: object  # an lm.task.LanguageModelTask with its data loaded
+    text: str | None
+
+    def build(self, seed=0):
+        import keras
+
+        keras.utils.set_random_seed(seed)
+        return self.task.build_model()
+
+    def batches(self, split, *, batch_size, training, seed=0):
+        return self.task.windows(self.task.train_ids, batch_size, shuffle=training)
+
+    @property
+    def name(self):
+        return self.task.name
+
+    @property
+    def train_examples(self):
+        return self.task.train_examples()
+
+    def loss(self):
+        return self.task.loss()
+
+    def train_command(self, **options):
+        config = self.task.config
+        given = {"text": self.text, "cell": config.cell, "layers": config.layers, "units": config.units,
+                 "seq-len": config.seq_len, **options}
+        return " ".join(["dlsuite lm train", *(f"--{key} {value}" for key, value in given.items() if value is not None)])
+
+
+def prepare_language_model(cell, *, text=None, layers, units, seq_len, max_chars, seed=0):
+    """Loads the text of `dlsuite lm train --text TEXT` (default: the standard
+    library's docstrings) and returns a `LanguageModelSetup`."""
+    from dlsuite.apps.lm.task import LanguageModelTask, LMConfig
+
+    lm_task = LanguageModelTask(LMConfig(text=text, cell=cell, layers=layers, units=units, seq_len=seq_len,
+                                         max_chars=max_chars, seed=seed))
+    lm_task.check()
+    lm_task.load_data()
+    return LanguageModelSetup(lm_task, text)
 
 
 def image_size(requested, spec, data):
