@@ -100,7 +100,7 @@ class ImageSplitConfig:
 
 
 def add_training_arguments(parser, *, app, epochs, optimizer="adam", clip_norm=None, batch_size=None, lr=None, export_default,
-                           resumable=True, model_parallel=False):
+                           lr_schedule="constant", resumable=True, model_parallel=False):
     """Adds the training, hardware and output option groups to `parser`.
 
     Args:
@@ -110,6 +110,7 @@ def add_training_arguments(parser, *, app, epochs, optimizer="adam", clip_norm=N
         clip_norm: default --clip-norm (None: off).
         batch_size: default --batch-size (None: the device's default).
         lr: default --lr (None: the optimizer's default).
+        lr_schedule: default --lr-schedule.
         export_default: how the default export name is made, for the help.
         resumable: offer --resume.
         model_parallel: offer --model-parallel (the app's task splits its model, `models.parallel`).
@@ -126,7 +127,8 @@ def add_training_arguments(parser, *, app, epochs, optimizer="adam", clip_norm=N
     training.add_argument("--weight-decay", type=float, default=0.0)
     training.add_argument("--clip-norm", type=float, default=clip_norm,
                           help=f"clip the global gradient norm, e.g. 5 (default {clip_norm or 'off'})")
-    training.add_argument("--lr-schedule", choices=choices.SCHEDULES, default="constant")
+    training.add_argument("--lr-schedule", choices=choices.SCHEDULES, default=lr_schedule,
+                          help=f"cosine decays the rate to 0 over all --epochs (default {lr_schedule})")
     training.add_argument("--lr-drop", type=float, default=0.5, help="step/plateau factor (default 0.5)")
     training.add_argument("--lr-every", type=positive_int, default=10, help="step decay period in epochs (default 10)")
     training.add_argument("--lr-decay", type=float, default=0.1, help="exponential: lr*(1-d)^epoch; 1/t: lr/(1+d*epoch) (default 0.1)")

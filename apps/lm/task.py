@@ -29,10 +29,14 @@ class LMConfig(train_args.TrainingConfig):
     units: int = 512
     embedding: int = 64
     seq_len: int = 100
-    dropout: float = 0.0
+    # The default recipe, with `lm train`'s Adam at 0.003 decaying to 0 along a
+    # cosine (docs/lm.md, "The default run"). On 2 CPU cores and 1M characters
+    # an epoch takes about 2.2 minutes; six epochs of it reached 1.41 nats/char
+    # on the stdlib docstrings and 1.14 on the King James Bible.
+    dropout: float = 0.1
     irnn: bool = False
     validation_fraction: float = 0.1
-    epochs: int = 1
+    epochs: int = 5
     batch_size: int | None = 64
 
 
