@@ -250,6 +250,15 @@ def _dropped_sequences(layer, sequences, training):
     return sequences
 
 
+def _static_shapes(x, states, outputs, *, units):
+    """Gives the loop's results the shapes their inputs fix: `tf.shape` arithmetic
+    inside the loops loses them, and a caller's own `tf.while_loop` carrying the
+    state (the export's chunked scoring) refuses a batch that became None."""
+    outputs.set_shape([x.shape[0], x.shape[1], units])
+    for state, initial in states:
+        state.set_shape(initial.shape)
+
+
 @keras.saving.register_keras_serializable(package="dlsuite")
 class FusedLSTM(keras.layers.LSTM):
     """`keras.layers.LSTM` with a fast CPU training loop (see the module docstring); same arguments."""
@@ -268,6 +277,7 @@ class FusedLSTM(keras.layers.LSTM):
             tf.cast(self.cell.kernel, dtype), tf.cast(self.cell.recurrent_kernel, dtype),
             tf.cast(self.cell.bias, dtype),
         )
+        _static_shapes(x, [(h, initial_state[0]), (c, initial_state[1])], outputs, units=self.units)
         return h, outputs, [h, c]
 
 
@@ -290,4 +300,5 @@ class FusedGRU(keras.layers.GRU):
             x, tf.cast(initial_state, dtype), tf.cast(self.cell.kernel, dtype),
             tf.cast(self.cell.recurrent_kernel, dtype), tf.cast(self.cell.bias, dtype),
         )
+        _static_shapes(x, [(h, initial_state)], outputs, units=self.units)
         return h, outputs, [h]
