@@ -19,6 +19,7 @@ import sys
 
 from dlsuite.apps.core import choices, train_args
 from dlsuite.apps.core.errors import UsageError
+from dlsuite.apps.lm.task import LMConfig
 
 # `diagnose lr-range --model` names that mean `lm train`'s language model with that cell.
 LANGUAGE_MODEL_CELLS = ("lstm", "gru", "rnn")
@@ -153,10 +154,9 @@ def _add_lr_range_parser(commands):
     _add_model_knobs(sweep)
     language = sweep.add_argument_group("language model (--model lstm, gru or rnn; as `dlsuite lm train`)")
     language.add_argument("--text", help="a UTF-8 text file (default: the standard library's docstrings)")
-    language.add_argument("--max-chars", type=train_args.positive_int, default=1_000_000)
-    language.add_argument("--layers", type=train_args.positive_int, default=2)
-    language.add_argument("--units", type=train_args.positive_int, default=512)
-    language.add_argument("--seq-len", type=train_args.positive_int, default=100)
+    for option, default in (("--max-chars", LMConfig.max_chars), ("--layers", LMConfig.layers),
+                            ("--units", LMConfig.units), ("--seq-len", LMConfig.seq_len)):
+        language.add_argument(option, type=train_args.positive_int, default=default, help=f"default {default:,}")
     language.add_argument("--clip-norm", type=_positive_float("--clip-norm"),
                           help="clip the global gradient norm (default 5 for a language model, as lm train; else off)")
     sweep.add_argument("--seed", type=int, default=0)

@@ -53,7 +53,7 @@ class Setup:
         return keras.losses.SparseCategoricalCrossentropy()
 
     def train_command(self, **options):
-        return " ".join(["dlsuite classify train", *(f"--{key} {value}" for key, value in options.items())])
+        return _command("dlsuite classify train", options)
 
 
 @dataclasses.dataclass
@@ -71,7 +71,9 @@ class LanguageModelSetup:
         return self.task.build_model()
 
     def batches(self, split, *, batch_size, training, seed=0):
-        return self.task.windows(self.task.train_ids, batch_size, shuffle=training)
+        """Windows of `split` ("train" or "validation"), shuffled by the run's seed when training."""
+        ids = {"train": self.task.train_ids, "validation": self.task.validation_ids}[split]
+        return self.task.windows(ids, batch_size, shuffle=training)
 
     @property
     def name(self):
@@ -88,7 +90,12 @@ class LanguageModelSetup:
         config = self.task.config
         given = {"text": self.text, "cell": config.cell, "layers": config.layers, "units": config.units,
                  "seq-len": config.seq_len, **options}
-        return " ".join(["dlsuite lm train", *(f"--{key} {value}" for key, value in given.items() if value is not None)])
+        return _command("dlsuite lm train", given)
+
+
+def _command(prefix, options):
+    """`prefix --key value ...` for the options that have a value."""
+    return " ".join([prefix, *(f"--{key} {value}" for key, value in options.items() if value is not None)])
 
 
 def prepare_language_model(cell, *, text=None, layers, units, seq_len, max_chars, seed=0):
