@@ -1,4 +1,4 @@
-"""`python -m benchmarks [--quick] [--only NAME] [--results PATH]`
+"""`python -m benchmarks [--quick] [--only NAME] [--part PART] [--results PATH]`
 
 Runs each benchmark module in its own process (a fresh TensorFlow, nothing
 left over from the one before), passes its output through, collects the JSON
@@ -34,15 +34,19 @@ def parse_args(argv=None):
                         help="small sizes and few steps: checks that every benchmark runs and reports")
     parser.add_argument("--only", action="append", choices=BENCHMARKS, metavar="NAME",
                         help=f"run only this benchmark (repeatable): {', '.join(BENCHMARKS)}")
+    parser.add_argument("--part", action="append", metavar="PART",
+                        help="passed to each benchmark run: only that part of it (e.g. lm_speed's training); "
+                             "its other stored rows are kept")
     parser.add_argument("--results", type=pathlib.Path, default=DEFAULT_RESULTS,
                         help="Markdown file to write; its data goes beside it as .json "
                              f"(default {DEFAULT_RESULTS.relative_to(PACKAGE.parent)})")
     return parser.parse_args(argv)
 
 
-def run_benchmark(name, *, quick):
+def run_benchmark(name, *, quick, parts=()):
     """Runs one benchmark module; echoes its stdout and returns (exit status, results)."""
     command = [sys.executable, "-m", f"{PACKAGE.name}.{name}"] + (["--quick"] if quick else [])
+    command += [option for part in parts for option in ("--part", part)]
     env = dict(os.environ)
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter
     results = []
@@ -148,9 +152,9 @@ def main(argv=None):
     mode = "quick" if args.quick else "full"
     results, completed, failed = [], set(), []
     for name in args.only or BENCHMARKS:
-        status, produced = run_benchmark(name, quick=args.quick)
+        status, produced = run_benchmark(name, quick=args.quick, parts=args.part or ())
         results += produced
-        if status == 0:
+        if status == 0 and not args.part:  # a partial run leaves the rows it did not make
             completed.add((name, mode))
         else:
             failed.append(f"{name} (exit status {status})")

@@ -28,14 +28,21 @@ import time
 MIN_REPEATS = 5
 
 
-def parse_args(description, argv=None):
-    """The options every benchmark script takes: `--quick`."""
+def parse_args(description, argv=None, *, parts=()):
+    """The options every benchmark script takes: `--quick`, and `--part NAME`
+    (repeatable) where the script names its `parts`: run only those."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument(
         "--quick", action="store_true",
         help="small inputs and few steps: checks that the benchmark runs and reports, not how fast",
     )
-    return parser.parse_args(argv)
+    if parts:
+        parser.add_argument("--part", action="append", choices=parts,
+                            help=f"run only this part (repeatable; default all): {', '.join(parts)}")
+    args = parser.parse_args(argv)
+    if parts:
+        args.part = args.part or list(parts)
+    return args
 
 
 def cpu_model():

@@ -11,6 +11,7 @@ PyTorch rows are skipped with a message on stderr and the others still run.
                                              # tokens (slow: the prefix baseline is O(N^2), ~2-3 minutes a
                                              # repeat on 2 cores)
     python -m benchmarks.lm_speed --quick    # tiny models, 40 tokens
+    python -m benchmarks.lm_speed --part training   # the training rows only (a few minutes)
 """
 
 import functools
@@ -173,19 +174,23 @@ def _median_ratio(ours, reference):
 
 
 def main(argv=None):
-    args = common.parse_args(__doc__, argv)
+    args = common.parse_args(__doc__, argv, parts=("training", "generation"))
     mode = "quick" if args.quick else "full"
     repeats = common.MIN_REPEATS
     if args.quick:
-        generation(units=32, length=40, repeats=repeats, mode=mode)
-        for cell in ("lstm", "gru"):
-            training(cell, units=32, batch=8, seq_len=20, steps=1, repeats=repeats, mode=mode)
-    else:
+        if "generation" in args.part:
+            generation(units=32, length=40, repeats=repeats, mode=mode)
+        if "training" in args.part:
+            for cell in ("lstm", "gru"):
+                training(cell, units=32, batch=8, seq_len=20, steps=1, repeats=repeats, mode=mode)
+        return
+    if "training" in args.part:
         # More repeats than the minimum: these rows carry the issue's bar, on a machine often shared.
         for cell in ("lstm", "gru"):
             training(cell, units=512, batch=64, seq_len=100, steps=1, repeats=repeats + 4, mode=mode)
         for cell in ("lstm", "gru"):
             training(cell, units=256, layers=1, batch=64, seq_len=100, steps=2, repeats=repeats + 4, mode=mode)
+    if "generation" in args.part:
         generation(units=512, length=500, repeats=repeats, mode=mode)
 
 

@@ -83,6 +83,16 @@ def test_without_torch_the_torch_rows_are_skipped_with_a_message(monkeypatch, ca
     assert "PyTorch is not installed, skipping the PyTorch rows" in capsys.readouterr().err
 
 
+def test_a_part_runs_only_its_rows(monkeypatch, capsys):
+    """`--part training`: lm_speed's training rows, no generation rows (PyTorch left out)."""
+    from benchmarks import lm_speed, torch_reference
+
+    monkeypatch.setattr(torch_reference, "available", lambda: False)
+    lm_speed.main(["--quick", "--part", "training"])
+    names = [json.loads(line)["name"] for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert names == ["train_lstm_2x32", "train_gru_2x32"]
+
+
 def test_quick_run_reports_flop_utilisation(quick_run):
     _, printed, _ = quick_run
     for result in printed:
