@@ -147,3 +147,16 @@ def build_training_state(model, element_spec):
     if model.optimizer is not None and not model.optimizer.built:
         model.optimizer.build(model.trainable_variables)
 
+
+def learning_rate_schedule(optimizer):
+    """The `LearningRateSchedule` `optimizer` was given, or None for a fixed rate.
+
+    Keras keeps it in the private `_learning_rate` (the public property gives
+    the rate at the current step only); a loss-scale optimizer holds it in
+    its inner optimizer.
+    """
+    import keras
+
+    optimizer = getattr(optimizer, "inner_optimizer", optimizer)
+    schedule = getattr(optimizer, "_learning_rate", None)
+    return schedule if isinstance(schedule, keras.optimizers.schedules.LearningRateSchedule) else None

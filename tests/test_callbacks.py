@@ -28,6 +28,22 @@ def test_step_decay_drops_by_the_factor_every_period():
     np.testing.assert_allclose(history.history["learning_rate"], [0.1] * 3 + [0.05] * 3 + [0.025], rtol=1e-6)
 
 
+def test_lr_logger_gives_a_step_schedule_the_rate_of_the_epoch_first_step():
+    """Also for a fit that starts mid-epoch (a resumed run's rest of the epoch)."""
+    schedule = keras.optimizers.schedules.CosineDecay(0.1, decay_steps=40)
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile(keras.optimizers.SGD(schedule), "mse")
+    model.optimizer.build(model.trainable_variables)
+    model.optimizer.iterations.assign(13)  # as if 3 of epoch 1's 10 steps were done
+    logger = LearningRateLogger(steps_per_epoch=10)
+    logger.set_model(model)
+    logger.on_epoch_begin(1)
+    logs = {}
+    logger.on_epoch_end(1, logs)
+    assert logs["learning_rate"] == pytest.approx(float(schedule(10)))
+    assert logs["learning_rate"] != pytest.approx(float(schedule(13)))
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [

@@ -141,3 +141,10 @@ def test_oracle_servicer(tmp_path):
         _broken("keras-tuner", api, error)
     finally:
         server.stop(grace=None)
+
+
+def test_learning_rate_schedule_of_an_optimizer():
+    schedule = keras.optimizers.schedules.CosineDecay(0.1, decay_steps=40)
+    assert compat.learning_rate_schedule(keras.optimizers.Adam(schedule)) is schedule
+    assert compat.learning_rate_schedule(keras.optimizers.LossScaleOptimizer(keras.optimizers.Adam(schedule))) is schedule
+    assert compat.learning_rate_schedule(keras.optimizers.Adam(0.01)) is None

@@ -203,7 +203,7 @@ def fit(
     stateful = [*optim.schedule_callbacks(optimizer_config),
                 *([keras.callbacks.EarlyStopping(monitor="val_loss", patience=early_stopping)] if early_stopping else [])]
     run_callbacks = [
-        *callbacks, *stateful, dl_callbacks.LearningRateLogger(), nan_guard,
+        *callbacks, *stateful, dl_callbacks.LearningRateLogger(steps_per_epoch=steps), nan_guard,
         dl_callbacks.EpochProgress.for_batches(train.element_spec, global_batch_size),  # a line every 30 s in a log
         *_run_callbacks(paths, epochs=epochs, resume=resume, initial_epoch=initial_epoch,
                         best_checkpoint=best_checkpoint),

@@ -328,7 +328,8 @@ def fit(model, train, validation, *, strategy, optimizer_config, loss, metrics=(
                 *([keras.callbacks.EarlyStopping(monitor="val_loss", patience=early_stopping)] if early_stopping else [])]
     run_callbacks = engine._run_callbacks(paths, epochs=epochs, resume=resume, initial_epoch=initial_epoch,
                                           best_checkpoint=best_checkpoint)
-    every = [*callbacks, *stateful, dl_callbacks.LearningRateLogger(), nan_guard, *run_callbacks]
+    every = [*callbacks, *stateful, dl_callbacks.LearningRateLogger(steps_per_epoch=steps_per_epoch), nan_guard,
+             *run_callbacks]
     if resume:
         every.insert(len(callbacks) + len(stateful), checkpoints.HistoryReplay(stateful, logged))
     callback_list = keras.callbacks.CallbackList(every, model=model, add_history=False, add_progbar=False,
