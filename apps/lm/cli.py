@@ -14,7 +14,9 @@ from dlsuite.apps.lm.task import LanguageModelTask, LMConfig, perplexity_figures
 CELLS = ("lstm", "gru", "rnn", "bilstm")
 LEVELS = ("char", "word")
 
-EPILOG_TRAIN = """the default run stops by itself: 5 epochs (--epochs) while the rate decays from 0.003 to 0
+DEFAULT_LR = 0.003
+
+EPILOG_TRAIN = f"""the default run stops by itself: {LMConfig.epochs} epochs (--epochs) while the rate decays from {DEFAULT_LR} to 0
 along a cosine (--lr-schedule cosine). On 2 CPU cores and 1,000,000 characters that is about
 12 minutes and a validation loss of about 1.46 nats/char on the docstrings; --epochs N is the
 same recipe over N epochs (docs/lm.md, "The default run").
@@ -63,7 +65,7 @@ def add_parser(subparsers):
     model.add_argument("--dropout", type=float, default=LMConfig.dropout,
                        help=f"rate of the dropout after each recurrent layer (default {LMConfig.dropout})")
     model.add_argument("--irnn", action="store_true", help="--cell rnn only: identity recurrent init and ReLU (Le et al., 2015)")
-    train_args.add_training_arguments(train, app="lm", epochs=LMConfig.epochs, clip_norm=5.0, batch_size=64, lr=0.003,
+    train_args.add_training_arguments(train, app="lm", epochs=LMConfig.epochs, clip_norm=5.0, batch_size=64, lr=DEFAULT_LR,
                                       lr_schedule="cosine", export_default="<cell>_<corpus>")
     train.set_defaults(func=run_train)
 
