@@ -255,6 +255,7 @@ def test_caption_search_bad_input(extra, message, tmp_path, capsys):
         (["--model", "lenet7"], None, "--model: unknown choice 'lenet7'; allowed: alexnet"),
         (["--tuner", "hyperband"], "epochs: {min: 1, max: 5}\n", "hyperband chooses each trial's epochs itself"),
         (["--strategy", "multi-worker"], None, "--strategy multi-worker cannot train a trial"),
+        (["--strategy", "parameter-server"], None, "--strategy parameter-server cannot train a trial"),
         (["--export", "a/b"], None, "Invalid export name 'a/b'"),
         (["--space", "missing.yaml"], None, "--space 'missing.yaml': no such file"),
         ([], "batch_size: 5000\n", "batch_size 5000 in the search space is larger than the 1257 training examples"),

@@ -133,6 +133,12 @@ def run(task, *, run_dir=None):
         raise
     print(f"{task.describe(model, batches)}, {model.count_params():,} parameters, "
           f"{distribute.describe(strategy)}; run dir {run_dir}", flush=True)
+    if distribute.is_parameter_server(strategy):
+        from dlsuite.apps.core import parameter_server
+
+        sharding = parameter_server.describe_sharding(model)
+        if sharding:
+            print(sharding, flush=True)
 
     trained = train_phases(task, model, batches, strategy=strategy, run_dir=run_dir, resume=resume,
                            resume_root=resume_root)

@@ -202,6 +202,21 @@ def shard_placement(model):
     return placement
 
 
+def describe_sharding(model):
+    """ "split over the parameter servers: embedding/embeddings in 2 shards
+    (ps 0, ps 1), ..." for the variables the partitioner split; None when it
+    split none."""
+    import re
+
+    split = []
+    for path, devices in shard_placement(model).items():
+        if len(devices) > 1:
+            tasks = [re.search(r"/job:ps/(?:replica:\d+/)?task:(\d+)", device) for device in devices]
+            names = ", ".join(f"ps {task.group(1)}" if task else device for task, device in zip(tasks, devices))
+            split.append(f"{path} in {len(devices)} shards ({names})")
+    return f"split over the parameter servers: {'; '.join(split)}" if split else None
+
+
 def _is_sharded(value):
     return type(value).__name__ == "ShardedVariable"
 
@@ -318,8 +333,7 @@ def fit(model, train, validation, *, strategy, optimizer_config, loss, metrics=(
         print(f"resuming from {saved.path}: epoch {start_epoch + 1}", flush=True)
     logged = {key: list(values) for key, values in (saved.history if saved else {}).items()}
 
-    stream = train.stream(start_epoch, epochs) if isinstance(train, epochs_lib.EpochOrder) else train
-    iterator = iter(coordinator.create_per_worker_dataset(stream.repeat()))
+    iterator = iter(coordinator.create_per_worker_dataset(_worker_share(train, start_epoch, epochs)))
     train_step = _train_step(strategy, model, optimizer, loss, variables, totals, with_accuracy=bool(metrics))
     eval_step = _eval_step(host.model, loss, with_accuracy=bool(metrics))
 
@@ -383,6 +397,34 @@ def _lost_message(error, paths):
     return (f"the parameter-server cluster lost a task the run needs ({type(error).__name__}: {first}); "
             f"the checkpoints of the last finished epoch are in {paths['resume']}: start every task again and the "
             f"chief with --resume {run_dir}")
+
+
+def _worker_share(train, start_epoch, epochs):
+    """The dataset function of each worker's own share of the batches.
+
+    Worker i of W reads batches i, i + W, i + 2W, ... of the run's stream:
+    without it every worker would read the same stream, and an epoch of N
+    steps would train on the first N/W batches W times over. The coordinator
+    gives steps to whichever worker is free, so a faster worker reads ahead
+    into the next epoch's batches and a restarted one starts its share
+    again; over the run each batch is still read about once.
+    """
+    from dlsuite.apps.core import epochs as epochs_lib
+
+    workers = max(1, cluster_size().get("worker", 1))
+    stream = train.stream(start_epoch, epochs) if isinstance(train, epochs_lib.EpochOrder) else train
+    # The chief's dataset travels as its graph (a dataset tensor cannot be
+    # copied to another task), as the coordinator ships a plain dataset.
+    graph = tf.raw_ops.DatasetToGraphV2(input_dataset=tf.data.experimental.to_variant(stream),
+                                        external_state_policy=0, strip_device_assignment=True)  # 0: warn
+    spec = stream.element_spec
+
+    def dataset_fn():
+        rebuilt = tf.data.experimental.from_variant(tf.raw_ops.DatasetFromGraph(graph_def=graph), spec)
+        index = tf.distribute.coordinator.experimental_get_current_worker_index()
+        return rebuilt.shard(workers, index).repeat()
+
+    return dataset_fn
 
 
 def _train_step(strategy, model, optimizer, loss, variables, totals, *, with_accuracy):

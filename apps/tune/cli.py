@@ -138,8 +138,9 @@ def run(args):
         space = search_space.build(args.app, epochs=args.epochs, options=fixed)
     if args.tuner == "hyperband" and "epochs" in space.searched():
         raise UsageError("hyperband chooses each trial's epochs itself (up to --epochs); remove 'epochs' from the space")
-    if args.strategy == "multi-worker":
-        raise UsageError("--strategy multi-worker cannot train a trial (Keras fit fails under it); spread trials over machines "
+    if args.strategy in ("multi-worker", "parameter-server"):
+        why = "Keras fit fails under it" if args.strategy == "multi-worker" else "a trial trains with Keras fit, which does not drive it"
+        raise UsageError(f"--strategy {args.strategy} cannot train a trial ({why}); spread trials over machines "
                          "with a distributed search instead: see `dlsuite tune --help`")
     from dlsuite.apps.core import atomic, versions
 
