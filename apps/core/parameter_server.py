@@ -4,7 +4,7 @@ A `tf.distribute.ParameterServerStrategy` cluster (TF_CONFIG with `chief`,
 `worker` and `ps` tasks) keeps the variables on the parameter servers; the
 chief (TensorFlow's coordinator) schedules training steps with
 `ClusterCoordinator.schedule`, and each worker runs them asynchronously on
-its own copy of the input pipeline (`create_per_worker_dataset`), reading the
+its own share of the input pipeline (`create_per_worker_dataset`), reading the
 variables from the ps and sending its updates back.
 
 Every task runs the same command. On a `worker` or `ps` task `serve` starts
@@ -266,11 +266,10 @@ def fit(model, train, validation, *, strategy, optimizer_config, loss, metrics=(
     """Trains `model` on the parameter-server cluster of `strategy`.
 
     Each training step is one batch of `global_batch_size` on one worker;
-    an epoch is `steps_per_epoch` steps, whichever workers run them. Every
-    worker reads its own copy of the training stream (the same batches in
-    the same order: TensorFlow's coordinator treats the workers as
-    interchangeable), so with W workers each takes about 1/W of an epoch's
-    steps. Validation runs on the chief after each epoch, on a plain copy of
+    an epoch is `steps_per_epoch` steps, whichever workers run them. Each
+    worker reads its own share of the training stream (`_worker_share`), so
+    with W workers each takes about 1/W of an epoch's steps and batches.
+    Validation runs on the chief after each epoch, on a plain copy of
     the trained weights. Checkpoints for `--resume` are written at epoch ends
     (a resumed run starts at the epoch after the last finished one).
 
