@@ -16,7 +16,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 # benchmark module -> results its quick run must print (it may print more).
 EXPECTED = {
-    "train_throughput": {"train_resnet50"},
+    "train_throughput": {"train_vgg16"},
     "input_pipeline": {"pipeline_64_first_epoch", "pipeline_64_steady", "decode_64"},
     "lm_speed": {"generate_stateful_vs_prefix", "generate_export_vs_stateful", "train_lstm_2x32", "train_gru_2x32"},
     "lstm_tuning": {"lstm_2x32_unroll_seq10", "lstm_2x32_batch32", "lstm_2x32_steps_per_execution4"},

@@ -675,6 +675,16 @@ def describe(strategy):
     return f"one {kind}"
 
 
+def cluster_addresses():
+    """[(job, index, "host:port")] of every task in TF_CONFIG's cluster (empty when unset)."""
+    try:
+        cluster = json.loads(os.environ.get("TF_CONFIG") or "{}").get("cluster", {})
+    except ValueError:
+        return []
+    return [(job, index, address) for job, addresses in cluster.items() if isinstance(addresses, list)
+            for index, address in enumerate(addresses) if isinstance(address, str)]
+
+
 def _cluster_workers():
     try:
         cluster = json.loads(os.environ.get("TF_CONFIG") or "{}").get("cluster", {})
