@@ -59,11 +59,45 @@ def _assert_same(stock_values, fused_values):
 
 @pytest.mark.parametrize("cell", sorted(PAIRS))
 @pytest.mark.parametrize("go_backwards", [False, True])
-@pytest.mark.parametrize("batch, time", [(3, 7), (1, 1)])
+@pytest.mark.parametrize("batch, time", [(3, 7), (1, 1), (33, 4)])  # 33: two loops of 16 and 17 rows
 def test_same_outputs_and_gradients_as_keras(cell, go_backwards, batch, time):
     stock, fused = _twin_layers(cell, go_backwards=go_backwards)
     x = np.random.default_rng(1).normal(size=(batch, time, 5)).astype("float32")
     _assert_same(_outputs_and_gradients(stock, x), _outputs_and_gradients(fused, x))
+
+
+def test_a_batch_is_split_into_loops_only_when_each_gets_enough_rows(monkeypatch):
+    monkeypatch.setattr(fused_rnn.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(tf.config.threading, "get_inter_op_parallelism_threads", lambda: 0)
+    assert [fused_rnn._batch_parts(tf.zeros((batch, 3, 5))) for batch in (1, 31, 32, 64, 512)] == [1, 1, 2, 2, 2]
+    assert fused_rnn._batch_parts(keras.KerasTensor((None, 3, 5))) == 2  # unknown batch: split
+    monkeypatch.setattr(tf.config.threading, "get_inter_op_parallelism_threads", lambda: 1)
+    assert fused_rnn._batch_parts(tf.zeros((64, 3, 5))) == 1  # one inter-op thread runs the loops in turn
+
+
+@pytest.mark.parametrize("cell", sorted(PAIRS))
+@pytest.mark.parametrize("batch", [1, 2, 33])  # batch 1: one of the two loops gets no rows
+def test_an_unknown_batch_gives_keras_numbers_for_any_size(cell, batch, monkeypatch):
+    monkeypatch.setattr(tf.config.threading, "get_inter_op_parallelism_threads", lambda: 2)
+    name = f"_{cell}_sequence"
+    loops, sequence = [], getattr(fused_rnn, name)
+    monkeypatch.setattr(fused_rnn, name, lambda *args: loops.append(1) or sequence(*args))
+    stock, fused = _twin_layers(cell)
+    signature = [tf.TensorSpec((None, None, 5), tf.float32)]
+    results = {}
+    for side, layer in (("stock", stock), ("fused", fused)):
+        @tf.function(input_signature=signature)
+        def run(x, layer=layer):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                sequence, *states = layer(x, training=True)
+                loss = tf.reduce_sum(sequence * sequence) + sum(tf.reduce_sum(s) for s in states)
+            return [sequence, *states, *tape.gradient(loss, [x, *layer.trainable_weights])]
+
+        x = np.random.default_rng(8).normal(size=(batch, 4, 5)).astype("float32")
+        results[side] = [t.numpy() for t in run(tf.constant(x))]
+    assert len(loops) == 2  # the fused layer's batch ran as two loops
+    _assert_same(results["stock"], results["fused"])
 
 
 @pytest.mark.parametrize("cell", sorted(PAIRS))
