@@ -18,10 +18,13 @@ and element-wise work, then takes the weight gradients as single large
 matmuls over all time x batch rows (dU = H_prev^T dZ; dW, db, dX from the
 one projection). `tf.raw_ops.BlockLSTMV2` is not used: its registered
 gradient assumes the V1 gate order and comes out wrong, and it runs Eigen
-matmuls (0.45x Keras here). Measured on 2 shared cores (benchmarks/RESULTS.md,
-`python -m benchmarks --only lm_speed`), 2x512 LSTM, batch 64 x 100: 1.14x plain
-Keras and 0.97x PyTorch 2.13 (plain Keras 0.85x), 16% less CPU time a step
-than Keras. XLA (`jit_compile` on the loops or on the whole step) was slower here.
+matmuls (0.45x Keras here). A batch runs as two loops side by side
+(`_split_batch`): one loop's small per-step matmuls left a core idle.
+Measured in one run, interleaved (`python -m benchmarks --only lm_speed --part
+training`, 2 cores, batch 64 x 100), against PyTorch 2.13 / plain Keras: LSTM
+2x512 0.99 / 1.29, GRU 2x512 1.05 / 1.34, LSTM 1x256 0.86 / 1.16, GRU 1x256
+1.16 / 1.34. XLA (`jit_compile` on the loops or on the whole step) was slower
+here, and moving the backward loop's gate factors out of the loop was no faster.
 
 The math is Keras's: gates (i, f, c, o) for the LSTM, (z, r, h) with the
 reset gate after the recurrent matmul for the GRU; tests/test_rnn.py checks
