@@ -675,14 +675,30 @@ def describe(strategy):
     return f"one {kind}"
 
 
-def cluster_addresses():
-    """[(job, index, "host:port")] of every task in TF_CONFIG's cluster (empty when unset)."""
+def lost_tasks(text):
+    """ "worker 1" / "ps 0, ps 1": the TF_CONFIG tasks a cluster error's `text`
+    blames, or None. TensorFlow's coordination service names the task that
+    stopped sending heartbeats; a failed connection names the address."""
+    import re
+
+    tasks = set(re.findall(r"reported from /job:(\w+)/(?:replica:\d+/)?task:(\d+)", text))
     try:
-        cluster = json.loads(os.environ.get("TF_CONFIG") or "{}").get("cluster", {})
-    except ValueError:
-        return []
-    return [(job, index, address) for job, addresses in cluster.items() if isinstance(addresses, list)
-            for index, address in enumerate(addresses) if isinstance(address, str)]
+        config = json.loads(os.environ.get("TF_CONFIG") or "{}")
+        cluster, me = config.get("cluster", {}), config.get("task", {})
+    except (ValueError, AttributeError):
+        cluster, me = {}, {}
+    for job, addresses in cluster.items():
+        for index, address in enumerate(addresses if isinstance(addresses, list) else []):
+            if isinstance(address, str) and re.search(rf"(?<![\d.]){re.escape(address)}(?!\d)", text):
+                tasks.add((job, str(index)))
+    tasks.discard((me.get("type"), str(me.get("index"))))  # the task that reports it is not lost
+    return ", ".join(f"{job} {index}" for job, index in sorted(tasks)) or None
+
+
+def error_summary(error):
+    """A cluster error's first words, without gRPC's details: for a line that names no task."""
+    text = str(getattr(error, "message", error))
+    return " ".join(text.split("Additional GRPC error information")[0].split())[:160] or type(error).__name__
 
 
 def _cluster_workers():

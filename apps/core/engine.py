@@ -350,17 +350,9 @@ def _fit_custom_loop(model, train, validation, *, strategy, optimizer_config, lo
 
 def _lost_peer_line(error, store):
     """What a worker says when a collective failed because another task of the cluster is gone."""
-    import re
-
-    text = str(error.message)
-    # TensorFlow's coordination service names the task that stopped sending heartbeats; a failed
-    # collective names the address it could not reach.
-    tasks = set(re.findall(r"reported from /job:(\w+)/(?:replica:\d+/)?task:(\d+)", text))
-    tasks |= {(job, str(index)) for job, index, address in distribute.cluster_addresses()
-              if re.search(rf"(?<![\d.]){re.escape(address)}(?!\d)", text)}
-    first = " ".join(text.split("Additional GRPC error information")[0].split())[:160]
-    lost = ", ".join(f"{job} {index}" for job, index in sorted(tasks)) or "another task"
-    why = type(error).__name__ + ("" if tasks else f": {first}")
+    named = distribute.lost_tasks(str(error.message))
+    lost = named or "another task"
+    why = type(error).__name__ + ("" if named else f": {distribute.error_summary(error)}")
     where = f"{store.folder}" if store.has_any() else "the chief's run directory"
     return (f"training stopped: the cluster lost {lost} ({why}); start every task again with "
             f"--resume RUN_DIR to go on from the last checkpoint ({where})")

@@ -391,9 +391,13 @@ def fit(model, train, validation, *, strategy, optimizer_config, loss, metrics=(
 
 
 def _lost_message(error, paths):
-    first = " ".join(str(error).split("Additional GRPC error information")[0].split())[:160] or type(error).__name__
+    from dlsuite.apps.core import distribute
+
+    named = distribute.lost_tasks(str(error))
+    lost = named or "a task the run needs"
+    why = type(error).__name__ + ("" if named else f": {distribute.error_summary(error)}")
     run_dir = os.path.dirname(os.fspath(paths["history"]))
-    return (f"the parameter-server cluster lost a task the run needs ({type(error).__name__}: {first}); "
+    return (f"the parameter-server cluster lost {lost} ({why}); "
             f"the checkpoints of the last finished epoch are in {paths['resume']}: start every task again and the "
             f"chief with --resume {run_dir}")
 
