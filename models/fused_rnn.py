@@ -275,7 +275,8 @@ def _batch_parts(x):
 
 
 def _split_batch(sequence, tensors, parts):
-    """`sequence(*tensors, *weights)` on `parts` slices of the batch, joined again."""
+    """`sequence(*tensors)`'s results, computed on `parts` slices of the batch
+    (the first axis of every tensor) and joined again."""
     if parts == 1:
         return sequence(*tensors)
     batch = tf.shape(tensors[0])[0]

@@ -13,6 +13,7 @@ import sys
 import time
 
 import pytest
+import tensorflow as tf
 
 from dlsuite.apps.core import parameter_server
 from dlsuite.apps.core.errors import UsageError
@@ -100,11 +101,17 @@ def test_a_lost_task_is_named_from_the_error_text(monkeypatch):
     monkeypatch.setenv("TF_CONFIG", json.dumps({
         "cluster": {"chief": ["127.0.0.1:2000"], "worker": ["127.0.0.1:2001", "127.0.0.1:2002"],
                     "ps": ["127.0.0.1:20010"]}, "task": {"type": "chief", "index": 0}}))
-    refused = "failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:20010: Connection refused"
-    assert distribute.lost_tasks(refused) == "ps 0"  # not worker 0 at 127.0.0.1:2001, a prefix of it
-    assert distribute.lost_tasks("heartbeat timeout reported from /job:worker/replica:0/task:1 at ...") == "worker 1"
-    assert distribute.lost_tasks("127.0.0.1:2000 and 127.0.0.1:2002 went away") == "worker 1"  # never itself
-    assert distribute.lost_tasks("Socket closed") is None
+    refused = tf.errors.UnavailableError(
+        None, None, "failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:20010: Connection refused")
+    # not worker 0 at 127.0.0.1:2001, a prefix of ps 0's address
+    assert distribute.lost_task_phrase(refused, unnamed="?") == "ps 0 (UnavailableError)"
+    heartbeat = "heartbeat timeout reported from /job:worker/replica:0/task:1 at ..."
+    assert distribute.lost_task_phrase(RuntimeError(heartbeat), unnamed="?") == "worker 1 (RuntimeError)"
+    both = RuntimeError("127.0.0.1:2000 and 127.0.0.1:2002 went away")
+    assert distribute.lost_task_phrase(both, unnamed="?") == "worker 1 (RuntimeError)"  # never itself
+    closed = "Socket closed Additional GRPC error information from remote target ..."
+    assert distribute.lost_task_phrase(RuntimeError(closed), unnamed="another task") == \
+        "another task (RuntimeError: Socket closed)"
 
 
 def test_a_valid_tf_config_gives_its_cluster_and_task():

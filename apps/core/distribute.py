@@ -675,37 +675,43 @@ def describe(strategy):
     return f"one {kind}"
 
 
-def lost_tasks(text):
-    """ "worker 1" / "ps 0, ps 1": the TF_CONFIG tasks a cluster error's `text`
-    blames, or None. TensorFlow's coordination service names the task that
-    stopped sending heartbeats; a failed connection names the address."""
-    import re
-
-    tasks = set(re.findall(r"reported from /job:(\w+)/(?:replica:\d+/)?task:(\d+)", text))
+def tf_config():
+    """TF_CONFIG's (cluster, task) dicts for describing a run, ({}, {}) when it
+    is unset or unreadable (the strategies check it strictly themselves)."""
     try:
         config = json.loads(os.environ.get("TF_CONFIG") or "{}")
-        cluster, me = config.get("cluster", {}), config.get("task", {})
+        cluster, task = config.get("cluster", {}), config.get("task", {})
     except (ValueError, AttributeError):
-        cluster, me = {}, {}
+        return {}, {}
+    return (cluster if isinstance(cluster, dict) else {}), (task if isinstance(task, dict) else {})
+
+
+def lost_task_phrase(error, *, unnamed):
+    """ "ps 1 (UnavailableError)": the TF_CONFIG tasks a cluster error blames,
+    or `unnamed` with the error's first words when it names none.
+
+    TensorFlow's coordination service names the task that stopped sending
+    heartbeats; a failed connection names the address. The task that reports
+    the error is never the lost one.
+    """
+    import re
+
+    text = str(getattr(error, "message", error))
+    tasks = set(re.findall(r"reported from /job:(\w+)/(?:replica:\d+/)?task:(\d+)", text))
+    cluster, me = tf_config()
     for job, addresses in cluster.items():
         for index, address in enumerate(addresses if isinstance(addresses, list) else []):
             if isinstance(address, str) and re.search(rf"(?<![\d.]){re.escape(address)}(?!\d)", text):
                 tasks.add((job, str(index)))
-    tasks.discard((me.get("type"), str(me.get("index"))))  # the task that reports it is not lost
-    return ", ".join(f"{job} {index}" for job, index in sorted(tasks)) or None
-
-
-def error_summary(error):
-    """A cluster error's first words, without gRPC's details: for a line that names no task."""
-    text = str(getattr(error, "message", error))
-    return " ".join(text.split("Additional GRPC error information")[0].split())[:160] or type(error).__name__
+    tasks.discard((me.get("type"), str(me.get("index"))))
+    if tasks:
+        return f"{', '.join(f'{job} {index}' for job, index in sorted(tasks))} ({type(error).__name__})"
+    first = " ".join(text.split("Additional GRPC error information")[0].split())[:160] or "no message"
+    return f"{unnamed} ({type(error).__name__}: {first})"
 
 
 def _cluster_workers():
-    try:
-        cluster = json.loads(os.environ.get("TF_CONFIG") or "{}").get("cluster", {})
-    except ValueError:
-        return []
+    cluster, _ = tf_config()
     return list(cluster.get("chief", [])) + list(cluster.get("worker", []))
 
 

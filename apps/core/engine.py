@@ -350,11 +350,9 @@ def _fit_custom_loop(model, train, validation, *, strategy, optimizer_config, lo
 
 def _lost_peer_line(error, store):
     """What a worker says when a collective failed because another task of the cluster is gone."""
-    named = distribute.lost_tasks(str(error.message))
-    lost = named or "another task"
-    why = type(error).__name__ + ("" if named else f": {distribute.error_summary(error)}")
     where = f"{store.folder}" if store.has_any() else "the chief's run directory"
-    return (f"training stopped: the cluster lost {lost} ({why}); start every task again with "
+    return (f"training stopped: the cluster lost {distribute.lost_task_phrase(error, unnamed='another task')}; "
+            "start every task again with "
             f"--resume RUN_DIR to go on from the last checkpoint ({where})")
 
 

@@ -175,12 +175,9 @@ def is_parameter_server(strategy):
 
 def cluster_size():
     """{"chief": 1, "worker": W, "ps": P} from TF_CONFIG (empty when unset)."""
-    import json
+    from dlsuite.apps.core import distribute
 
-    try:
-        cluster = json.loads(os.environ.get("TF_CONFIG") or "{}").get("cluster", {})
-    except ValueError:
-        return {}
+    cluster, _ = distribute.tf_config()
     return {role: len(cluster.get(role, [])) for role in ("chief", "worker", "ps") if cluster.get(role)}
 
 
@@ -393,11 +390,8 @@ def fit(model, train, validation, *, strategy, optimizer_config, loss, metrics=(
 def _lost_message(error, paths):
     from dlsuite.apps.core import distribute
 
-    named = distribute.lost_tasks(str(error))
-    lost = named or "a task the run needs"
-    why = type(error).__name__ + ("" if named else f": {distribute.error_summary(error)}")
     run_dir = os.path.dirname(os.fspath(paths["history"]))
-    return (f"the parameter-server cluster lost {lost} ({why}); "
+    return (f"the parameter-server cluster lost {distribute.lost_task_phrase(error, unnamed='a task the run needs')}; "
             f"the checkpoints of the last finished epoch are in {paths['resume']}: start every task again and the "
             f"chief with --resume {run_dir}")
 
