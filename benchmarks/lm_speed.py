@@ -159,7 +159,7 @@ def training(cell, *, units, layers=2, batch, seq_len, steps, repeats, mode):
                   "(FusedLSTM/FusedGRU), train_on_batch")
     common.report(f"train_{cell}_{shape}", ours=rates["ours"], reference=rates["plain"], mode=mode, unit="tokens/s",
                   bar=1.0, config=config, ours_label=ours_label, cpu_seconds_per_step=cpu_per_step,
-                  details=details, reference_label=f"keras.Sequential(Embedding, {layers} x LSTM/GRU, Dense), train_on_batch")
+                  details=details, reference_label=f"keras.Sequential(Embedding, {layers} x LSTM/GRU, Dense), train_on_batch, same process and threads")
     if worker is not None:
         common.report(f"train_{cell}_{shape}_vs_torch", ours=rates["ours"], reference=rates["torch"], mode=mode,
                       unit="tokens/s", bar=1.0, config={**config, **worker.info}, ours_label=ours_label,
@@ -177,6 +177,12 @@ def main(argv=None):
     args = common.parse_args(__doc__, argv, parts=("training", "generation"))
     mode = "quick" if args.quick else "full"
     repeats = common.MIN_REPEATS
+    from dlsuite.apps.core import engine
+    from dlsuite.apps.lm.task import LanguageModelTask
+
+    # TensorFlow set up as `dlsuite lm` sets it up (one intra-op thread on 2 cores); the plain
+    # Keras rows run in this process too, so with the same threads.
+    engine.set_intra_op_threads(LanguageModelTask.intra_op_threads())
     if args.quick:
         if "generation" in args.part:
             generation(units=32, length=40, repeats=repeats, mode=mode)

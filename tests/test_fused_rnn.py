@@ -67,12 +67,22 @@ def test_same_outputs_and_gradients_as_keras(cell, go_backwards, batch, time):
 
 
 def test_a_batch_is_split_into_loops_only_when_each_gets_enough_rows(monkeypatch):
-    monkeypatch.setattr(fused_rnn.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(fused_rnn, "_cores", lambda: 2)
     monkeypatch.setattr(tf.config.threading, "get_inter_op_parallelism_threads", lambda: 0)
     assert [fused_rnn._batch_parts(tf.zeros((batch, 3, 5))) for batch in (1, 31, 32, 64, 512)] == [1, 1, 2, 2, 2]
     assert fused_rnn._batch_parts(keras.KerasTensor((None, 3, 5))) == 2  # unknown batch: split
     monkeypatch.setattr(tf.config.threading, "get_inter_op_parallelism_threads", lambda: 1)
     assert fused_rnn._batch_parts(tf.zeros((64, 3, 5))) == 1  # one inter-op thread runs the loops in turn
+
+
+def test_each_loop_gets_its_share_of_the_cores_as_intra_op_threads_and_a_gpu_keeps_the_default(monkeypatch):
+    shares = {}
+    for cores in (1, 2, 3, 8):
+        monkeypatch.setattr(fused_rnn, "_cores", lambda cores=cores: cores)
+        shares[cores] = fused_rnn.intra_op_threads()
+    assert shares == {1: 1, 2: 1, 3: 1, 8: 4}
+    monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: ["GPU:0"] if kind == "GPU" else [])
+    assert fused_rnn.intra_op_threads() is None
 
 
 @pytest.mark.parametrize("cell", sorted(PAIRS))

@@ -18,6 +18,7 @@ import pytest
 from dlsuite.apps import cli
 from dlsuite.apps.core import lifecycle
 from dlsuite.apps import table
+from dlsuite.models import fused_rnn
 
 # The smallest run of each app that still trains on real (generated or bundled) data.
 TINY = {
@@ -137,7 +138,10 @@ def test_two_workers_leave_one_run_directory_and_one_export(app, tmp_path):
             worker.kill()
     assert [worker.returncode for worker in workers] == [0, 0], outputs
     assert "2 workers, all-reduce (2 replicas)" in outputs[0]
-    assert json.loads((tmp_path / "run" / "config.json").read_text())["resolved"]["replicas"] == 2
+    resolved = json.loads((tmp_path / "run" / "config.json").read_text())["resolved"]
+    assert resolved["replicas"] == 2
+    # The lm app sets TensorFlow's threads for its recurrent loops before TensorFlow starts; the others keep its default.
+    assert resolved["intra_op_threads"] == (fused_rnn.intra_op_threads() if app == "lm" else 0)
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["epochs_run"] == 1
     assert len(list((tmp_path / "exports").glob("*/1/saved_model.pb"))) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exports", "run"]

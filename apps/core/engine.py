@@ -82,6 +82,19 @@ def jit_setting(mode):
     return {"auto": "auto", "on": True, "off": False}[mode]
 
 
+def set_intra_op_threads(threads):
+    """Sets TensorFlow's intra-op thread count for this process; before its
+    first op only, so a process where TensorFlow already runs (a library
+    caller, a test) keeps its own. None, or TF_NUM_INTRAOP_THREADS set by the
+    user, leaves TensorFlow's choice."""
+    if threads is None or os.environ.get("TF_NUM_INTRAOP_THREADS"):
+        return
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+    except RuntimeError:  # "cannot be modified after initialization"
+        pass
+
+
 def set_seed(seed, *, deterministic):
     """Seeds Python, NumPy and TensorFlow; `deterministic` also makes ops so."""
     keras.utils.set_random_seed(seed)

@@ -98,11 +98,12 @@ def run(task, *, run_dir=None):
     if run_dir is not None:
         check_resumable(run_dir)
 
-    from dlsuite.apps.core import distribute
+    import tensorflow as tf
 
+    from dlsuite.apps.core import distribute, engine
+
+    engine.set_intra_op_threads(task.intra_op_threads())  # before TensorFlow starts
     strategy = distribute.make_strategy(config.strategy)  # before any other TensorFlow op
-
-    from dlsuite.apps.core import engine
 
     chief = distribute.is_chief(strategy)
     device = engine.device_kind()
@@ -125,7 +126,8 @@ def run(task, *, run_dir=None):
             rundir.write_json(run_dir / "config.json", {"config": config, "resolved": {
                 **task.resolved(model, batches), "batch_size": batches.batch_size, "policy": policy, "device": device,
                 "strategy": type(strategy).__name__, "replicas": strategy.num_replicas_in_sync,
-                "parameters": model.count_params()}})
+                "parameters": model.count_params(),
+                "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads()}})  # 0: TensorFlow's choice
             task.write_inputs(run_dir)
     except UsageError:  # bad input (or a full disk) found only now: leave nothing behind
         if created is not None:

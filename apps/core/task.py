@@ -76,6 +76,12 @@ class Task:
 
     # --- before anything is written -------------------------------------------------
 
+    @classmethod
+    def intra_op_threads(cls):
+        """TensorFlow's intra-op thread count for the process that runs this
+        task, set before TensorFlow starts; None leaves TensorFlow's default."""
+        return None
+
     def check(self):
         """Raises UsageError for a bad config; reads no data and starts no TensorFlow work."""
 

@@ -106,16 +106,23 @@ def run_train(args):
     return lifecycle.run_from_args(LanguageModelTask, args)
 
 
-def run_generate(args):
+def _load_export(args):
+    """The export at args.saved_model, in a TensorFlow set up as the lm app runs."""
+    from dlsuite.apps.core import engine
     from dlsuite.apps.lm import export as lm_export
 
+    engine.set_intra_op_threads(LanguageModelTask.intra_op_threads())  # before TensorFlow starts
+    return lm_export.ExportedLanguageModel.load(args.saved_model, trust_model=args.trust_model)
+
+
+def run_generate(args):
     if args.length <= 0:
         raise UsageError(f"--length must be > 0 tokens, received {args.length}")
     if args.temperature <= 0:
         raise UsageError(f"--temperature must be > 0, received {args.temperature}; 0.8 is typical, lower is more conservative")
     if args.top_k is not None and args.top_k < 1:
         raise UsageError(f"--top-k must be >= 1, received {args.top_k}")
-    served = lm_export.ExportedLanguageModel.load(args.saved_model, trust_model=args.trust_model)
+    served = _load_export(args)
     unknown = served.vocabulary.unknown_count(args.prompt)
     if unknown:
         unit = "characters" if served.vocabulary.level == "char" else "words"
@@ -129,9 +136,9 @@ def run_generate(args):
 
 
 def run_evaluate(args):
-    from dlsuite.apps.lm import export as lm_export, text
+    from dlsuite.apps.lm import text
 
-    served = lm_export.ExportedLanguageModel.load(args.saved_model, trust_model=args.trust_model)
+    served = _load_export(args)
     _, content = text.load_text(args.text)
     loss_sum, tokens = served.score(content)
     if tokens < 1:
@@ -150,10 +157,10 @@ def run_embed(args):
     import numpy as np
 
     from dlsuite.apps.core import outputs
-    from dlsuite.apps.lm import export as lm_export, text
+    from dlsuite.apps.lm import text
 
     out = outputs.check_file(args.out, option="out", suffix=".npz")  # before the work, which an unwritable path would waste
-    served = lm_export.ExportedLanguageModel.load(args.saved_model, trust_model=args.trust_model)
+    served = _load_export(args)
     if not served.can_embed:
         raise UsageError(f"{args.saved_model!r} is a one-direction language model; embeddings come from a biLM "
                          "(train one with `dlsuite lm train --cell bilstm`)")

@@ -106,6 +106,12 @@ class LanguageModelTask(task.Task):
         super().__init__(config)
         self.test_fraction = test_fraction
 
+    @classmethod
+    def intra_op_threads(cls):
+        from dlsuite.models import fused_rnn
+
+        return fused_rnn.intra_op_threads()
+
     @property
     def bidirectional(self):
         return self.config.cell == "bilstm"

@@ -154,15 +154,15 @@ def run(args):
             versions.check_export_dir(args.export_dir)
     max_trials = args.max_trials or (None if args.tuner == "hyperband" else app.max_trials)
 
-    from dlsuite.apps.core import distribute
+    from dlsuite.apps.core import distribute, engine
 
+    task_class = entry.task_class()
+    engine.set_intra_op_threads(task_class.intra_op_threads())  # before TensorFlow starts
     strategy = distribute.make_strategy(args.strategy)
 
-    from dlsuite.apps.core import engine
     from dlsuite.apps.tune import hypermodels
 
     engine.set_seed(args.seed, deterministic=engine.device_kind() == "cpu")
-    task_class = entry.task_class()
     extras = {dest: getattr(args, dest) for dest, _, _ in app.extra_options}
     task = task_class(_app_config(task_class.config_class, args), **extras)
     task.check()
