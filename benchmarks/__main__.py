@@ -154,10 +154,10 @@ def main(argv=None):
     for name in args.only or BENCHMARKS:
         status, produced = run_benchmark(name, quick=args.quick, parts=args.part or ())
         results += produced
-        if status == 0 and not args.part:  # a partial run leaves the rows it did not make
-            completed.add((name, mode))
-        else:
+        if status != 0:
             failed.append(f"{name} (exit status {status})")
+        elif not args.part:  # a partial run leaves the rows it did not make
+            completed.add((name, mode))
 
     merged = merge(read_stored(data_path), results, completed=completed)
     results_path.parent.mkdir(parents=True, exist_ok=True)
