@@ -51,8 +51,11 @@ def _add_train_parser(subparsers):
     knobs.add_argument("--batch-norm", action=argparse.BooleanOptionalAction, default=True,
                        help="batch normalization after each conv/dense layer (default on; --no-batch-norm for the paper's exact network)")
 
+    # Cosine by default: at a constant rate the main job's last epochs swung between 97.4 and 99.3%
+    # validation accuracy, and which epoch it ended on decided the test score (96.7% against 97.8%
+    # with the cosine, on an AMD EPYC; the same seed reached 97.0% on an Intel Xeon).
     train_args.add_training_arguments(parser, app="classify", epochs=30, export_default="<model>_<dataset>",
-                                      model_parallel=True)
+                                      lr_schedule="cosine", model_parallel=True)
     parser.set_defaults(func=run_train)
 
 
