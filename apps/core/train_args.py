@@ -127,8 +127,10 @@ def add_training_arguments(parser, *, app, epochs, optimizer="adam", clip_norm=N
     training.add_argument("--weight-decay", type=float, default=0.0)
     training.add_argument("--clip-norm", type=float, default=clip_norm,
                           help=f"clip the global gradient norm, e.g. 5 (default {clip_norm or 'off'})")
-    training.add_argument("--lr-schedule", choices=choices.SCHEDULES, default=lr_schedule,
-                          help=f"cosine decays the rate to 0 over all --epochs (default {lr_schedule})")
+    # None until parsed: --optimizer lbfgs (its own line search) takes no app default schedule.
+    training.add_argument("--lr-schedule", choices=choices.SCHEDULES, default=None,
+                          help=f"cosine decays the rate to 0 over all --epochs (default {lr_schedule}; constant for lbfgs)")
+    parser.set_defaults(app_lr_schedule=lr_schedule)
     training.add_argument("--lr-drop", type=float, default=0.5, help="step/plateau factor (default 0.5)")
     training.add_argument("--lr-every", type=positive_int, default=10, help="step decay period in epochs (default 10)")
     training.add_argument("--lr-decay", type=float, default=0.1, help="exponential: lr*(1-d)^epoch; 1/t: lr/(1+d*epoch) (default 0.1)")
@@ -209,7 +211,9 @@ def optimizer_config(args):
 
     config = optim.OptimizerConfig(
         optimizer=args.optimizer, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
-        clip_norm=args.clip_norm, lr_schedule=args.lr_schedule, lr_drop=args.lr_drop, lr_every=args.lr_every,
+        clip_norm=args.clip_norm,
+        lr_schedule=args.lr_schedule or ("constant" if args.optimizer == "lbfgs" else getattr(args, "app_lr_schedule", "constant")),
+        lr_drop=args.lr_drop, lr_every=args.lr_every,
         lr_decay=args.lr_decay, warmup_epochs=args.warmup_epochs, lr_patience=args.lr_patience,
     )
     return dataclasses.asdict(config)
