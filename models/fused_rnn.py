@@ -19,13 +19,12 @@ matmuls over all time x batch rows (dU = H_prev^T dZ; dW, db, dX from the
 one projection). `tf.raw_ops.BlockLSTMV2` is not used: its registered
 gradient assumes the V1 gate order and comes out wrong, and it runs Eigen
 matmuls (0.45x Keras here). A batch runs as two loops side by side
-(`_split_batch`): one loop's small per-step matmuls left a core idle.
-With TensorFlow's intra-op threads
-as `dlsuite lm` sets them (`intra_op_threads`: one on 2 cores) and measured in
-one run, interleaved (`python -m benchmarks --only lm_speed --part training`,
-2 cores, batch 64 x 100), against PyTorch 2.13 / plain Keras: LSTM 2x512
-1.13 / 1.31, GRU 2x512 1.53 / 1.28, LSTM 1x256 1.05 / 1.34, GRU 1x256
-1.43 / 1.27. XLA (`jit_compile` on the loops or on the whole step) was slower
+(`_split_batch`): one loop's small per-step matmuls left a core idle. With
+TensorFlow's intra-op threads as `dlsuite lm` sets them (`intra_op_threads`:
+one on 2 cores), measured in one run, interleaved (`python -m benchmarks
+--only lm_speed --part training`, 2 cores, batch 64 x 100), against PyTorch
+2.13 / plain Keras: LSTM 2x512 1.13 / 1.31, GRU 2x512 1.53 / 1.28, LSTM 1x256
+1.05 / 1.34, GRU 1x256 1.43 / 1.27. XLA (`jit_compile` on the loops or on the whole step) was slower
 here; moving the backward loop's gate factors out of the loop was no faster, and
 one sigmoid over all four gates (tanh(x) = 2 sigmoid(2x) - 1) 2 to 3% slower,
 XLA on the gate arithmetic alone and one TensorArray for all that the forward

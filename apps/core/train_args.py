@@ -212,7 +212,7 @@ def optimizer_config(args):
     config = optim.OptimizerConfig(
         optimizer=args.optimizer, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
         clip_norm=args.clip_norm,
-        lr_schedule=args.lr_schedule or ("constant" if args.optimizer == "lbfgs" else getattr(args, "app_lr_schedule", "constant")),
+        lr_schedule=args.lr_schedule or ("constant" if args.optimizer == "lbfgs" else args.app_lr_schedule),
         lr_drop=args.lr_drop, lr_every=args.lr_every,
         lr_decay=args.lr_decay, warmup_epochs=args.warmup_epochs, lr_patience=args.lr_patience,
     )
