@@ -121,8 +121,8 @@ def run_evaluate(args):
     out = rundir.create(args.out, "evaluate")
     labels, probabilities = [], []
     # The same resizing as training; the export's own resize is then a no-op.
-    test_batches = pipeline.batches(data.test, image_size=tuple(served.input_size), channels=served.channels,
-                                    batch_size=64, training=False)
+    test_batches = pipeline.batches(data.sources["test"], image_size=tuple(served.input_size),
+                                    channels=served.channels, batch_size=64, training=False, cache=None)
     for images, batch_labels in test_batches:
         probabilities.append(served.predict_pixels(np.asarray(images)))
         labels.append(np.asarray(batch_labels))

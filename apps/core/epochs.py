@@ -25,18 +25,25 @@ class EpochOrder:
         seed: the run's seed.
         finish: dataset -> dataset, what follows the shuffle (batching and
             per-batch work); it must keep the number of batches fixed.
+        batch_size: the examples `finish` puts in a batch, when a resumed
+            epoch should skip examples before `finish` (encoded records,
+            not decoded images); None skips finished batches.
     """
 
-    def __init__(self, elements, *, buffer, seed, finish):
+    def __init__(self, elements, *, buffer, seed, finish, batch_size=None):
         self.elements = elements
         self.buffer = int(buffer)
         self.seed = int(seed)
         self.finish = finish
+        self.batch_size = batch_size
 
-    def epoch(self, epoch):
-        """The batches of `epoch` (0-based)."""
-        seed = (self.seed * _EPOCH_STRIDE + int(epoch)) % 2**31
-        return self.finish(self.elements.shuffle(self.buffer, seed=seed, reshuffle_each_iteration=False))
+    def epoch(self, epoch, skip_batches=0):
+        """The batches of `epoch` (0-based), without its first `skip_batches`."""
+        shuffled = self.elements.shuffle(self.buffer, seed=epoch_seed(self.seed, epoch), reshuffle_each_iteration=False)
+        if self.batch_size and skip_batches:
+            return self.finish(shuffled.skip(int(skip_batches) * self.batch_size))
+        batches = self.finish(shuffled)
+        return batches.skip(skip_batches) if skip_batches else batches
 
     @property
     def steps_per_epoch(self):
@@ -50,11 +57,9 @@ class EpochOrder:
         reads from one iterator across its epochs."""
         # Python seeds, so epochs are concatenated: a seed tensor inside
         # flat_map fails in tf.random's seed check when the global seed is 0.
-        batches = self.epoch(first_epoch)
+        batches = self.epoch(first_epoch, skip_batches)
         for epoch in range(first_epoch + 1, end_epoch):
             batches = batches.concatenate(self.epoch(epoch))
-        if skip_batches:
-            batches = batches.skip(skip_batches)
         return batches.prefetch(tf.data.AUTOTUNE)
 
     def dataset(self):
@@ -62,6 +67,60 @@ class EpochOrder:
         order first): for consumers that only read batches (batch-norm
         statistics, a monitor's sample batch, a tuner)."""
         return self.finish(self.elements.shuffle(self.buffer, seed=self.seed, reshuffle_each_iteration=True))
+
+
+class IndexOrder(EpochOrder):
+    """Epochs as permutations of example indices: what a large image split
+    shuffles instead of decoded pixels (#25). Epoch e visits the indices
+    0 .. count - 1 in an order drawn from (seed, e) by
+    `tf.random.experimental.index_shuffle`, a bijection computed index by
+    index, so no permutation is held in memory; a resumed epoch skips
+    indices, not batches, so nothing it skips is read or decoded.
+
+    Args:
+        count: examples in the split.
+        seed: the run's seed.
+        batch_size: examples per batch (the last batch of an epoch may be smaller).
+        read: dataset of (position, index) int64 pairs -> dataset of
+            batches, each epoch's positions running from the first one not
+            skipped; it must give ceil(count / batch_size) batches for a
+            whole epoch (`pad_epoch` keeps that when examples may drop out).
+    """
+
+    def __init__(self, count, *, seed, batch_size, read):
+        self.count = int(count)
+        self.seed = int(seed)
+        self.batch_size = int(batch_size)
+        self.read = read
+
+    def indices(self, epoch, first=0):
+        """(position, index) of `epoch` from position `first` on."""
+        seed = tf.constant([epoch_seed(self.seed, epoch), 0], tf.int64)
+        last = self.count - 1
+
+        def index(position):
+            return position, tf.random.experimental.index_shuffle(position, seed=seed, max_index=last)
+
+        return tf.data.Dataset.range(first, self.count).map(index)
+
+    def epoch(self, epoch, skip_batches=0):
+        return self.read(self.indices(epoch, first=int(skip_batches) * self.batch_size))
+
+    @property
+    def steps_per_epoch(self):
+        return -(-self.count // self.batch_size)
+
+    def dataset(self):
+        # A new order each iteration: positions reshuffled with a buffer of
+        # int64 indices (8 bytes each), never of decoded examples.
+        positions = tf.data.Dataset.range(self.count)
+        shuffled = positions.shuffle(max(1, self.count), seed=self.seed, reshuffle_each_iteration=True)
+        return self.read(tf.data.Dataset.zip(positions, shuffled))
+
+
+def epoch_seed(seed, epoch):
+    """The shuffle seed of `epoch` of a run seeded `seed`."""
+    return (int(seed) * _EPOCH_STRIDE + int(epoch)) % 2**31
 
 
 def as_dataset(train):

@@ -82,6 +82,14 @@ def add_image_split_arguments(group):
     group.add_argument("--shapes-size", type=positive_int, default=64, help="shapes: image side in pixels")
     group.add_argument("--shapes-count", type=positive_int, default=1200, help="shapes: number of images")
     group.add_argument("--data-dir", help="tfds: where TensorFlow Datasets keeps its files")
+    group.add_argument("--cache", choices=("auto", "memory", "disk", "none"), default="auto",
+                       help="where decoded images wait between epochs (uint8 at the model's size): auto keeps the "
+                            "training and validation images in memory while they fit a quarter of the free memory, "
+                            "else in a file under --cache-dir if given, else decodes them every epoch (the first "
+                            "lines say which); disk: a file under --cache-dir; none: decode every epoch")
+    group.add_argument("--cache-dir", metavar="DIR",
+                       help="a local folder for --cache disk (default ~/.cache/dlsuite/images); files are named by "
+                            "what they hold and reused by later runs on the same images")
 
 
 @dataclasses.dataclass
@@ -97,6 +105,8 @@ class ImageSplitConfig:
     data_dir: str | None = None
     validation_data: str | None = None  # folders used whole as those splits
     test_data: str | None = None
+    cache: str = "auto"  # image_cache.MODES
+    cache_dir: str | None = None
 
 
 def add_training_arguments(parser, *, app, epochs, optimizer="adam", clip_norm=None, batch_size=None, lr=None, export_default,

@@ -312,7 +312,7 @@ def _model_inputs(args):
     from dlsuite.apps.vision import datasets, pipeline
 
     data = datasets.load(args.dataset, seed=args.seed)
-    batches = pipeline.batches(data.train, image_size=(size, size), channels=channels, batch_size=samples, training=False)
+    batches = pipeline.batches(data.sources["train"], image_size=(size, size), channels=channels, batch_size=samples, training=False)
     images = np.asarray(next(iter(batches))[0], dtype="float32") / 255.0
     # Zero mean and unit variance per channel, as the classifier's Normalization layer does.
     mean, std = images.mean(axis=(0, 1, 2)), images.std(axis=(0, 1, 2)) + 1e-6

@@ -260,8 +260,9 @@ def load_images(network, *, folder=None, max_images=500, image=None):
 
     config_class = table.get("classify").task_class().config_class
     data = datasets.load_configured(train_args.saved_config(config_class, network.run_dir))
-    batches = pipeline.batches(data.test.take(max_images), image_size=network.input_size, channels=network.channels,
-                               batch_size=64, training=False, cache=False)
+    test = data.sources["test"]
+    batches = pipeline.batches(test.subset(range(min(max_images, test.count))), image_size=network.input_size,
+                               channels=network.channels, batch_size=64, training=False, cache=None)
     pixels = np.concatenate([np.asarray(images, dtype="float32") for images, _ in batches])
     return Images(pixels, f"{len(pixels)} test images of {data.name}")
 

@@ -36,7 +36,7 @@ class Setup:
     def batches(self, split, *, batch_size, training, seed=0):
         from dlsuite.apps.vision import pipeline
 
-        return pipeline.batches(getattr(self.data, split), image_size=(self.image_size,) * 2,
+        return pipeline.batches(self.data.sources[split], image_size=(self.image_size,) * 2,
                                 channels=self.data.channels, batch_size=batch_size, training=training, seed=seed)
 
     @property
@@ -140,6 +140,6 @@ def prepare(model_name, dataset, *, seed=0, image_size_override=None, **knobs):
     data = datasets.load(dataset, seed=seed)
     size = image_size(image_size_override, spec, data)
     mean, variance = classifier.channel_statistics(pipeline.batches(
-        data.train, image_size=(size, size), channels=data.channels, batch_size=256, training=False))
+        data.sources["train"], image_size=(size, size), channels=data.channels, batch_size=256, training=False))
     knobs = {key: value for key, value in knobs.items() if value is not None}
     return Setup(data, model_name, size, mean, variance, knobs)

@@ -38,29 +38,21 @@ class TransferConfig(train_args.TrainingConfig, train_args.ImageSplitConfig):
     augment: list | None = None
 
 
-def few_labels(dataset, per_class, *, seed):
-    """The first `per_class` images of each class after a seeded shuffle; returns (dataset, count)."""
+def few_labels(source, per_class, *, seed):
+    """The first `per_class` images of each class after a seeded shuffle, as a
+    `sources.Source` of the split `source` (read from its labels, nothing decoded)."""
     import numpy as np
-    import tensorflow as tf
 
-    labels = np.array([int(label) for _, label in dataset.as_numpy_iterator()])
+    if source.labels is None:
+        raise UsageError("train_per_class needs a split whose labels are known before reading it (a folder, "
+                         "packed shards, digits or shapes); this TensorFlow Datasets set is read in sequence",
+                         option="train_per_class")
     rng = np.random.default_rng(seed)
-    keep = np.zeros(len(labels), dtype=bool)
-    for label in np.unique(labels):
-        members = np.flatnonzero(labels == label)
+    keep = np.zeros(len(source.labels), dtype=bool)
+    for label in np.unique(source.labels):
+        members = np.flatnonzero(source.labels == label)
         keep[rng.permutation(members)[:per_class]] = True
-    mask = tf.constant(keep)
-
-    def chosen(index, element):
-        return mask[index]
-
-    def without_index(index, element):
-        return element
-
-    kept = dataset.enumerate().filter(chosen).map(without_index)
-    # tf.data cannot count a filter's output; Keras needs the count to end epochs cleanly.
-    kept = kept.apply(tf.data.experimental.assert_cardinality(int(keep.sum())))
-    return kept, int(keep.sum())
+    return source.subset(np.flatnonzero(keep))
 
 
 def build_transfer_model(base, *, classes, augment=None, seed=None, head_dropout=0.2):
@@ -124,12 +116,11 @@ def load_data(config):
 
     data = datasets.load_configured(config)
     if config.train_per_class:
-        train, size = few_labels(data.train, config.train_per_class, seed=config.seed)
-        data = dataclasses.replace(data, train=train, sizes={**data.sizes, "train": size})
+        data = data.with_source("train", few_labels(data.sources["train"], config.train_per_class, seed=config.seed))
     probe_size = tuple(config.input_size) if config.input_size else (
         data.image_shape[:2] if data.image_shape else (64, 64))
     statistics = classifier.channel_statistics(
-        pipeline.batches(data.train, image_size=probe_size, channels=data.channels, batch_size=64, training=False))
+        pipeline.batches(data.sources["train"], image_size=probe_size, channels=data.channels, batch_size=64, training=False))
     return data, statistics
 
 

@@ -14,14 +14,16 @@ Resizing, channel matching and batching are `pipeline.batches`' job.
 
 import concurrent.futures
 import dataclasses
+import hashlib
 import os
 import sys
+import time
 
 import numpy as np
 import tensorflow as tf
 from PIL import Image, UnidentifiedImageError
 
-from dlsuite.apps.vision import shapes
+from dlsuite.apps.vision import manifest, shapes, sources
 from dlsuite.apps.core.errors import UsageError
 
 TFDS_PREFIX = "tfds:"
@@ -47,26 +49,41 @@ class ImageDataset:
     """An image-classification dataset split three ways.
 
     Attributes:
-        name: "digits", "shapes", "tfds:NAME" or the folder path.
+        name: "digits", "shapes", "tfds:NAME", a packed folder or the folder path.
         class_names: label i is `class_names[i]`.
-        train: unbatched (image, label): uint8 (H, W, C) raw pixels 0..255, int32 scalar.
-        validation: the same, held out for model selection.
-        test: the same, held out for the final score.
-        sizes: {"train": n, "validation": n, "test": n}.
+        sources: {"train", "validation", "test": `sources.Source`}: what
+            `pipeline` reads, without holding decoded images.
         channels: 1 (grayscale) or 3 (RGB).
         image_shape: native (H, W, C) when every image shares it, else None.
         skipped: [(path, reason)] image files left out because they cannot be decoded.
+        check_line: what checking the files found and where it was kept, or "".
     """
 
     name: str
     class_names: list
-    train: tf.data.Dataset
-    validation: tf.data.Dataset
-    test: tf.data.Dataset
-    sizes: dict
+    sources: dict
     channels: int
     image_shape: tuple | None
     skipped: list = dataclasses.field(default_factory=list)
+    check_line: str = ""
+
+    @property
+    def sizes(self):
+        """{"train": n, "validation": n, "test": n}."""
+        return {key: source.count for key, source in self.sources.items()}
+
+    # Each split as unbatched (uint8 (H, W, C) raw pixels, int32 label), in index order.
+    train = property(lambda self: self.sources["train"].dataset())
+    validation = property(lambda self: self.sources["validation"].dataset())
+    test = property(lambda self: self.sources["test"].dataset())
+
+    def with_source(self, key, source):
+        """A copy whose split `key` is `source`."""
+        return dataclasses.replace(self, sources={**self.sources, key: source})
+
+    def read_failures(self):
+        """Files that failed to decode when a pipeline read them, sorted."""
+        return sorted({path for source in self.sources.values() for path in getattr(source, "failures", ())})
 
 
 def names():
@@ -147,10 +164,10 @@ _HELD_OUT = 1e-12
 
 def _with_given_splits(data, given, *, strict):
     """`data` with each split of `given` ({"validation"/"test": folder}) read from its folder, whole."""
-    replaced, sizes, skipped = {}, dict(data.sizes), list(data.skipped)
+    skipped, replaced = list(data.skipped), data
     for key, folder in given.items():
-        class_names, paths, labels, _, checks = _read_folder(os.fspath(folder), os.path.expanduser(folder),
-                                                              strict=strict)
+        folder_data = whole_folder(folder, strict=strict, channels=data.channels)
+        class_names = folder_data.class_names
         if class_names != list(data.class_names):
             missing = sorted(set(data.class_names) - set(class_names))
             extra = sorted(set(class_names) - set(data.class_names))
@@ -158,23 +175,26 @@ def _with_given_splits(data, given, *, strict):
                 f"{key} folder {os.fspath(folder)!r} has other classes than {data.name!r}"
                 + (f" (missing {missing[:5]})" if missing else "") + (f" (not in training: {extra[:5]})" if extra else "")
                 + "; give it one subfolder per training class", option=f"{key}_data")
-        replaced[key] = tf.data.Dataset.from_tensor_slices((paths, labels)).map(
-            decoder(data.channels, None), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        sizes[key] = len(paths)
-        skipped += [(check.path, check.reason) for check in checks if check.reason]
-    return dataclasses.replace(data, sizes=sizes, skipped=skipped, **replaced)
+        replaced = replaced.with_source(key, folder_data.sources["test"])
+        skipped += folder_data.skipped
+    return dataclasses.replace(replaced, skipped=skipped)
 
 
 def load_configured(config):
     """The dataset an image app's config names (`config.dataset` and the
     fields of `train_args.ImageSplitConfig`); files left out as unreadable
-    are reported on stderr."""
+    are reported on stderr. The cache options are checked first."""
+    from dlsuite.apps.vision import image_cache
+
+    image_cache.check_options(getattr(config, "cache", "auto"), getattr(config, "cache_dir", None))
     data = load(config.dataset, seed=config.seed, validation_fraction=config.validation_fraction,
                 test_fraction=config.test_fraction, strict=config.strict, shapes_classes=config.shapes_classes,
                 shapes_size=config.shapes_size, shapes_count=config.shapes_count, data_dir=config.data_dir,
                 validation_data=config.validation_data, test_data=config.test_data)
     for path, reason in data.skipped:
         print(f"skipped {path}: {reason}", file=sys.stderr)
+    if data.check_line:
+        print(data.check_line, flush=True)
     return data
 
 
@@ -247,17 +267,15 @@ def _from_arrays(name, images, labels, class_names, *, seed, validation_fraction
     """An `ImageDataset` from in-memory uint8 images (N, H, W, C) and labels (N,)."""
     split = _stratified_split(labels, seed=seed, validation_fraction=validation_fraction,
                               test_fraction=test_fraction, name=name)
-    datasets = {
-        key: tf.data.Dataset.from_tensor_slices((images[indices], labels[indices].astype(np.int32)))
-        for key, indices in split.items()
-    }
+    channels, shape = int(images.shape[-1]), tuple(int(d) for d in images.shape[1:])
     return ImageDataset(
         name=name,
         class_names=list(class_names),
-        sizes={key: len(indices) for key, indices in split.items()},
-        channels=int(images.shape[-1]),
-        image_shape=tuple(int(d) for d in images.shape[1:]),
-        **datasets,
+        sources={key: sources.ArraySource(count=len(indices), labels=labels[indices].astype(np.int32), channels=channels,
+                                          image_shape=shape, identity=f"{name}:{seed}:{key}", images=images[indices])
+                 for key, indices in split.items()},
+        channels=channels,
+        image_shape=shape,
     )
 
 
@@ -349,22 +367,50 @@ def _is_utf8(path):
     return True
 
 
+def _truncated(path, format_, size):
+    """Whether `path` ends before its format's end marker: a cut-off copy or
+    download, found from the file's last bytes without decoding it."""
+    with open(path, "rb") as file:
+        file.seek(max(0, size - 64))
+        tail = file.read().rstrip(b"\x00\r\n ")  # padding some writers add after the end
+    if format_ == "JPEG":
+        return b"\xff\xd9" not in tail
+    if format_ == "PNG":
+        return b"IEND" not in tail
+    if format_ == "GIF":
+        return not tail.endswith(b";")
+    return False
+
+
+def _bmp_truncated(image, size):
+    """Whether an uncompressed BMP holds fewer bytes than its pixel rows need."""
+    offset = image.tile[0][2] if image.tile else 0
+    bits = image.info.get("bits") or {"1": 1, "L": 8, "P": 8, "RGB": 24, "RGBA": 32}.get(image.mode, 24)
+    row = (image.size[0] * bits + 31) // 32 * 4
+    return offset + row * image.size[1] > size
+
+
 def _check_image(path):
-    """Fully decodes `path` with PIL; returns a `_FileCheck` with a reason if it fails."""
+    """Checks `path` from its header and its last bytes, without decoding the
+    pixels (about 20x faster than a full decode: damage in the middle of a
+    file is found when training reads it, and the file is skipped then);
+    returns a `_FileCheck` with a reason if it cannot be used."""
     format_ = None  # known once PIL has read the header
     if not _is_utf8(path):
         return _FileCheck(path, reason="its name is not UTF-8, which TensorFlow cannot open (rename the file)")
     try:
-        if os.path.getsize(path) == 0:
+        size = os.path.getsize(path)
+        if size == 0:
             return _FileCheck(path, reason="empty file")
         with Image.open(path) as image:
             format_ = image.format
             if format_ not in DECODABLE_FORMATS:
                 return _FileCheck(path, reason=f"{format_} image, which TensorFlow cannot decode "
                                                f"(use {', '.join(DECODABLE_FORMATS)})")
-            image.load()  # `open` reads only the header; a truncated body fails here
             if format_ == "BMP" and (problem := _bmp_problem(path, image.mode)):
                 return _FileCheck(path, reason=problem)
+            if _truncated(path, format_, size) or (format_ == "BMP" and _bmp_truncated(image, size)):
+                return _FileCheck(path, reason=f"truncated {format_}")
             colour = _is_colour(image)
             width, height = image.size
     except UnidentifiedImageError:
@@ -400,40 +446,88 @@ def list_class_files(root):
     return [e.name for e in class_dirs], files
 
 
-def check_images(paths, *, strict):
-    """Checks every file in a thread pool (PIL decodes without the GIL); keeps the order."""
+# Seconds between progress lines of a long check.
+PROGRESS_EVERY = 5.0
+
+
+def check_images(paths, *, strict, manifest_path=None):
+    """Checks every file (`_check_image`) in a thread pool, keeping the order.
+
+    With `manifest_path`, a file whose size and modification time match its
+    line in that manifest keeps the verdict found then, and the manifest is
+    rewritten with this run's verdicts.
+
+    Returns:
+        [_FileCheck] in the order of `paths`; `reused`, the count taken from
+        the manifest, as an attribute of the list.
+    """
+    known = manifest.read(manifest_path) if manifest_path else {}
+    stats, checks, todo = [], [None] * len(paths), []
+    for i, path in enumerate(paths):
+        try:
+            stat = os.stat(path)
+            stats.append((stat.st_size, stat.st_mtime_ns))
+        except OSError:
+            stats.append((-1, -1))
+        entry = known.get(path)
+        if entry and entry[:2] == stats[-1] and (check := _from_fields(path, entry[2])):
+            checks[i] = check
+        else:
+            todo.append(i)
     workers = min(32, (os.cpu_count() or 1) + 4)
+    start = last = time.monotonic()
     with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
-        checks = []
-        for check in pool.map(_check_image, paths):
+        for done, (i, check) in enumerate(zip(todo, pool.map(_check_image, [paths[i] for i in todo])), 1):
+            checks[i] = check
             if strict and check.reason:
                 pool.shutdown(wait=False, cancel_futures=True)
                 raise UsageError(f"Cannot read image {check.path!r}: {check.reason} (strict mode; "
                                  "fix or remove the file, or run without strict to skip it).")
-            checks.append(check)
-    return checks
+            if time.monotonic() - last > PROGRESS_EVERY:
+                last = time.monotonic()
+                print(f"checking images: {done:,}/{len(todo):,} ({done / (last - start):,.0f} files/s)",
+                      file=sys.stderr, flush=True)
+    if strict:
+        bad = next((check for check in checks if check.reason), None)
+        if bad:
+            raise UsageError(f"Cannot read image {bad.path!r}: {bad.reason} (strict mode; "
+                             "fix or remove the file, or run without strict to skip it).")
+    if manifest_path:
+        manifest.write(manifest_path, [(check.path, *stat, _fields(check)) for check, stat in zip(checks, stats)
+                                       if stat[0] >= 0])
+    result = _Checks(checks)
+    result.reused = len(paths) - len(todo)
+    return result
 
 
-def decoder(channels, image_shape):
-    """Returns the tf.data map function: (path, label) -> (uint8 image, label)."""
+class _Checks(list):
+    """A list of `_FileCheck` that also says how many came from the manifest."""
 
-    def decode(path, label):
-        # BMP and GIF decode only to 3 channels; for a grayscale dataset go
-        # through RGB, which round-trips gray pixels exactly.
-        image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
-        if channels == 1:
-            image = tf.image.rgb_to_grayscale(image)
-        image = tf.ensure_shape(image, image_shape or (None, None, channels))
-        return image, label
+    reused = 0
 
-    return decode
+
+def _fields(check):
+    """A check as the manifest's verdict fields."""
+    if check.reason:
+        return [check.reason]
+    return ["ok", *map(str, check.shape), "colour" if check.colour else "gray"]
+
+
+def _from_fields(path, fields):
+    """The `_FileCheck` a manifest line holds, or None for a line it cannot read."""
+    if fields[0] != "ok":
+        return _FileCheck(path, reason=fields[0])
+    if len(fields) != 5 or not all(field.isdigit() for field in fields[1:4]):
+        return None
+    return _FileCheck(path, shape=tuple(int(field) for field in fields[1:4]), colour=fields[4] == "colour")
 
 
 def _read_folder(spec, root, *, strict):
     """The classes and readable images of a folder with one subfolder per class.
 
     Returns:
-        (class names, image paths, their labels, (channels, native shape or None), the checks).
+        (class names, image paths, their labels, (channels, native shape or
+        None), the checks, the line that says what the check found).
     """
     if not os.path.isdir(root):
         raise UsageError(f"Dataset folder {spec!r} does not exist: check the path.")
@@ -451,7 +545,11 @@ def _read_folder(spec, root, *, strict):
 
     paths = [path for name in class_names for path in files[name]]
     labels = np.array([i for i, name in enumerate(class_names) for _ in files[name]], dtype=np.int32)
-    checks = check_images(paths, strict=strict)
+    manifest_path = manifest.path_for(root)
+    started = time.monotonic()
+    checks = check_images(paths, strict=strict, manifest_path=manifest_path)
+    line = (f"checked {len(paths):,} files of {spec} in {time.monotonic() - started:.1f} s "
+            f"({checks.reused:,} unchanged since the last check; manifest {manifest_path})")
     good = np.array([check.reason is None for check in checks], dtype=bool)
     for i, name in enumerate(class_names):
         if not good[labels == i].any():
@@ -467,43 +565,55 @@ def _read_folder(spec, root, *, strict):
     native = {check.shape[:2] for check in kept}
     image_shape = (*native.pop(), channels) if len(native) == 1 else None
 
-    return (class_names, np.array([check.path for check in kept]), labels[good], (channels, image_shape), checks)
+    return (class_names, np.array([check.path for check in kept]), labels[good], (channels, image_shape), checks,
+            line)
 
 
-def whole_folder(spec, *, strict=False):
+def _file_source(paths, labels, *, channels, image_shape, key):
+    """A `sources.FileSource` of `paths`; its identity digests the paths and their sizes and times."""
+    digest = hashlib.sha1()
+    for path in paths:
+        try:
+            stat = os.stat(path)
+            digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
+        except OSError:
+            digest.update(f"{path}\0missing\n".encode("utf-8", "surrogateescape"))
+    return sources.FileSource(count=len(paths), labels=np.asarray(labels, dtype=np.int32), channels=channels,
+                              image_shape=image_shape, identity=f"files:{key}:{digest.hexdigest()}",
+                              paths=np.asarray(paths))
+
+
+def whole_folder(spec, *, strict=False, channels=None):
     """Every readable image of a folder with one subfolder per class, as the
     test split of an `ImageDataset` (train and validation empty): what
-    `classify evaluate` scores on a folder the model was not trained on."""
-    class_names, paths, labels, (channels, image_shape), checks = _read_folder(
+    `classify evaluate` scores on a folder the model was not trained on.
+    `channels` decodes to that count instead of the folder's own."""
+    class_names, paths, labels, (found, image_shape), checks, line = _read_folder(
         os.fspath(spec), os.path.expanduser(spec), strict=strict)
-    empty = tf.data.Dataset.from_tensor_slices((paths[:0], labels[:0])).map(decoder(channels, image_shape))
+    channels = channels or found
+    image_shape = image_shape and (*image_shape[:2], channels)
+    source = _file_source(paths, labels, channels=channels, image_shape=image_shape, key="test")
     return ImageDataset(
-        name=os.fspath(spec), class_names=class_names, sizes={"train": 0, "validation": 0, "test": len(paths)},
-        train=empty, validation=empty,
-        test=tf.data.Dataset.from_tensor_slices((paths, labels)).map(
-            decoder(channels, image_shape), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True),
-        channels=channels, image_shape=image_shape, skipped=[(c.path, c.reason) for c in checks if c.reason])
+        name=os.fspath(spec), class_names=class_names,
+        sources={"train": source.subset([]), "validation": source.subset([]), "test": source},
+        channels=channels, image_shape=image_shape, skipped=[(c.path, c.reason) for c in checks if c.reason],
+        check_line=line)
 
 
 def _load_folder(spec, root, *, seed, strict, validation_fraction, test_fraction):
     """A folder with one subfolder per class; images are decoded by tf.data when read."""
-    class_names, paths, labels, (channels, image_shape), checks = _read_folder(spec, root, strict=strict)
+    class_names, paths, labels, (channels, image_shape), checks, line = _read_folder(spec, root, strict=strict)
     split = _stratified_split(labels, seed=seed, validation_fraction=validation_fraction,
                               test_fraction=test_fraction, name=spec)
-    decode = decoder(channels, image_shape)
-    datasets = {
-        key: tf.data.Dataset.from_tensor_slices((paths[indices], labels[indices])).map(
-            decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        for key, indices in split.items()
-    }
     return ImageDataset(
         name=spec,
         class_names=class_names,
-        sizes={key: len(indices) for key, indices in split.items()},
+        sources={key: _file_source(paths[indices], labels[indices], channels=channels, image_shape=image_shape, key=key)
+                 for key, indices in split.items()},
         channels=channels,
         image_shape=image_shape,
         skipped=[(check.path, check.reason) for check in checks if check.reason],
-        **datasets,
+        check_line=line,
     )
 
 
@@ -586,22 +696,31 @@ def _load_tfds(name, *, data_dir, validation_fraction, test_fraction):
     chosen = _tfds_splits(name, builder.info.splits, validation_fraction=validation_fraction,
                           test_fraction=test_fraction)
     supervised = tuple(builder.info.supervised_keys or ()) == ("image", "label")
+    known = None not in (height, width)
+    image_shape = (height, width, channels) if known else None
+    # Encoded images (SkipDecoding): an epoch shuffles them and decodes after.
     loaded, info = tfds.load(
         name, split=list(chosen.values()), data_dir=data_dir, with_info=True,
         as_supervised=supervised, shuffle_files=False, download=False,
+        decoders={"image": tfds.decode.SkipDecoding()},
     )
+    total = sum(split.num_examples for split in info.splits.values()) or 1
+    record_bytes = max(1, int((info.dataset_size or 0) / total)) or 100_000
 
-    def pair(*element):
-        image, label = element if supervised else (element[0]["image"], element[0]["label"])
-        return image, tf.cast(label, tf.int32)
+    def make_records(dataset):
+        def pair(*element):
+            image, label = element if supervised else (element[0]["image"], element[0]["label"])
+            return image, tf.cast(label, tf.int32)
 
-    datasets = {key: ds.map(pair, num_parallel_calls=tf.data.AUTOTUNE) for key, ds in zip(chosen, loaded)}
-    known = None not in (height, width)
+        return lambda: dataset.map(pair, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
     return ImageDataset(
         name=f"{TFDS_PREFIX}{name}",
         class_names=list(features["label"].names),
-        sizes={key: info.splits[split].num_examples for key, split in chosen.items()},
+        sources={key: sources.RecordSource(
+            count=info.splits[split].num_examples, labels=None, channels=channels, image_shape=image_shape,
+            identity=f"tfds:{name}:{split}:{info.version}", make_records=make_records(ds), record_bytes=record_bytes)
+            for (key, split), ds in zip(chosen.items(), loaded)},
         channels=channels,
-        image_shape=(height, width, channels) if known else None,
-        **datasets,
+        image_shape=image_shape,
     )

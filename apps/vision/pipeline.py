@@ -1,9 +1,17 @@
-"""The tf.data input pipeline: from an `ImageDataset` split to model batches.
+"""The tf.data input pipeline: from an image split to model batches.
 
-`batches` turns unbatched `(uint8 image, label)` elements into batches of
-float32 images of one size and channel count. It leaves pixels at 0..255:
-scaling and normalization live inside the model, so a saved model takes raw
-pixels.
+`batches` and `epoch_order` turn a split into batches of float32 images of
+one size and channel count, pixels left at 0..255: scaling and normalization
+live inside the model, so a saved model takes raw pixels.
+
+A split is a `sources.Source` (image files, arrays, packed shards, TFDS):
+memory stays bounded whatever its size. Training shuffles indices, or
+encoded records through a buffer bounded in bytes, never decoded pixels;
+decoded images are kept between epochs only in an `image_cache.Cache`
+(uint8, in memory or in a local file) when the run's plan chose one.
+A plain tf.data dataset of (uint8 image, label) is taken too (caption's
+images, files given on the command line): it is decoded in order and, with
+`cache`, kept in memory as uint8.
 """
 
 import numbers
@@ -12,120 +20,149 @@ import tensorflow as tf
 
 from dlsuite.apps.core import epochs
 from dlsuite.apps.core.errors import UsageError
+from dlsuite.apps.vision import sources
 
-# Largest shuffle buffer: beyond it the buffer costs memory and start-up time
-# for little extra randomness.
+# Largest shuffle buffer of a plain dataset's examples.
 MAX_SHUFFLE_BUFFER = 10_000
 
 
-def _match_channels_before_resize(image, channels):
-    # RGB -> gray first: resizing one channel is cheaper than three.
-    if image.shape[-1] == 3 and channels == 1:
-        return tf.image.rgb_to_grayscale(image)
-    return image
-
-
-def _match_channels_after_resize(image, channels):
-    # Gray -> RGB last, for the same reason.
-    if image.shape[-1] == 1 and channels == 3:
-        return tf.tile(image, [1, 1, 3])
-    return image
-
-
-def _preparer(image_size, channels):
-    """Returns the map function: (image, label) -> (float32 image at image_size, int32 label)."""
-    height, width = image_size
-
-    def prepare(image, label):
-        source_channels = image.shape[-1]
-        if source_channels not in (1, 3):
-            raise ValueError(
-                f"Images must have a known channel count of 1 or 3, received shape {image.shape}."
-            )
-        image = _match_channels_before_resize(image, channels)
-        if tuple(image.shape[:2]) == (height, width):
-            image = tf.cast(image, tf.float32)
-        else:
-            # Bilinear keeps values inside the input range, so pixels stay 0..255.
-            image = tf.image.resize(image, (height, width), method="bilinear")
-        image = _match_channels_after_resize(image, channels)
-        return image, tf.cast(label, tf.int32)
-
-    return prepare
-
-
-def _shuffle_buffer(dataset):
-    size = int(dataset.cardinality())
-    if size < 0:  # unknown or infinite
-        return MAX_SHUFFLE_BUFFER
-    return max(1, min(size, MAX_SHUFFLE_BUFFER))
-
-
-def batches(dataset, *, image_size, channels, batch_size, training, seed=0, cache=True):
-    """Batches an unbatched (image, label) dataset for training or evaluation.
-
-    Resizes every image to `image_size` (bilinear; skipped when it already is
-    that size), matches `channels` (gray tiled to RGB, RGB to luminance),
-    caches the result, then shuffles (training only), batches and prefetches.
+def batches(split, *, image_size, channels, batch_size, training, seed=0, cache=True):
+    """Batches a split for training (`training`: shuffled with `seed`, a new
+    order each iteration) or evaluation (in order).
 
     Args:
-        dataset: unbatched (image, label) with uint8 (H, W, 1 or 3) images,
-            e.g. `ImageDataset.train`.
+        split: a `sources.Source`, or an unbatched (uint8 image, label) dataset.
         image_size: (height, width) of the output images.
         channels: 1 or 3, the channels the model takes.
         batch_size: images per batch; the last batch may be smaller.
-        training: shuffle with `seed`, in a new order every epoch; otherwise
-            keep the dataset's order.
+        training: shuffle with `seed`, in a new order every epoch.
         seed: shuffle seed.
-        cache: keep the resized images in memory after the first pass.
+        cache: for a Source, an `image_cache.Cache` of it or None; for a
+            dataset, keep the resized images in memory (uint8) after the first pass.
 
     Returns:
-        A dataset of (images float32 (B, H, W, channels) with values 0..255,
-        labels int32 (B,)).
+        A dataset of (images float32 (B, H, W, C) with values 0..255, labels int32 (B,)).
 
     Raises:
         UsageError: a non-positive size or batch size, or channels not 1 or 3.
     """
-    examples = _prepared(dataset, image_size=image_size, channels=channels, batch_size=batch_size, cache=cache)
+    _check(image_size, channels, batch_size)
     if training:
-        return _order(examples, batch_size=batch_size, seed=seed).dataset()
-    return _batched(examples, batch_size)
+        return epoch_order(split, image_size=image_size, channels=channels, batch_size=batch_size, seed=seed,
+                           cache=cache).dataset()
+    if not isinstance(split, sources.Source):
+        return _batched(_prepared_dataset(split, image_size, channels, cache), batch_size)
+    read = _reader(split, image_size, channels, batch_size, cache)
+    return read(split.in_order()).prefetch(tf.data.AUTOTUNE) if split.random_access or _cached(cache) else read(None)
 
 
-def epoch_order(dataset, *, image_size, channels, batch_size, seed=0, cache=True):
+def epoch_order(split, *, image_size, channels, batch_size, seed=0, cache=True):
     """The training batches of `batches(training=True)` as an `epochs.EpochOrder`:
     each epoch's order a function of (seed, epoch), so a resumed run goes on
     with the batches the interrupted one would have seen."""
-    examples = _prepared(dataset, image_size=image_size, channels=channels, batch_size=batch_size, cache=cache)
-    return _order(examples, batch_size=batch_size, seed=seed)
+    _check(image_size, channels, batch_size)
+    if not isinstance(split, sources.Source):
+        examples = _prepared_dataset(split, image_size, channels, cache)
+        size = int(examples.cardinality())
+        buffer = MAX_SHUFFLE_BUFFER if size < 0 else max(1, min(size, MAX_SHUFFLE_BUFFER))
+        return epochs.EpochOrder(examples, buffer=buffer, seed=seed, finish=lambda shuffled: _batched(shuffled, batch_size))
+    read = _reader(split, image_size, channels, batch_size, cache)
+    if split.random_access or _cached(cache):
+        steps = -(-split.count // int(batch_size))
+
+        def read_epoch(order):
+            return pad_epoch(read(order), steps, batch_size)
+
+        return epochs.IndexOrder(split.count, seed=seed, batch_size=batch_size, read=read_epoch)
+    # Encoded records, shuffled before they are decoded.
+    return epochs.EpochOrder(split.records(), buffer=split.shuffle_buffer(), seed=seed, batch_size=int(batch_size),
+                             finish=read)
 
 
-def _prepared(dataset, *, image_size, channels, batch_size, cache):
-    """Checks the arguments; the resized, channel-matched and (with `cache`) cached examples."""
+def pad_epoch(batches, steps, batch_size):
+    """`batches`, made up to `steps` batches by repeating its first one
+    when files that failed to decode shortened the epoch: every epoch keeps
+    the length `model.fit(steps_per_epoch=...)` reads."""
+    del batch_size  # the epoch's length is counted in batches
+    return batches.concatenate(batches.take(1).repeat()).take(steps)
+
+
+def _cached(cache):
+    return cache is not None and not isinstance(cache, bool)
+
+
+def _reader(split, image_size, channels, batch_size, cache):
+    """The function from an epoch's (position, index) pairs (or, for a
+    sequential source, its shuffled records) to float32 batches."""
+    prepare = sources.prepared(tuple(int(d) for d in image_size), channels)
+    batch_size = int(batch_size)
+    if _cached(cache):
+        labels = tf.constant(split.labels, tf.int32)
+        readable = tf.constant(cache.readable)
+
+        def is_readable(position, index):
+            return tf.gather(readable, index)
+
+        def index_of(position, index):
+            return index
+
+        def gathered(indices):
+            return _floats(cache.gather(indices)), tf.gather(labels, indices)
+
+        def from_cache(order):
+            indices = order.filter(is_readable).map(index_of)
+            return indices.batch(batch_size).map(gathered, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+        return from_cache
+    if split.random_access:
+        def from_source(order):
+            return _batched(split.read(order, prepare).map(_without_index), batch_size, prefetch=False)
+
+        return from_source
+
+    def from_records(records):
+        records = split.records() if records is None else records
+        return _batched(split.decode(records, prepare), batch_size, prefetch=False)
+
+    return from_records
+
+
+def _without_index(image, label, index):
+    return image, label
+
+
+def _floats(images):
+    return tf.cast(images, tf.float32)
+
+
+def _batched(examples, batch_size, *, prefetch=True):
+    batched = examples.batch(int(batch_size), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    batched = batched.map(_float_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return batched.prefetch(tf.data.AUTOTUNE) if prefetch else batched
+
+
+def _float_batch(images, labels):
+    return _floats(images), tf.cast(labels, tf.int32)
+
+
+def _prepared_dataset(dataset, image_size, channels, cache):
+    prepare = sources.prepared(tuple(int(d) for d in image_size), channels)
+
+    def prepared_example(image, label):
+        return prepare(image), tf.cast(label, tf.int32)
+
+    examples = dataset.map(prepared_example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    # After the deterministic work, before any shuffle: uint8, a quarter of float32.
+    return examples.cache() if cache else examples
+
+
+def _check(image_size, channels, batch_size):
     if len(image_size) != 2 or any(not isinstance(d, numbers.Integral) or d < 1 for d in image_size):
         raise UsageError(f"image_size={image_size!r} must be two positive integers (height, width).")
     if channels not in (1, 3):
         raise UsageError(f"channels={channels!r} must be 1 (grayscale) or 3 (RGB).")
     if not isinstance(batch_size, numbers.Integral) or batch_size < 1:
         raise UsageError(f"batch_size={batch_size!r} must be a positive integer.")
-
-    dataset = dataset.map(_preparer(tuple(int(d) for d in image_size), channels),
-                          num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    if cache:
-        # After the deterministic work, before the shuffle: epochs 2+ skip
-        # decoding and resizing but still see a new order.
-        dataset = dataset.cache()
-    return dataset
-
-
-def _order(examples, *, batch_size, seed):
-    return epochs.EpochOrder(examples, buffer=_shuffle_buffer(examples), seed=seed,
-                             finish=lambda shuffled: _batched(shuffled, batch_size))
-
-
-def _batched(dataset, batch_size):
-    dataset = dataset.batch(int(batch_size), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return dataset.prefetch(tf.data.AUTOTUNE)
 
 
 def count(dataset):

@@ -1,0 +1,293 @@
+"""Where the examples of an image split come from, and how one is read.
+
+A split is a `Source`: a known count of examples, their labels, and a way to
+read them. Image files and arrays in memory are read by index, so an epoch
+shuffles indices (8 bytes an example) and reads what it needs, in any order
+(#25: the pixel shuffle buffer and the float32 cache held 1 MB an image).
+Packed shards and TensorFlow Datasets are read in sequence: an epoch
+shuffles their encoded records through a buffer bounded in bytes, and
+decodes after the shuffle.
+
+Every source reads to the same elements: a uint8 image at the size and
+channel count the model takes, and an int32 label. Rounding the resized
+pixels to uint8 here is what lets a cached epoch (uint8, 4x smaller than
+float32) equal a streamed one batch for batch.
+"""
+
+import dataclasses
+import sys
+
+import numpy as np
+import tensorflow as tf
+
+# The most bytes of encoded records a sequential source's shuffle buffer holds.
+RECORD_BUFFER_BYTES = 256 * 2**20
+MAX_RECORD_BUFFER = 10_000
+
+
+def prepared(image_size, channels):
+    """(uint8 image of any size and 1 or 3 channels) -> uint8 image at `image_size` with `channels`."""
+    height, width = image_size
+
+    def prepare(image):
+        if image.shape[-1] not in (1, 3):
+            raise ValueError(f"Images must have a known channel count of 1 or 3, received shape {image.shape}.")
+        # RGB -> gray before the resize, gray -> RGB after: resize one channel, not three.
+        if image.shape[-1] == 3 and channels == 1:
+            image = tf.image.rgb_to_grayscale(image)
+        if tuple(image.shape[:2]) != (height, width):
+            # Bilinear stays inside the input range; rounded, as the cache stores it.
+            resized = tf.image.resize(image, (height, width), method="bilinear")
+            image = tf.cast(tf.round(tf.clip_by_value(resized, 0.0, 255.0)), tf.uint8)
+        else:
+            image = tf.ensure_shape(image, (height, width, image.shape[-1]))
+        if image.shape[-1] == 1 and channels == 3:
+            image = tf.tile(image, [1, 1, 3])
+        return image
+
+    return prepare
+
+
+def decode_file(channels, image_shape=None):
+    """(encoded image bytes) -> uint8 (H, W, channels); PNG, JPEG, BMP and GIF (first frame)."""
+
+    def decode(data):
+        # BMP and GIF decode only to 3 channels; for a grayscale dataset go
+        # through RGB, which round-trips gray pixels exactly.
+        image = tf.io.decode_image(data, channels=3, expand_animations=False)
+        if channels == 1:
+            image = tf.image.rgb_to_grayscale(image)
+        return tf.ensure_shape(image, image_shape or (None, None, channels))
+
+    return decode
+
+
+@dataclasses.dataclass
+class Source:
+    """One split's examples.
+
+    Attributes:
+        count: examples in the split.
+        labels: int32 (count,), label of each index.
+        channels: the channels the images decode to (1 or 3).
+        image_shape: native (H, W, C) when every image shares it, else None.
+        identity: names what the split holds (files, sizes and times, or the
+            dataset's name and split): the key of a disk cache.
+    """
+
+    count: int
+    labels: np.ndarray
+    channels: int
+    image_shape: tuple | None
+    identity: str
+
+    random_access = True
+
+    def native(self, index):
+        """index (int64 scalar tensor) -> uint8 image at its own size."""
+        raise NotImplementedError
+
+    def subset(self, indices):
+        """The split of the examples at `indices` (in that order)."""
+        raise NotImplementedError
+
+    def read(self, order, prepare):
+        """(position, index) pairs, positions consecutive up to `count` - 1 ->
+        (prepared image, label, index), in position order; an example that
+        cannot be read is left out."""
+        labels = tf.constant(self.labels, tf.int32)
+
+        def load(position, index):
+            return prepare(self.native(index)), tf.gather(labels, index), index
+
+        return order.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+    def in_order(self):
+        """(position, index) of every example in index order."""
+        return tf.data.Dataset.range(self.count).map(_twice)
+
+    def dataset(self):
+        """Unbatched (uint8 image at its own size, int32 label) in index order."""
+        return self.read(self.in_order(), _unchanged).map(_image_and_label)
+
+
+@dataclasses.dataclass
+class ArraySource(Source):
+    """Images held in memory: (count, H, W, C) uint8 (digits, generated shapes)."""
+
+    images: np.ndarray = None
+
+    def native(self, index):
+        return tf.gather(self._images, index)
+
+    @property
+    def _images(self):
+        return _constant(self, self.images)
+
+    def subset(self, indices):
+        indices = np.asarray(indices, dtype=np.int64)
+        return dataclasses.replace(self, count=len(indices), labels=self.labels[indices], images=self.images[indices],
+                                   identity=f"{self.identity}[{_digest(indices)}]")
+
+
+@dataclasses.dataclass
+class FileSource(Source):
+    """Image files, decoded when read. A file that fails then (damaged after
+    the check, or in a way only a full decode finds) is left out, named on
+    stderr and kept in `failures`; a full epoch keeps its batch count
+    (`pad_epoch`)."""
+
+    paths: np.ndarray = None
+    failures: set = dataclasses.field(default_factory=set)
+
+    def native(self, index):
+        return decode_file(self.channels, self.image_shape)(tf.io.read_file(tf.gather(self._paths, index)))
+
+    @property
+    def _paths(self):
+        return _constant(self, self.paths)
+
+    def subset(self, indices):
+        indices = np.asarray(indices, dtype=np.int64)
+        return dataclasses.replace(self, count=len(indices), labels=self.labels[indices], paths=self.paths[indices],
+                                   identity=f"{self.identity}[{_digest(indices)}]", failures=self.failures)
+
+    def read(self, order, prepare):
+        # The positions that come out are checked against the ones that went
+        # in: a gap is a file that failed, named then. An element at
+        # position `count` closes the gap of a failure at the very end.
+        labels = tf.constant(self.labels, tf.int32)
+
+        def load(position, index):
+            return position, prepare(self.native(index)), tf.gather(labels, index), index
+
+        loaded = order.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).ignore_errors()
+        position_spec, *rest = loaded.element_spec
+        end = tf.data.Dataset.from_tensors((tf.constant(self.count, tf.int64), *(
+            tf.zeros([1 if d is None else d for d in spec.shape], spec.dtype) for spec in rest)))
+        first = order.take(1).reduce(tf.constant(self.count, tf.int64), _first_position)
+
+        def check(expected, element):
+            missing = element[0] - expected
+            tf.cond(missing > 0, lambda: self._name_failures(order, expected - first, missing),
+                    lambda: tf.constant(0, tf.int64))
+            return element[0] + 1, element
+
+        def read_before_end(position, image, label, index):
+            return position < self.count
+
+        def without_position(position, image, label, index):
+            return image, label, index
+
+        return loaded.concatenate(end).scan(first, check).filter(read_before_end).map(without_position)
+
+    def _name_failures(self, order, skip, missing):
+        """Names the files at the `missing` positions after the first `skip` of `order`."""
+        paths = self._paths
+
+        def report(total, pair):
+            path = tf.gather(paths, pair[1])
+            tf.print("dlsuite: skipped", path, "(it could not be read or decoded when the epoch reached it)",
+                     output_stream=sys.stderr)
+            if self.record:
+                tf.numpy_function(self._record, [path], [], stateful=True)
+            return total + 1
+
+        return order.skip(skip).take(missing).reduce(tf.constant(0, tf.int64), report)
+
+    # Keep the failed files' names in `failures`: in this process only (a
+    # pipeline run by the tf.data service names them on its worker's stderr).
+    record = True
+
+    def _record(self, path):
+        self.failures.add(path.decode("utf-8", "surrogateescape"))
+        return []
+
+
+def _twice(index):
+    return index, index
+
+
+def _unchanged(image):
+    return image
+
+
+def _image_and_label(image, label, index):
+    return image, label
+
+
+def _first_position(_, pair):
+    return pair[0]
+
+
+def _constant(source, array):
+    """`array` as one eager tensor per source, made outside any function
+    being traced, so every pipeline of the source captures the same one."""
+    if "_tensor" not in source.__dict__:
+        with tf.init_scope():
+            source.__dict__["_tensor"] = tf.constant(array)
+    return source.__dict__["_tensor"]
+
+
+def _digest(indices):
+    import hashlib
+
+    return hashlib.sha1(np.ascontiguousarray(indices).tobytes()).hexdigest()[:12]
+
+
+@dataclasses.dataclass
+class RecordSource(Source):
+    """Encoded images read in sequence: packed shards or a TensorFlow Datasets split.
+
+    Attributes:
+        make_records: () -> dataset of (encoded image bytes, int32 label), in index order.
+        record_bytes: the mean size of an encoded record, for the shuffle buffer.
+    """
+
+    make_records: object = None
+    record_bytes: int = 100_000
+
+    random_access = False
+
+    def records(self):
+        return self.make_records()
+
+    def shuffle_buffer(self):
+        """Records an epoch shuffles through: the whole split when it fits
+        RECORD_BUFFER_BYTES of encoded bytes, else what does."""
+        return max(1, min(self.count, MAX_RECORD_BUFFER, RECORD_BUFFER_BYTES // max(1, self.record_bytes)))
+
+    def decode(self, records, prepare):
+        """(encoded, label) records -> (prepared uint8 image, label); a record that does not decode is left out."""
+        decode = self._decoder()
+        def decoded(data, label):
+            return prepare(decode(data)), label
+
+        return records.map(decoded, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).ignore_errors(log_warning=True)
+
+    def read(self, order, prepare):
+        # In sequence only: `order` must be `in_order()`.
+        decode = self._decoder()
+        def decoded(index, record):
+            return prepare(decode(record[0])), record[1], index
+
+        return self.records().enumerate().map(decoded, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).ignore_errors(log_warning=True)
+
+    def _decoder(self):
+        decode = decode_file(self.channels, self.image_shape)
+
+        def decode_record(data):
+            # A source that hands over decoded pixels (TFDS's mock data does) needs no decoding.
+            return decode(data) if data.dtype == tf.string else data
+
+        return decode_record
+
+    def dataset(self):
+        decode = self._decoder()
+        def decoded(data, label):
+            return decode(data), label
+
+        return self.records().map(decoded, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+    def subset(self, indices):
+        raise NotImplementedError("a sequential source is split when it is made (shards: by index mask)")
