@@ -52,6 +52,7 @@ APPS = (
         tuning="dlsuite.apps.caption.tuning:TUNING"),
     App("diagnose", parser="dlsuite.apps.diagnose.cli"),
     App("serve", parser="dlsuite.apps.serve.cli"),
+    App("data", parser="dlsuite.apps.data.cli"),
     App("info", parser="dlsuite.apps.info"),
 )
 

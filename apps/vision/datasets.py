@@ -143,6 +143,10 @@ def load(spec, *, seed=0, validation_fraction=0.15, test_fraction=0.15, strict=F
     if spec.startswith(TFDS_PREFIX):
         return _load_tfds(spec[len(TFDS_PREFIX):], data_dir=data_dir, **fractions)
     path = os.path.expanduser(spec)
+    from dlsuite.apps.vision import shards
+
+    if shards.is_packed(path):
+        return _load_packed(spec, path, seed=seed, **fractions)
     if os.path.isdir(path):
         return _load_folder(spec, path, seed=seed, strict=strict, **fractions)
     if os.path.exists(path):
@@ -617,6 +621,44 @@ def _load_folder(spec, root, *, seed, strict, validation_fraction, test_fraction
     )
 
 
+def _load_packed(spec, root, *, seed, validation_fraction, test_fraction):
+    """A folder `dlsuite data pack` wrote: TFRecord shards read in sequence,
+    split by index with the labels its labels.npy holds."""
+    from dlsuite.apps.vision import shards
+
+    info = shards.read_info(root)
+    split = _stratified_split(info.labels, seed=seed, validation_fraction=validation_fraction,
+                              test_fraction=test_fraction, name=spec)
+    record_bytes = max(1, sum(os.path.getsize(f) for f in info.files if os.path.exists(f)) // max(1, info.count))
+
+    def make_source(key, indices):
+        # A record's position is its index's place in the split, as a folder's
+        # split orders its files: cached epochs of the pack equal the folder's.
+        position_of = np.full(info.count, -1, dtype=np.int64)
+        position_of[indices] = np.arange(len(indices))
+        positions = tf.constant(position_of)
+
+        def records():
+            def kept(index, data, label):
+                return tf.gather(positions, index) >= 0
+
+            def record(index, data, label):
+                return data, label, tf.gather(positions, index)
+
+            return shards.records(info.files).filter(kept).map(record)
+
+        return sources.RecordSource(count=len(indices), labels=info.labels[indices], channels=info.channels,
+                                    image_shape=info.image_shape, identity=f"packed:{os.path.abspath(root)}:{key}:"
+                                    f"{os.path.getmtime(os.path.join(root, shards.INFO_FILE))}:{seed}:"
+                                    f"{validation_fraction}:{test_fraction}",
+                                    make_records=records, record_bytes=record_bytes)
+
+    return ImageDataset(
+        name=spec, class_names=list(info.class_names),
+        sources={key: make_source(key, indices) for key, indices in split.items()},
+        channels=info.channels, image_shape=info.image_shape, skipped=list(info.skipped))
+
+
 # --- TensorFlow Datasets --------------------------------------------------------
 
 
@@ -708,11 +750,11 @@ def _load_tfds(name, *, data_dir, validation_fraction, test_fraction):
     record_bytes = max(1, int((info.dataset_size or 0) / total)) or 100_000
 
     def make_records(dataset):
-        def pair(*element):
+        def record(position, element):
             image, label = element if supervised else (element[0]["image"], element[0]["label"])
-            return image, tf.cast(label, tf.int32)
+            return image, tf.cast(label, tf.int32), position
 
-        return lambda: dataset.map(pair, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        return lambda: dataset.enumerate().map(record, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
     return ImageDataset(
         name=f"{TFDS_PREFIX}{name}",

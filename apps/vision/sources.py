@@ -204,6 +204,10 @@ class FileSource(Source):
         return []
 
 
+def _without_position(data, label, position):
+    return data, label
+
+
 def _twice(index):
     return index, index
 
@@ -240,7 +244,8 @@ class RecordSource(Source):
     """Encoded images read in sequence: packed shards or a TensorFlow Datasets split.
 
     Attributes:
-        make_records: () -> dataset of (encoded image bytes, int32 label), in index order.
+        make_records: () -> dataset of (encoded image bytes, int32 label, int64 position), in
+            sequence; the position is the example's index in the split (what a cache holds it at).
         record_bytes: the mean size of an encoded record, for the shuffle buffer.
     """
 
@@ -250,7 +255,8 @@ class RecordSource(Source):
     random_access = False
 
     def records(self):
-        return self.make_records()
+        """(encoded, label) in sequence."""
+        return self.make_records().map(_without_position)
 
     def shuffle_buffer(self):
         """Records an epoch shuffles through: the whole split when it fits
@@ -268,10 +274,10 @@ class RecordSource(Source):
     def read(self, order, prepare):
         # In sequence only: `order` must be `in_order()`.
         decode = self._decoder()
-        def decoded(index, record):
-            return prepare(decode(record[0])), record[1], index
+        def decoded(data, label, position):
+            return prepare(decode(data)), label, position
 
-        return self.records().enumerate().map(decoded, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).ignore_errors(log_warning=True)
+        return self.make_records().map(decoded, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).ignore_errors(log_warning=True)
 
     def _decoder(self):
         decode = decode_file(self.channels, self.image_shape)

@@ -1,0 +1,1 @@
+"""`dlsuite data`: data preparation commands (`pack`: an image folder as TFRecord shards)."""
