@@ -87,6 +87,10 @@ def add_image_split_arguments(group):
                             "training and validation images in memory while they fit a quarter of the free memory, "
                             "else in a file under --cache-dir if given, else decodes them every epoch (the first "
                             "lines say which); disk: a file under --cache-dir; none: decode every epoch")
+    group.add_argument("--data-service", metavar="grpc://HOST:PORT",
+                       help="send the reading and decoding of training images to the tf.data service at this "
+                            "dispatcher (`dlsuite data dispatcher`, `dlsuite data worker`); no cache then, and the "
+                            "order within an epoch is the workers' (docs/scaling.md)")
     group.add_argument("--cache-dir", metavar="DIR",
                        help="a local folder for --cache disk (default ~/.cache/dlsuite/images); files are named by "
                             "what they hold and reused by later runs on the same images")
@@ -107,6 +111,7 @@ class ImageSplitConfig:
     test_data: str | None = None
     cache: str = "auto"  # image_cache.MODES
     cache_dir: str | None = None
+    data_service: str | None = None  # grpc://HOST:PORT of a tf.data service dispatcher
 
 
 def add_training_arguments(parser, *, app, epochs, optimizer="adam", clip_norm=None, batch_size=None, lr=None, export_default,

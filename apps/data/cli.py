@@ -97,6 +97,46 @@ def add_parser(subparsers):
     show.add_argument("--json", action="store_true", help="print one JSON object")
     show.set_defaults(func=run_show)
 
+    dispatcher = commands.add_parser(
+        "dispatcher", help="start a tf.data service dispatcher (input preprocessing on other machines)",
+        description="Serve a tf.data service dispatcher until stopped; trainers pass\n"
+                    "--data-service grpc://HOST:PORT and `dlsuite data worker` processes do their input work.",
+    )
+    dispatcher.add_argument("--port", type=_port, default=5050, help="the dispatcher's port (default 5050)")
+    dispatcher.add_argument("--work-dir", metavar="DIR",
+                            help="keep the dispatcher's journal there: a restarted dispatcher recovers its jobs")
+    dispatcher.set_defaults(func=run_dispatcher)
+
+    worker = commands.add_parser(
+        "worker", help="start a tf.data service worker of a dispatcher",
+        description="Serve a tf.data service worker until stopped: it reads and decodes the images of the\n"
+                    "trainers that use its dispatcher.",
+    )
+    worker.add_argument("--dispatcher", required=True, metavar="grpc://HOST:PORT", help="the dispatcher's address")
+    worker.add_argument("--port", type=_port, default=0, help="the worker's port (default: any free one)")
+    worker.add_argument("--worker-address", metavar="HOST:PORT",
+                        help="how the trainers reach this worker (default: this host's name and the port)")
+    worker.set_defaults(func=run_worker)
+
+
+def _port(text):
+    if not text.isdigit() or not 0 <= int(text) < 65536:
+        raise argparse.ArgumentTypeError(f"expected a port number 0..65535, received {text!r}")
+    return int(text)
+
+
+def run_dispatcher(args):
+    from dlsuite.apps.core import data_service
+
+    data_service.run_dispatcher(port=args.port, work_dir=args.work_dir)
+
+
+def run_worker(args):
+    from dlsuite.apps.core import data_service
+
+    data_service.check_reachable(args.dispatcher, option="dispatcher")
+    data_service.run_worker(dispatcher=args.dispatcher, port=args.port, worker_address=args.worker_address)
+
 
 def run_pack(args):
     from dlsuite.apps.vision import shards  # imports TensorFlow: not for --help

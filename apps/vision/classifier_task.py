@@ -31,7 +31,8 @@ class ImageClassifierTask(task.Task):
         shape = dict(image_size=tuple(size), channels=channels, batch_size=batch_size)
         source, cache = self.data.sources[name], self.image_cache(name, tuple(size), channels)
         if training:  # an `epochs.EpochOrder`: each epoch's order depends on the seed and the epoch alone
-            return pipeline.epoch_order(source, seed=self.config.seed, cache=cache, **shape)
+            return pipeline.epoch_order(source, seed=self.config.seed, cache=cache,
+                                        service=getattr(self.config, "data_service", None), **shape)
         kept = self.__dict__.setdefault("_split_batches", {})
         key = (name, tuple(size), batch_size)
         if key not in kept:
@@ -52,6 +53,10 @@ class ImageClassifierTask(task.Task):
                 # The chief ships its pipeline to the workers as a graph; a
                 # cache is an array in the chief's memory.
                 print("parameter-server training reads images from their files every epoch (no cache)")
+                mode = "none"
+            if getattr(self.config, "data_service", None) and mode != "none":
+                print(f"the tf.data service at {self.config.data_service} decodes the training images every epoch "
+                      "(no cache)")
                 mode = "none"
             splits = [(key, self.data.sources[key].count, size, channels) for key in ("train", "validation")]
             plan = image_cache.plan(splits, mode=mode, cache_dir=getattr(self.config, "cache_dir", None))

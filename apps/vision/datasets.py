@@ -191,6 +191,10 @@ def load_configured(config):
     from dlsuite.apps.vision import image_cache
 
     image_cache.check_options(getattr(config, "cache", "auto"), getattr(config, "cache_dir", None))
+    if getattr(config, "data_service", None):
+        from dlsuite.apps.core import data_service
+
+        data_service.check_reachable(config.data_service)
     data = load(config.dataset, seed=config.seed, validation_fraction=config.validation_fraction,
                 test_fraction=config.test_fraction, strict=config.strict, shapes_classes=config.shapes_classes,
                 shapes_size=config.shapes_size, shapes_count=config.shapes_count, data_dir=config.data_dir,

@@ -56,17 +56,19 @@ def batches(split, *, image_size, channels, batch_size, training, seed=0, cache=
     return read(split.in_order()).prefetch(tf.data.AUTOTUNE) if split.random_access or _cached(cache) else read(None)
 
 
-def epoch_order(split, *, image_size, channels, batch_size, seed=0, cache=True):
+def epoch_order(split, *, image_size, channels, batch_size, seed=0, cache=True, service=None):
     """The training batches of `batches(training=True)` as an `epochs.EpochOrder`:
     each epoch's order a function of (seed, epoch), so a resumed run goes on
-    with the batches the interrupted one would have seen."""
+    with the batches the interrupted one would have seen. With `service`
+    (a tf.data service dispatcher's address, `core.data_service`), its
+    workers read and decode each epoch's examples, in their own order."""
     _check(image_size, channels, batch_size)
     if not isinstance(split, sources.Source):
         examples = _prepared_dataset(split, image_size, channels, cache)
         size = int(examples.cardinality())
         buffer = MAX_SHUFFLE_BUFFER if size < 0 else max(1, min(size, MAX_SHUFFLE_BUFFER))
         return epochs.EpochOrder(examples, buffer=buffer, seed=seed, finish=lambda shuffled: _batched(shuffled, batch_size))
-    read = _reader(split, image_size, channels, batch_size, cache)
+    read = _reader(split, image_size, channels, batch_size, cache, service=service)
     if split.random_access or _cached(cache):
         steps = -(-split.count // int(batch_size))
 
@@ -91,7 +93,7 @@ def _cached(cache):
     return cache is not None and not isinstance(cache, bool)
 
 
-def _reader(split, image_size, channels, batch_size, cache):
+def _reader(split, image_size, channels, batch_size, cache, *, service=None):
     """The function from an epoch's (position, index) pairs (or, for a
     sequential source, its shuffled records) to float32 batches."""
     prepare = sources.prepared(tuple(int(d) for d in image_size), channels)
@@ -116,15 +118,25 @@ def _reader(split, image_size, channels, batch_size, cache):
         return from_cache
     if split.random_access:
         def from_source(order):
-            return _batched(split.read(order, prepare).map(_without_index), batch_size, prefetch=False)
+            examples = split.read(order, prepare, record=service is None).map(_without_index)
+            return _batched(_served(examples, service), batch_size, prefetch=False)
 
         return from_source
 
     def from_records(records):
         records = split.records() if records is None else records
-        return _batched(split.decode(records, prepare), batch_size, prefetch=False)
+        return _batched(_served(split.decode(records, prepare), service), batch_size, prefetch=False)
 
     return from_records
+
+
+def _served(examples, service):
+    """`examples`, made by the tf.data service's workers when there is one."""
+    if service is None:
+        return examples
+    from dlsuite.apps.core import data_service
+
+    return data_service.distribute(examples, service)
 
 
 def _without_index(image, label, index):

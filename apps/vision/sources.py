@@ -91,10 +91,10 @@ class Source:
         """The split of the examples at `indices` (in that order)."""
         raise NotImplementedError
 
-    def read(self, order, prepare):
+    def read(self, order, prepare, *, record=True):
         """(position, index) pairs, positions consecutive up to `count` - 1 ->
         (prepared image, label, index), in position order; an example that
-        cannot be read is left out."""
+        cannot be read is left out (and with `record`, its name kept in this process)."""
         labels = tf.constant(self.labels, tf.int32)
 
         def load(position, index):
@@ -152,7 +152,7 @@ class FileSource(Source):
         return dataclasses.replace(self, count=len(indices), labels=self.labels[indices], paths=self.paths[indices],
                                    identity=f"{self.identity}[{_digest(indices)}]", failures=self.failures)
 
-    def read(self, order, prepare):
+    def read(self, order, prepare, *, record=True):
         # The positions that come out are checked against the ones that went
         # in: a gap is a file that failed, named then. An element at
         # position `count` closes the gap of a failure at the very end.
@@ -169,7 +169,7 @@ class FileSource(Source):
 
         def check(expected, element):
             missing = element[0] - expected
-            tf.cond(missing > 0, lambda: self._name_failures(order, expected - first, missing),
+            tf.cond(missing > 0, lambda: self._name_failures(order, expected - first, missing, record=record),
                     lambda: tf.constant(0, tf.int64))
             return element[0] + 1, element
 
@@ -181,7 +181,7 @@ class FileSource(Source):
 
         return loaded.concatenate(end).scan(first, check).filter(read_before_end).map(without_position)
 
-    def _name_failures(self, order, skip, missing):
+    def _name_failures(self, order, skip, missing, *, record):
         """Names the files at the `missing` positions after the first `skip` of `order`."""
         paths = self._paths
 
@@ -189,15 +189,11 @@ class FileSource(Source):
             path = tf.gather(paths, pair[1])
             tf.print("dlsuite: skipped", path, "(it could not be read or decoded when the epoch reached it)",
                      output_stream=sys.stderr)
-            if self.record:
+            if record:
                 tf.numpy_function(self._record, [path], [], stateful=True)
             return total + 1
 
         return order.skip(skip).take(missing).reduce(tf.constant(0, tf.int64), report)
-
-    # Keep the failed files' names in `failures`: in this process only (a
-    # pipeline run by the tf.data service names them on its worker's stderr).
-    record = True
 
     def _record(self, path):
         self.failures.add(path.decode("utf-8", "surrogateescape"))
@@ -271,7 +267,7 @@ class RecordSource(Source):
 
         return records.map(decoded, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).ignore_errors(log_warning=True)
 
-    def read(self, order, prepare):
+    def read(self, order, prepare, *, record=True):
         # In sequence only: `order` must be `in_order()`.
         decode = self._decoder()
         def decoded(data, label, position):
