@@ -134,8 +134,12 @@ def test_extract_writes_features_labels_and_layers_the_same_at_any_batch_size(so
     assert list(features["class_names"]) == ["circle", "square"]
     assert sorted(features["labels"]) == [0] * 5 + [1] * 5
     assert all(name.startswith(("circle/", "square/")) for name in features["file_names"])
-    for key in ("features", "layer_conv1", "layer_conv2", "labels", "file_names"):
+    for key in ("labels", "file_names"):
         np.testing.assert_array_equal(outputs[1][key], outputs[4][key])
+    # The same images give the same features; oneDNN's convolutions may round the last bit
+    # differently at another batch size.
+    for key in ("features", "layer_conv1", "layer_conv2"):
+        np.testing.assert_allclose(outputs[1][key], outputs[4][key], rtol=1e-5, atol=1e-6)
 
 
 def test_extract_from_a_flat_folder_has_no_labels(image_folder, tmp_path, capsys):

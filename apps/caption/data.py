@@ -512,13 +512,13 @@ def _caption_splits(found, split):
     """{split: CaptionSplit} of `found`'s images at the indices of `split`."""
     import tensorflow as tf
 
-    from dlsuite.apps.vision import datasets
+    from dlsuite.apps.vision import sources
 
-    decode = datasets.decoder(found.channels, found.image_shape)
+    decode = sources.decode_file(found.channels, found.image_shape)
     paths = np.array(found.paths)
 
     def image_only(path):
-        return decode(path, 0)[0]
+        return decode(tf.io.read_file(path))
 
     return {
         key: CaptionSplit(

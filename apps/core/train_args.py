@@ -84,7 +84,8 @@ def add_image_split_arguments(group):
     group.add_argument("--data-dir", help="tfds: where TensorFlow Datasets keeps its files")
     group.add_argument("--cache", choices=("auto", "memory", "disk", "none"), default="auto",
                        help="where decoded images wait between epochs (uint8 at the model's size): auto keeps the "
-                            "training and validation images in memory while they fit a quarter of the free memory, "
+                            "training and validation images in memory while they fit a quarter of the free memory "
+                            "(at most 1.5 GB), "
                             "else in a file under --cache-dir if given, else decodes them every epoch (the first "
                             "lines say which); disk: a file under --cache-dir; none: decode every epoch")
     group.add_argument("--data-service", metavar="grpc://HOST:PORT",

@@ -307,9 +307,8 @@ def decode_files(paths, size, channels):
     """Decodes and resizes as training does (`pipeline.batches`: bilinear, channels matched)."""
     from dlsuite.apps.vision import datasets, pipeline
 
-    dataset = tf.data.Dataset.from_tensor_slices((list(paths), np.zeros(len(paths), np.int32)))
-    dataset = dataset.map(datasets.decoder(3, None))
-    batches = pipeline.batches(dataset, image_size=size, channels=channels, batch_size=64, training=False, cache=False)
+    batches = pipeline.batches(datasets.file_source(list(paths), channels=3), image_size=size, channels=channels,
+                               batch_size=64, training=False, cache=None)
     return np.concatenate([np.asarray(images, dtype="float32") for images, _ in batches])
 
 

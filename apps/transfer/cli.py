@@ -187,7 +187,6 @@ def run_extract(args):
 
     import keras
     import numpy as np
-    import tensorflow as tf
 
     from dlsuite.apps.vision import datasets, pipeline
 
@@ -207,10 +206,8 @@ def run_extract(args):
                                 input_size=args.input_size, channels=channels, preprocessing=args.preprocess,
                                 batch_norm=args.batch_norm, trust_model=args.trust_model)
     extractor = feature_model(base, args.layer, args.pooling)
-    images = tf.data.Dataset.from_tensor_slices((paths, np.zeros(len(paths), "int32"))).map(
-        datasets.decoder(channels, None), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    batches = pipeline.batches(images, image_size=base.input_size, channels=base.channels,
-                               batch_size=args.batch_size, training=False, cache=False)
+    batches = pipeline.batches(datasets.file_source(paths, channels=channels), image_size=base.input_size,
+                               channels=base.channels, batch_size=args.batch_size, training=False, cache=None)
     print(f"{base.name} ({base.source}) on {len(paths)} images at {base.input_size[0]}x{base.input_size[1]}x"
           f"{base.channels}, {args.pooling} pooling", flush=True)
     progress = keras.utils.Progbar(len(paths), unit_name="image", verbose=1 if sys.stdout.isatty() else 2)

@@ -31,8 +31,11 @@ class ImageClassifierTask(task.Task):
         shape = dict(image_size=tuple(size), channels=channels, batch_size=batch_size)
         source, cache = self.data.sources[name], self.image_cache(name, tuple(size), channels)
         if training:  # an `epochs.EpochOrder`: each epoch's order depends on the seed and the epoch alone
+            from dlsuite.apps.core import distribute
+
             return pipeline.epoch_order(source, seed=self.config.seed, cache=cache,
-                                        service=getattr(self.config, "data_service", None), **shape)
+                                        service=getattr(self.config, "data_service", None),
+                                        in_process=not distribute.is_parameter_server(_current_strategy()), **shape)
         kept = self.__dict__.setdefault("_split_batches", {})
         key = (name, tuple(size), batch_size)
         if key not in kept:

@@ -56,19 +56,22 @@ def batches(split, *, image_size, channels, batch_size, training, seed=0, cache=
     return read(split.in_order()).prefetch(tf.data.AUTOTUNE) if split.random_access or _cached(cache) else read(None)
 
 
-def epoch_order(split, *, image_size, channels, batch_size, seed=0, cache=True, service=None):
+def epoch_order(split, *, image_size, channels, batch_size, seed=0, cache=True, service=None, in_process=True):
     """The training batches of `batches(training=True)` as an `epochs.EpochOrder`:
     each epoch's order a function of (seed, epoch), so a resumed run goes on
     with the batches the interrupted one would have seen. With `service`
     (a tf.data service dispatcher's address, `core.data_service`), its
-    workers read and decode each epoch's examples, in their own order."""
+    workers read and decode each epoch's examples, in their own order.
+    `in_process`: False when the pipeline runs in other processes (a
+    parameter-server cluster's workers): files that fail are then named on
+    those processes' stderr only."""
     _check(image_size, channels, batch_size)
     if not isinstance(split, sources.Source):
         examples = _prepared_dataset(split, image_size, channels, cache)
         size = int(examples.cardinality())
         buffer = MAX_SHUFFLE_BUFFER if size < 0 else max(1, min(size, MAX_SHUFFLE_BUFFER))
         return epochs.EpochOrder(examples, buffer=buffer, seed=seed, finish=lambda shuffled: _batched(shuffled, batch_size))
-    read = _reader(split, image_size, channels, batch_size, cache, service=service)
+    read = _reader(split, image_size, channels, batch_size, cache, service=service, in_process=in_process)
     if split.random_access or _cached(cache):
         steps = -(-split.count // int(batch_size))
 
@@ -93,7 +96,7 @@ def _cached(cache):
     return cache is not None and not isinstance(cache, bool)
 
 
-def _reader(split, image_size, channels, batch_size, cache, *, service=None):
+def _reader(split, image_size, channels, batch_size, cache, *, service=None, in_process=True):
     """The function from an epoch's (position, index) pairs (or, for a
     sequential source, its shuffled records) to float32 batches."""
     prepare = sources.prepared(tuple(int(d) for d in image_size), channels)
@@ -118,7 +121,7 @@ def _reader(split, image_size, channels, batch_size, cache, *, service=None):
         return from_cache
     if split.random_access:
         def from_source(order):
-            examples = split.read(order, prepare, record=service is None).map(_without_index)
+            examples = split.read(order, prepare, record=in_process and service is None).map(_without_index)
             return _batched(_served(examples, service), batch_size, prefetch=False)
 
         return from_source
