@@ -1,8 +1,12 @@
 """Shared test settings: quiet TensorFlow, deterministic seeds."""
 
 import os
+import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Caches the suite writes (manifests, image caches, token files) stay out of
+# ~/.cache/dlsuite; each test gets its own folder below (`_own_cache_folder`).
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="dlsuite-test-cache-")
 
 import keras  # noqa: E402
 import pytest  # noqa: E402
@@ -24,6 +28,12 @@ def pytest_collection_modifyitems(items):
         return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
 
     items.sort(key=rank)  # stable: the order inside a file stays
+
+
+@pytest.fixture(autouse=True)
+def _own_cache_folder(tmp_path_factory, monkeypatch):
+    """Manifests, image caches and token files of this test only, not ~/.cache/dlsuite."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
 
 
 @pytest.fixture(autouse=True)

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from dlsuite.apps import cli
-from test_image_scale import own_cache, photo_folder  # noqa: F401 (own_cache: this module's fixture too)
+from test_image_scale import photo_folder
 
 DLSUITE = [sys.executable, "-c", "import sys; from dlsuite.apps.cli import main; sys.exit(main())"]
 

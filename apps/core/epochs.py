@@ -83,8 +83,10 @@ class IndexOrder(EpochOrder):
         batch_size: examples per batch (the last batch of an epoch may be smaller).
         read: dataset of (position, index) int64 pairs -> dataset of
             batches, each epoch's positions running from the first one not
-            skipped; it must give ceil(count / batch_size) batches for a
-            whole epoch (`pad_epoch` keeps that when examples may drop out).
+            skipped. Examples it leaves out (files that fail to decode) may
+            shorten an epoch: its first batch is then repeated, so that every
+            epoch keeps the ceil(count / batch_size) batches that
+            `model.fit(steps_per_epoch=...)` reads.
     """
 
     def __init__(self, count, *, seed, batch_size, read):
@@ -104,7 +106,8 @@ class IndexOrder(EpochOrder):
         return tf.data.Dataset.range(first, self.count).map(index)
 
     def epoch(self, epoch, skip_batches=0):
-        return self.read(self.indices(epoch, first=int(skip_batches) * self.batch_size))
+        batches = self.read(self.indices(epoch, first=int(skip_batches) * self.batch_size))
+        return batches.concatenate(batches.take(1).repeat()).take(self.steps_per_epoch - int(skip_batches))
 
     @property
     def steps_per_epoch(self):

@@ -154,8 +154,11 @@ def _add_lr_range_parser(commands):
     _add_model_knobs(sweep)
     language = sweep.add_argument_group("language model (--model lstm, gru or rnn; as `dlsuite lm train`)")
     language.add_argument("--text", help="a UTF-8 text file (default: the standard library's docstrings)")
-    for option, default in (("--max-chars", LMConfig.max_chars), ("--layers", LMConfig.layers),
-                            ("--units", LMConfig.units), ("--seq-len", LMConfig.seq_len)):
+    from dlsuite.apps.lm.cli import max_chars_type
+
+    language.add_argument("--max-chars", type=max_chars_type, default=LMConfig.max_chars,
+                          help=f"use the first this many characters; 0: all of them (default {LMConfig.max_chars:,})")
+    for option, default in (("--layers", LMConfig.layers), ("--units", LMConfig.units), ("--seq-len", LMConfig.seq_len)):
         language.add_argument(option, type=train_args.positive_int, default=default, help=f"default {default:,}")
     language.add_argument("--clip-norm", type=_positive_float("--clip-norm"),
                           help="clip the global gradient norm (default 5 for a language model, as lm train; else off)")

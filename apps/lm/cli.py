@@ -31,13 +31,28 @@ examples:
 """
 
 
+def max_chars_type(text):
+    """argparse type of --max-chars: a number of characters, or 0 for the whole text."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number of characters, or 0 for the whole text, received {text!r}")
+    return value
+
+
 def add_data_arguments(group, *, max_chars=1_000_000):
     """Adds the options that choose the text to `group` (`lm train`, `tune lm`)."""
     source = group.add_mutually_exclusive_group()
     source.add_argument("--text", help="a UTF-8 text file (default: the Python standard library's docstrings, gathered offline)")
     source.add_argument("--dataset", help="tfds:NAME, a TensorFlow Datasets text set, e.g. tfds:tiny_shakespeare")
     group.add_argument("--data-dir", help="tfds: where TensorFlow Datasets keeps its files")
-    group.add_argument("--max-chars", type=train_args.positive_int, default=max_chars, help=f"use at most this many characters (default {max_chars:,})")
+    group.add_argument("--max-chars", type=max_chars_type, default=max_chars,
+                       help=f"use the first this many characters; 0: all of them (default {max_chars:,})")
+    group.add_argument("--token-cache", metavar="DIR",
+                       help="where a --text file's token file goes, encoded once and reused by later runs "
+                            "(default ~/.cache/dlsuite/tokens, or $XDG_CACHE_HOME/dlsuite/tokens)")
     group.add_argument("--level", choices=LEVELS, default="char")
     group.add_argument("--max-tokens", type=train_args.positive_int, help="vocabulary size cap (word default 20000)")
     group.add_argument("--validation-fraction", type=float, default=0.1, help="the last part of the text, by position (default 0.1)")

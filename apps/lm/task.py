@@ -10,6 +10,8 @@ baseline, export a SavedModel that serves generated text.
 import dataclasses
 import math
 
+import numpy as np
+
 from dlsuite.apps.core import task, train_args
 from dlsuite.apps.core.errors import UsageError
 
@@ -21,7 +23,8 @@ class LMConfig(train_args.TrainingConfig):
     text: str | None = None
     dataset: str | None = None
     data_dir: str | None = None
-    max_chars: int = 1_000_000
+    max_chars: int = 1_000_000  # 0: the whole text
+    token_cache: str | None = None  # where --text's token files go; None: token_file.default_cache_dir()
     level: str = "char"
     max_tokens: int | None = None
     cell: str = "lstm"
@@ -53,13 +56,21 @@ def build_language_model(config, vocab_size):
 
 
 def load_corpus(config):
-    """(name, text, vocabulary, token ids) of the text `config` names, cut to --max-chars."""
-    from dlsuite.apps.lm import text
+    """The `token_file.Corpus` of the text `config` names, cut to --max-chars (0: all of it).
 
-    name, corpus = text.load_text(config.text or config.dataset, data_dir=config.data_dir)
-    corpus = corpus[: config.max_chars]
-    vocabulary = text.build_vocabulary(corpus, level=config.level, max_tokens=config.max_tokens)
-    return name, corpus, vocabulary, vocabulary.encode(corpus)
+    A text file is encoded once into a token file and read from disk; the
+    default corpus and TFDS texts are held in memory.
+    """
+    from dlsuite.apps.lm import text, token_file
+
+    spec, limit = config.text or config.dataset, config.max_chars or None
+    if spec is not None and not str(spec).startswith(text.TFDS_PREFIX):
+        corpus = token_file.load(spec, level=config.level, max_tokens=config.max_tokens, max_chars=limit,
+                                 cache_dir=config.token_cache or token_file.default_cache_dir())
+    else:
+        name, whole = text.load_text(spec, data_dir=config.data_dir)
+        corpus = token_file.in_memory(name, whole, level=config.level, max_tokens=config.max_tokens, max_chars=limit)
+    return corpus
 
 
 def perplexity_figures(nats_per_token, *, tokens, characters, split="validation"):
@@ -129,6 +140,9 @@ class LanguageModelTask(task.Task):
         for option, value in (("validation_fraction", config.validation_fraction), ("test_fraction", self.test_fraction)):
             if not 0 < value < 0.5 and not (option == "test_fraction" and value == 0):
                 raise UsageError(f"{option} must be in (0, 0.5), received {value}", option=option)
+        if not isinstance(config.max_chars, int) or config.max_chars < 0:
+            raise UsageError(f"max_chars must be 0 (the whole text) or a number of characters, received "
+                             f"{config.max_chars!r}", option="max_chars")
         if config.optimizer.get("optimizer") == "lbfgs":
             raise UsageError("optimizer lbfgs is for small image models; language models train with adam, rmsprop "
                              "or sgd", option="optimizer")
@@ -140,8 +154,9 @@ class LanguageModelTask(task.Task):
     def load_data(self, *, longest_window=None):
         from dlsuite.apps.lm import text
 
-        self.name, corpus, self.vocabulary, ids = load_corpus(self.config)
-        self.characters, self.tokens = len(corpus), int(len(ids))
+        self.corpus = load_corpus(self.config)
+        self.name, self.vocabulary, ids = self.corpus.name, self.corpus.vocabulary, self.corpus.ids
+        self.characters, self.tokens = self.corpus.characters, int(len(ids))
         window = longest_window or self.window()
         self.test_ids = None
         if self.test_fraction:  # the test part is the end of the text; validation the part before it
@@ -153,9 +168,18 @@ class LanguageModelTask(task.Task):
     def windows(self, ids, batch_size, *, shuffle):
         from dlsuite.apps.lm import text
 
-        batches = text.windows(ids, seq_len=self.window(), batch_size=batch_size, shuffle=shuffle,
+        batches = text.windows(self._readable(ids), seq_len=self.window(), batch_size=batch_size, shuffle=shuffle,
                                seed=self.config.seed)
         return batches.map(_bilm_pairs) if self.bidirectional else batches
+
+    def _readable(self, ids):
+        """`ids` as the input pipeline can read them on this run's strategy.
+
+        A parameter server's workers rebuild the pipeline from its graph, where
+        no Python function runs: ids on disk come into memory, as a constant
+        of the graph (#25: such a run holds its text in memory).
+        """
+        return np.asarray(ids) if self.config.strategy == "parameter-server" else ids
 
     def train_examples(self):
         return max(1, (len(self.train_ids) - 1) // self.window())
@@ -163,8 +187,8 @@ class LanguageModelTask(task.Task):
     def batches(self, batch_size):
         from dlsuite.apps.lm import text
 
-        train = text.window_order(self.train_ids, seq_len=self.window(), batch_size=batch_size, seed=self.config.seed,
-                                  then=_bilm_pairs if self.bidirectional else None)
+        train = text.window_order(self._readable(self.train_ids), seq_len=self.window(), batch_size=batch_size,
+                                  seed=self.config.seed, then=_bilm_pairs if self.bidirectional else None)
         return task.Batches(
             train=train,
             validation=self.windows(self.validation_ids, batch_size, shuffle=False),
@@ -184,7 +208,9 @@ class LanguageModelTask(task.Task):
         return [perplexity_callback()] if objective == "val_perplexity" else []
 
     def resolved(self, model, batches):
-        return {"corpus": self.name, "characters": self.characters, "tokens": self.tokens,
+        token_file = self.corpus.token_file
+        return {"corpus": self.name, "characters": self.characters, "text_characters": self.corpus.total_characters,
+                "token_file": None if token_file is None else str(token_file), "tokens": self.tokens,
                 "vocabulary_size": self.vocabulary.size, "train_tokens": int(len(self.train_ids)),
                 "validation_tokens": int(len(self.validation_ids)),
                 "unigram_perplexity": math.exp(self.baseline_nats)}
@@ -195,10 +221,20 @@ class LanguageModelTask(task.Task):
         rundir.write_json(run_dir / "vocabulary.json", self.vocabulary.to_json())
 
     def describe(self, model, batches):
-        config = self.config
-        return (f"{config.layers}x{config.units} {config.cell} on {self.name}: {self.characters:,} characters, "
-                f"{self.tokens:,} {config.level} tokens ({self.vocabulary.size} in the vocabulary); unigram baseline "
-                f"perplexity {math.exp(self.baseline_nats):.2f}")
+        # The first line a run prints (`lm train`, `tune lm`): what --max-chars left out and where
+        # the token file is, said here rather than while loading, so that `diagnose --json`'s
+        # stdout stays JSON.
+        config, corpus = self.config, self.corpus
+        used = f"{corpus.characters:,} characters"
+        if corpus.characters < corpus.total_characters:
+            used = f"the first {used} of {corpus.total_characters:,} (--max-chars 0 uses all of it)"
+        stored = ""
+        if corpus.token_file is not None:
+            how = "reused" if corpus.seconds is None else f"written in {corpus.seconds:.1f} s"
+            stored = f" in {corpus.token_file} ({how})"
+        return (f"{config.layers}x{config.units} {config.cell} on {self.name}: {used}, {self.tokens:,} {config.level} "
+                f"tokens ({self.vocabulary.size} in the vocabulary){stored}; unigram baseline perplexity "
+                f"{math.exp(self.baseline_nats):.2f}")
 
     def title(self):
         return f"{self.config.cell} on {self.name}"
@@ -209,10 +245,11 @@ class LanguageModelTask(task.Task):
         evaluation = model.evaluate(self.windows(ids, self.config.batch_size or 64, shuffle=False), verbose=0,
                                     return_dict=True)
         forward = evaluation["forward_predictions_loss"] if self.bidirectional else evaluation["loss"]
-        figures = perplexity_figures(forward, tokens=len(ids), characters=len(self.vocabulary.decode(ids)), split=split)
+        characters = self.vocabulary.decoded_length
+        figures = perplexity_figures(forward, tokens=len(ids), characters=characters(ids), split=split)
         figures["unigram_perplexity"] = math.exp(self.baseline_nats)
         figures["unigram_bits_per_character"] = (self.baseline_nats * len(self.validation_ids)
-                                                 / len(self.vocabulary.decode(self.validation_ids)) / math.log(2))
+                                                 / characters(self.validation_ids) / math.log(2))
         if self.bidirectional:
             figures["backward_perplexity"] = math.exp(evaluation["backward_predictions_loss"])
         return figures

@@ -4,12 +4,18 @@ The recipe the app follows, one function a step:
 
 1. `load_text(spec)`: the text, from a UTF-8 file, a TensorFlow Datasets text
    set ("tfds:NAME") or, by default, `default_corpus()`: the docstrings of the
-   Python standard library, real English every machine already has.
-2. `build_vocabulary(text, level=...)`: characters, or words through
-   `keras.layers.TextVectorization`; a `Vocabulary` encodes and decodes.
+   Python standard library, real English every machine already has. A file
+   can also be read a piece at a time (`read_text_chunks`), in the same
+   characters.
+2. `build_vocabulary(text, level=...)`: characters, or words as
+   `keras.layers.TextVectorization` counts and orders them; `TokenCounts`
+   gathers the same counts a piece at a time. A `Vocabulary` encodes and
+   decodes.
 3. `split_by_position(ids)`: train is the start of the text, validation its
    end, so no validation token was ever a training target.
-4. `windows(ids, ...)`: (inputs, targets) batches, targets shifted by one.
+4. `windows(ids, ...)`, `window_order(ids, ...)`: (inputs, targets) batches,
+   targets shifted by one, gathered batch by batch from the ids (an array, or
+   a `token_file.TokenSpan` on disk).
 5. `unigram_entropy(...)`: the baseline a model must beat.
 
 Word-level tokenization is TextVectorization's own, written out here so that
@@ -24,6 +30,7 @@ an exported model can repeat it with `tf.strings` (see `word_tokens`):
 """
 
 import ast
+import codecs
 import collections
 import dataclasses
 import functools
@@ -38,6 +45,7 @@ import sysconfig
 import numpy as np
 import tensorflow as tf
 
+from dlsuite.apps.core import epochs
 from dlsuite.apps.core.errors import UsageError
 
 TFDS_PREFIX = "tfds:"
@@ -57,6 +65,14 @@ PUNCTUATION_REGEX = r'[!"#$%&()\*\+,-\./:;<=>?@\[\\\]^_`{|}~\']'
 # than the regex, and the tests check both against the layer.
 _STANDARDIZE_TABLE = str.maketrans(string.ascii_uppercase, string.ascii_lowercase, string.punctuation)
 _WORD = re.compile(r"[^ \t\n\v\f\r]+")  # tf.strings.split's whitespace is ASCII only
+_ASCII_SPACES = " \t\v\f\r"  # tf.strings.split's whitespace, but the line end
+# A line of whitespace only (str.isspace, as str.strip sees it): the word
+# vocabulary has always been adapted on the text's non-blank lines, so the
+# tokens of such a line (a no-break space) are not counted.
+_BLANK_LINES = re.compile(r"^[^\S\n]+$", re.MULTILINE)
+# Bytes of a text file read at a time: a few MB keep the reading fast and
+# the memory of a piece (its str, UTF-32 code points, ids) under 100 MB.
+CHUNK_BYTES = 4 * 2**20
 
 # Standard-library folders whose docstrings are not prose worth learning from
 # (tests, codec tables, generated help topics, demos) or not the stdlib at all.
@@ -206,31 +222,116 @@ def load_text(spec, *, data_dir=None):
 
 
 def _read_text_file(spec):
+    return "".join(read_text_chunks(spec))
+
+
+def text_file_path(spec):
+    """The path of the text file `spec` (with ~ expanded).
+
+    Raises:
+        UsageError: a folder, or no file there.
+    """
     path = os.path.expanduser(spec)
     if os.path.isdir(path):
         raise UsageError(f"Text path {spec!r} is a folder: give a UTF-8 text file.")
     if not os.path.exists(path):
         raise UsageError(f"Text file {spec!r} does not exist: check the path.")
+    return path
+
+
+def read_text_chunks(spec, *, chunk_bytes=CHUNK_BYTES):
+    """Reads a UTF-8 text file a piece at a time, in the characters of `load_text`.
+
+    The pieces joined are `load_text(spec)`'s text: a byte order mark at the
+    start dropped, "\\r\\n" and "\\r" read as "\\n" (a CRLF across two reads
+    too), a character split across two reads decoded whole.
+
+    Args:
+        spec: the path of the file, as the user gave it.
+        chunk_bytes: bytes read at a time.
+
+    Returns:
+        An iterator of non-empty strings. The path is checked now; the
+        content as it is read, with `load_text`'s errors: the NUL check and
+        the UTF-8 check cover the whole file, so an error comes once the
+        file is read up to it (a NUL, at once) or, for an empty file or one
+        that is not UTF-8, at its end (a NUL further on is reported first).
+
+    Raises:
+        UsageError: a missing, unreadable, empty, binary or non-UTF-8 file.
+    """
+    path = text_file_path(spec)
     try:
-        with open(path, "rb") as file:
-            data = file.read()
+        file = open(path, "rb")
     except OSError as error:
         raise UsageError(f"Cannot read text file {spec!r}: {error.strerror}.") from None
-    if not data.strip():
+    return _decoded_pieces(file, spec, int(chunk_bytes))
+
+
+def _decoded_pieces(file, spec, chunk_bytes):
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, blank, bad_byte, held, started = 0, True, None, "", False
+    with file:
+        while True:
+            try:
+                data = file.read(chunk_bytes)
+            except OSError as error:
+                raise UsageError(f"Cannot read text file {spec!r}: {error.strerror}.") from None
+            final = not data
+            if b"\x00" in data:
+                raise UsageError(
+                    f"Text file {spec!r} looks binary (it has NUL bytes): give a UTF-8 text file."
+                )
+            blank = blank and not data.strip()
+            if bad_byte is None:  # after the first bad byte, the rest is only checked for NULs
+                pending = len(decoder.getstate()[0])  # bytes of a character the last read split
+                try:
+                    text = decoder.decode(data, final=final)
+                except UnicodeDecodeError as error:
+                    bad_byte, text = offset - pending + error.start, ""
+                if text and not started:
+                    text, started = text.removeprefix("\ufeff"), True
+                # A "\r" at the end may be the first half of a CRLF: it waits for the next piece.
+                text, held = held + text, ""
+                if text.endswith("\r") and not final:
+                    text, held = text[:-1], "\r"
+                # A BOM or Windows line ends would each add a character to the vocabulary.
+                text = text.replace("\r\n", "\n").replace("\r", "\n")
+                if text:
+                    yield text
+            offset += len(data)
+            if final:
+                break
+    if blank:
         raise UsageError(f"Text file {spec!r} is empty: give a file with the text to train on.")
-    if b"\x00" in data:
+    if bad_byte is not None:
         raise UsageError(
-            f"Text file {spec!r} looks binary (it has NUL bytes): give a UTF-8 text file."
-        )
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise UsageError(
-            f"Text file {spec!r} is not valid UTF-8 (byte {error.start}): convert it, e.g. "
+            f"Text file {spec!r} is not valid UTF-8 (byte {bad_byte}): convert it, e.g. "
             "`iconv -f latin1 -t utf-8`."
-        ) from None
-    # A BOM or Windows line ends would each add a character to the vocabulary.
-    return text.removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
+        )
+
+
+def whole_lines(pieces, *, longest=CHUNK_BYTES):
+    """Regroups text pieces so that each ends at a line end ("\\n"), but the last.
+
+    What word-level counting and encoding read: no word is cut in two, nor
+    any line up to `longest` characters. A longer one is cut after an ASCII
+    space between its first and its last non-space character, so memory
+    stays bounded and neither part reads as a blank line; a line of nothing
+    but whitespace is never cut.
+    """
+    carry = ""
+    for piece in pieces:
+        carry += piece
+        cut = carry.rfind("\n") + 1
+        if not cut and len(carry) > longest:
+            first, end = len(carry) - len(carry.lstrip()), len(carry.rstrip())
+            cut = max(carry.rfind(space, first, end) for space in _ASCII_SPACES) + 1
+        if cut:
+            yield carry[:cut]
+            carry = carry[cut:]
+    if carry:
+        yield carry
 
 
 def _string_feature(features, tfds):
@@ -336,11 +437,11 @@ class Vocabulary:
 
     @functools.cached_property
     def _char_table(self):
-        """(sorted code points, their ids) for encoding characters with one numpy lookup."""
-        points = np.array([ord(token) for token in self._index], dtype=np.int64)
-        ids = np.array(list(self._index.values()), dtype=np.int32)
-        order = np.argsort(points)
-        return points[order], ids[order]
+        """The id of every code point up to the largest in the vocabulary, and 1 ([UNK]) one past it."""
+        table = np.ones(max((ord(token) for token in self._index), default=0) + 2, dtype=np.int32)
+        for token, i in self._index.items():
+            table[ord(token)] = i
+        return table
 
     def _split(self, text):
         return list(text) if self.level == "char" else word_tokens(text)
@@ -350,13 +451,10 @@ class Vocabulary:
         if self.level == "word":
             index = self._index
             return np.array([index.get(word, 1) for word in word_tokens(text)], dtype=np.int32)
-        # Characters: a vectorized lookup, 3 million characters in a fraction of a second.
-        points = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.int64)
-        known, ids = self._char_table
-        if len(known) == 0:
-            return np.ones(len(points), dtype=np.int32)
-        where = np.minimum(np.searchsorted(known, points), len(known) - 1)
-        return np.where(known[where] == points, ids[where], 1).astype(np.int32)
+        # Characters: one table lookup over the code points, 4 million characters in about 70 ms
+        # and three arrays of 4 bytes a character.
+        table = self._char_table
+        return table[np.minimum(_code_points(text), len(table) - 1)]
 
     def decode(self, ids):
         """Returns the text of `ids`: characters joined, or words joined by spaces; padding skipped.
@@ -365,6 +463,16 @@ class Vocabulary:
         """
         tokens = [self.tokens[i] for i in np.asarray(ids, dtype=np.int64).reshape(-1) if i != 0]
         return ("" if self.level == "char" else " ").join(tokens)
+
+    def decoded_length(self, ids):
+        """`len(self.decode(ids))`, counted a chunk of ids at a time (ids as `windows` takes them)."""
+        lengths = np.array([len(token) for token in self.tokens], dtype=np.int64)
+        characters = tokens = 0
+        for chunk in _id_chunks(ids):
+            counts = np.bincount(chunk, minlength=self.size)
+            characters += int(counts @ lengths)
+            tokens += len(chunk) - int(counts[0])
+        return characters + (max(tokens - 1, 0) if self.level == "word" else 0)  # words are joined by spaces
 
     def unknown_count(self, text):
         """How many tokens of `text` are outside the vocabulary (encoded as [UNK])."""
@@ -411,10 +519,10 @@ def build_vocabulary(text, *, level="char", max_tokens=None):
     Args:
         text: the training text.
         level: "char": every character that occurs, most frequent first, ties
-            by code point. "word": `keras.layers.TextVectorization(standardize=
-            "lower_and_strip_punctuation", split="whitespace")` adapted on the
-            text; its vocabulary order (most frequent first, ties in reverse
-            byte order) is kept, so ids equal the layer's.
+            by code point. "word": the vocabulary `keras.layers.TextVectorization(
+            standardize="lower_and_strip_punctuation", split="whitespace")`
+            adapted on the text's non-blank lines learns (most frequent first,
+            ties in reverse byte order), so ids equal the layer's.
         max_tokens: the most ids, padding and [UNK] included (as
             TextVectorization counts); less frequent tokens become [UNK].
             Default: every character for "char", 20,000 for "word".
@@ -425,36 +533,109 @@ def build_vocabulary(text, *, level="char", max_tokens=None):
     Raises:
         UsageError: an unknown level, max_tokens below 3, or a text with no token.
     """
-    _check_level(level)
-    if max_tokens is not None and (not isinstance(max_tokens, numbers.Integral) or max_tokens <= len(RESERVED)):
-        raise UsageError(
-            f"max_tokens={max_tokens!r} leaves no room for tokens: choose an integer above "
-            f"{len(RESERVED)} (ids 0 and 1 are padding and [UNK])."
-        )
-    if level == "char":
-        counts = collections.Counter(text)
-        learned = sorted(counts, key=lambda c: (-counts[c], c))
-        if max_tokens is not None:
-            learned = learned[:max_tokens - len(RESERVED)]
-        tokens = [*RESERVED, *learned]
-    else:
-        import keras  # here: the char level and the loaders need none of it
+    counts = TokenCounts(level, max_tokens=max_tokens)
+    counts.add(text)
+    return counts.vocabulary()
 
-        layer = keras.layers.TextVectorization(
-            max_tokens=WORD_MAX_TOKENS if max_tokens is None else int(max_tokens),
-            standardize=STANDARDIZE, split=SPLIT, output_mode="int",
-        )
-        # Line by line: the same words as one string (newlines are whitespace),
-        # without a single multi-megabyte tensor element.
-        lines = [line for line in text.split("\n") if line.strip()]
-        layer.adapt(tf.constant(lines or [""], dtype=tf.string), batch_size=4096)
-        tokens = [str(token) for token in layer.get_vocabulary()]
-    if len(tokens) == len(RESERVED):
-        raise UsageError(f"The text has no {level}s to build a vocabulary from: give a longer text.")
-    return Vocabulary(level=level, tokens=tokens)
+
+class TokenCounts:
+    """Token frequencies gathered a piece of text at a time, and the vocabulary they give.
+
+    `build_vocabulary(text)` is `add(text)` then `vocabulary()`; adding the
+    text in pieces gives the same vocabulary, without the whole text in
+    memory. Characters are counted with one `np.bincount` a piece, words with
+    a `collections.Counter`; the word order is the one TextVectorization's
+    `finalize_state` sorts by (`np.lexsort((tokens, counts))[::-1]`: count,
+    then UTF-8 bytes, descending), and, as its `adapt` was fed the text's
+    non-blank lines, the words of a blank line (one of Unicode spaces, such as
+    a no-break space, which `word_tokens` does not split on) are not counted.
+
+    Args:
+        level: "char" or "word".
+        max_tokens: as `build_vocabulary`'s.
+
+    Raises:
+        UsageError: an unknown level, or max_tokens below 3.
+    """
+
+    def __init__(self, level, *, max_tokens=None):
+        _check_level(level)
+        if max_tokens is not None and (not isinstance(max_tokens, numbers.Integral) or max_tokens <= len(RESERVED)):
+            raise UsageError(
+                f"max_tokens={max_tokens!r} leaves no room for tokens: choose an integer above "
+                f"{len(RESERVED)} (ids 0 and 1 are padding and [UNK])."
+            )
+        self.level = level
+        self.max_tokens = max_tokens
+        self._characters = np.zeros(0, dtype=np.int64)  # count by code point
+        self._words = collections.Counter()
+
+    def add(self, piece):
+        """Counts the tokens of `piece`: any run of characters at the char
+        level, whole lines at the word level (see `whole_lines`)."""
+        if self.level == "word":
+            self._words.update(word_tokens(_BLANK_LINES.sub("", piece)))
+            return
+        counts = np.bincount(_code_points(piece))
+        if len(counts) > len(self._characters):
+            self._characters = np.pad(self._characters, (0, len(counts) - len(self._characters)))
+        self._characters[:len(counts)] += counts
+
+    def vocabulary(self):
+        """The `Vocabulary` of the text counted.
+
+        Raises:
+            UsageError: no token was counted.
+        """
+        if self.level == "char":
+            points = np.flatnonzero(self._characters)
+            order = np.lexsort((points, -self._characters[points]))  # by count, descending, then code point
+            learned = [chr(point) for point in points[order]]
+            if self.max_tokens is not None:
+                learned = learned[:self.max_tokens - len(RESERVED)]
+        else:
+            ranked = sorted(self._words.items(), key=lambda item: (item[1], item[0]), reverse=True)
+            limit = (WORD_MAX_TOKENS if self.max_tokens is None else int(self.max_tokens)) - len(RESERVED)
+            # Python orders strings by code point, which is the order of their UTF-8 bytes.
+            learned = [word for word, _ in ranked[:limit]]
+        if not learned:
+            raise UsageError(f"The text has no {self.level}s to build a vocabulary from: give a longer text.")
+        return Vocabulary(level=self.level, tokens=[*RESERVED, *learned])
+
+
+def _code_points(text):
+    """The code points of `text` as a uint32 array (lone surrogates included)."""
+    return np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
 
 
 # --- training data ----------------------------------------------------------------
+
+# Ids read at a time by the passes over a whole split (the unigram counts,
+# decoded lengths): 4M ids, 16 to 32 MB as int32 / int64.
+ID_CHUNK = 4 * 2**20
+# Up to this many windows an epoch's order is tf.data's shuffle with a buffer
+# of every window, the order of the runs before token files (#25), so their
+# batches, resumes and recipes hold. The buffer costs about 190 bytes a window
+# and fills before an epoch's first batch: 5 M windows (500 MB of text at
+# seq_len 100) took 945 MB and 4.7 s on 2 cores. Above it, the order is
+# `tf.random.experimental.index_shuffle`, a stateless permutation computed
+# per batch: no buffer, no wait.
+SHUFFLE_BUFFER_WINDOWS = 2**17
+
+
+def _as_ids(ids):
+    """`ids` as a 1-D int32 array, or as they are when they stay on disk (a `token_file.TokenSpan`)."""
+    return ids if hasattr(ids, "gather") else np.asarray(ids, dtype=np.int32).reshape(-1)
+
+
+def _id_chunks(ids):
+    """Yields `ids` (an array or a `token_file.TokenSpan`) as int64 arrays of at most `ID_CHUNK`."""
+    ids, size = _as_ids(ids), ID_CHUNK
+    if hasattr(ids, "chunks"):
+        yield from ids.chunks(size)
+        return
+    for start in range(0, len(ids), size):
+        yield ids[start:start + size].astype(np.int64)
 
 
 def split_by_position(ids, *, validation_fraction=0.1, min_tokens=2):
@@ -464,18 +645,18 @@ def split_by_position(ids, *, validation_fraction=0.1, min_tokens=2):
     would put validation targets in the training set.
 
     Args:
-        ids: 1-D token ids of the whole text.
+        ids: 1-D token ids of the whole text, or a `token_file.TokenSpan`.
         validation_fraction: share of the tokens, at the end, held out.
         min_tokens: the fewest tokens each part needs, e.g. seq_len + 1 for
             one training sequence.
 
     Returns:
-        (train_ids, validation_ids), int32 arrays.
+        (train_ids, validation_ids): int32 arrays, or spans of the same file.
 
     Raises:
         UsageError: a fraction outside (0, 1), or a part shorter than `min_tokens`.
     """
-    ids = np.asarray(ids, dtype=np.int32).reshape(-1)
+    ids = _as_ids(ids)
     if not 0.0 < validation_fraction < 1.0:
         raise UsageError(
             f"validation_fraction={validation_fraction!r} is out of range: choose a value between 0 and 1, "
@@ -501,7 +682,8 @@ def windows(ids, *, seq_len, batch_size, shuffle, seed=0, drop_remainder=False):
     an epoch, except a final stretch shorter than seq_len, which is dropped.
 
     Args:
-        ids: 1-D token ids, e.g. `split_by_position`'s train part.
+        ids: 1-D token ids, e.g. `split_by_position`'s train part, or a
+            `token_file.TokenSpan`, read batch by batch.
         seq_len: tokens per sequence (T).
         batch_size: sequences per batch (B).
         shuffle: shuffle the windows with `seed`, in a new order every epoch;
@@ -516,12 +698,8 @@ def windows(ids, *, seq_len, batch_size, shuffle, seed=0, drop_remainder=False):
     Raises:
         UsageError: seq_len or batch_size not positive, or fewer than seq_len + 1 ids.
     """
-    dataset, count = _window_examples(ids, seq_len=seq_len, batch_size=batch_size)
-    finish = _window_batcher(batch_size, drop_remainder=bool(drop_remainder) and count >= batch_size)
-    if shuffle:
-        # A buffer of every window: a full shuffle, and windows are small.
-        return finish(dataset.shuffle(count, seed=seed, reshuffle_each_iteration=True))
-    return finish(dataset)
+    order = WindowOrder(ids, seq_len=seq_len, batch_size=batch_size, seed=seed, drop_remainder=drop_remainder)
+    return order.dataset() if shuffle else order.in_text_order()
 
 
 def window_order(ids, *, seq_len, batch_size, seed=0, drop_remainder=False, then=None):
@@ -529,34 +707,114 @@ def window_order(ids, *, seq_len, batch_size, seed=0, drop_remainder=False, then
     each epoch's order a function of (seed, epoch) alone, so a resumed run
     sees what the interrupted one would have. `then` maps each batch
     (the bidirectional model's pairs)."""
-    from dlsuite.apps.core import epochs
-
-    dataset, count = _window_examples(ids, seq_len=seq_len, batch_size=batch_size)
-    batcher = _window_batcher(batch_size, drop_remainder=bool(drop_remainder) and count >= batch_size)
-    finish = batcher if then is None else (lambda shuffled: batcher(shuffled).map(then))
-    return epochs.EpochOrder(dataset, buffer=count, seed=seed, finish=finish)
+    return WindowOrder(ids, seq_len=seq_len, batch_size=batch_size, seed=seed, drop_remainder=drop_remainder,
+                       then=then)
 
 
-def _window_examples(ids, *, seq_len, batch_size):
-    """(the unbatched (x, y) windows of `windows`, their count), after the checks."""
-    for label, value in (("seq_len", seq_len), ("batch_size", batch_size)):
-        if not isinstance(value, numbers.Integral) or value < 1:
-            raise UsageError(f"{label}={value!r} must be a positive integer.")
-    ids = np.asarray(ids, dtype=np.int32).reshape(-1)
-    count = (len(ids) - 1) // seq_len
-    if count < 1:
-        raise UsageError(
-            f"The text is too short: {len(ids)} tokens make no sequence of seq_len={seq_len} plus its "
-            "next token: give a longer text or a shorter sequence length."
-        )
-    used = count * seq_len
-    x = ids[:used].reshape(count, seq_len)  # (windows, time)
-    y = ids[1:used + 1].reshape(count, seq_len)  # (windows, time), x shifted by one
-    return tf.data.Dataset.from_tensor_slices((x, y)), count
+class WindowOrder(epochs.EpochOrder):
+    """The windows of `windows` as epochs: window numbers are shuffled, then
+    batched, then each batch gathers its windows from the ids.
+
+    No window is materialized: an epoch is an order of window numbers
+    (`SHUFFLE_BUFFER_WINDOWS` says which), and a batch of B numbers becomes
+    the (B, T + 1) tokens they start at. Ids in memory are a constant of the
+    graph, gathered with `tf.gather`, so the pipeline is plain graph ops (a
+    parameter server's workers rebuild it from its graph). Ids on disk (a
+    `token_file.TokenSpan`) are gathered by one `tf.numpy_function` per batch:
+    reading a file at computed offsets has no TensorFlow op, and a function
+    per batch, not per window, keeps the Python calls to one a step.
+
+    Args:
+        ids: 1-D token ids, or a `token_file.TokenSpan`.
+        seq_len, batch_size, seed, drop_remainder: as `windows`'.
+        then: a function mapped over each (x, y) batch, or None.
+
+    Raises:
+        UsageError: seq_len or batch_size not positive, or fewer than seq_len + 1 ids.
+    """
+
+    def __init__(self, ids, *, seq_len, batch_size, seed=0, drop_remainder=False, then=None):
+        for label, value in (("seq_len", seq_len), ("batch_size", batch_size)):
+            if not isinstance(value, numbers.Integral) or value < 1:
+                raise UsageError(f"{label}={value!r} must be a positive integer.")
+        ids = _as_ids(ids)
+        count = (len(ids) - 1) // seq_len
+        if count < 1:
+            raise UsageError(
+                f"The text is too short: {len(ids)} tokens make no sequence of seq_len={seq_len} plus its "
+                "next token: give a longer text or a shorter sequence length."
+            )
+        super().__init__(tf.data.Dataset.range(count), buffer=count, seed=seed, finish=self._batches)
+        self.count = count
+        self._batch_size = int(batch_size)
+        self._drop_remainder = bool(drop_remainder) and count >= batch_size
+        self._then = then
+        self._gather = _numpy_gather(ids, int(seq_len)) if hasattr(ids, "gather") else _graph_gather(ids, int(seq_len))
+
+    def epoch(self, epoch, skip_batches=0):
+        """The batches of `epoch` (0-based), without its first `skip_batches`."""
+        if self.count <= SHUFFLE_BUFFER_WINDOWS:
+            batches = super().epoch(epoch)
+            return batches.skip(skip_batches) if skip_batches else batches
+        positions = tf.data.Dataset.range(int(skip_batches) * self._batch_size, self.count)  # skipped: never read
+        return self._batches(positions, permutation=tf.constant([self.seed % 2**31, int(epoch)], tf.int64))
+
+    def dataset(self):
+        """A dataset that is a new order each time it is iterated."""
+        if self.count <= SHUFFLE_BUFFER_WINDOWS:
+            return super().dataset()
+        draws = tf.data.Dataset.random(seed=self.seed, rerandomize_each_iteration=True).take(1)
+
+        def batches(draw):
+            return self._batches(self.elements, permutation=tf.stack([draw, tf.constant(-1, tf.int64)]))
+
+        return draws.flat_map(batches)
+
+    def in_text_order(self):
+        """The batches in the text's order, e.g. for validation."""
+        return self._batches(self.elements)
+
+    def _batches(self, numbers, permutation=None):
+        """Window numbers -> (x, y) batches; `permutation`, an int64 seed pair,
+        sends position i of the epoch to window `index_shuffle(i)`."""
+        batches = numbers.batch(self._batch_size, drop_remainder=self._drop_remainder)
+        if permutation is not None:
+            last = tf.constant(self.count - 1, tf.int64)
+
+            def permute(positions):
+                return tf.random.experimental.index_shuffle(positions, permutation, last)
+
+            batches = batches.map(permute)
+        batches = batches.map(self._gather)
+        if self._then is not None:
+            batches = batches.map(self._then)
+        return batches.prefetch(tf.data.AUTOTUNE)
 
 
-def _window_batcher(batch_size, *, drop_remainder):
-    return lambda dataset: dataset.batch(int(batch_size), drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)
+def _graph_gather(ids, seq_len):
+    """Window numbers (B,) -> (x, y) int32 (B, T), from ids held as a graph constant."""
+    ids = tf.constant(ids, dtype=tf.int32)
+    width = tf.range(seq_len + 1, dtype=tf.int64)
+
+    def gather(numbers):
+        window = tf.gather(ids, numbers[:, None] * seq_len + width)  # (batch, time + 1)
+        return window[:, :-1], window[:, 1:]
+
+    return gather
+
+
+def _numpy_gather(span, seq_len):
+    """Window numbers (B,) -> (x, y) int32 (B, T), read from a `token_file.TokenSpan`."""
+
+    def read(numbers):
+        return span.gather(numbers * seq_len, seq_len + 1)
+
+    def gather(numbers):
+        window = tf.numpy_function(read, [numbers], tf.int32, stateful=False)
+        window.set_shape((None, seq_len + 1))  # (batch, time + 1)
+        return window[:, :-1], window[:, 1:]
+
+    return gather
 
 
 def unigram_entropy(train_ids, eval_ids, vocab_size):
@@ -567,8 +825,9 @@ def unigram_entropy(train_ids, eval_ids, vocab_size):
     unigram perplexity a language model should beat by a wide margin.
 
     Args:
-        train_ids: 1-D token ids the frequencies are counted on.
-        eval_ids: 1-D token ids to score.
+        train_ids: 1-D token ids the frequencies are counted on (an array or
+            a `token_file.TokenSpan`, read a chunk at a time).
+        eval_ids: 1-D token ids to score, likewise.
         vocab_size: number of ids (`Vocabulary.size`); every id must be below it.
 
     Returns:
@@ -577,13 +836,18 @@ def unigram_entropy(train_ids, eval_ids, vocab_size):
     Raises:
         ValueError: no eval ids, or an id outside 0..vocab_size - 1.
     """
-    train_ids = np.asarray(train_ids, dtype=np.int64).reshape(-1)
-    eval_ids = np.asarray(eval_ids, dtype=np.int64).reshape(-1)
-    if len(eval_ids) == 0:
+    def counted(label, ids):
+        counts = np.zeros(vocab_size, dtype=np.int64)
+        for chunk in _id_chunks(ids):
+            if len(chunk) and (chunk.min() < 0 or chunk.max() >= vocab_size):
+                raise ValueError(f"{label} hold ids outside 0..{vocab_size - 1} (vocab_size={vocab_size}).")
+            counts += np.bincount(chunk, minlength=vocab_size)
+        return counts
+
+    train_counts, eval_counts = counted("train_ids", train_ids), counted("eval_ids", eval_ids)
+    if not eval_counts.any():
         raise ValueError("unigram_entropy needs at least one eval id.")
-    for label, ids in (("train_ids", train_ids), ("eval_ids", eval_ids)):
-        if len(ids) and (ids.min() < 0 or ids.max() >= vocab_size):
-            raise ValueError(f"{label} hold ids outside 0..{vocab_size - 1} (vocab_size={vocab_size}).")
-    counts = np.bincount(train_ids, minlength=vocab_size) + 1.0
+    counts = train_counts + 1.0
     log_probabilities = np.log(counts) - math.log(counts.sum())
-    return float(-log_probabilities[eval_ids].mean())
+    # Counts, not the ids: a pass over each split a chunk at a time, whatever its length.
+    return float(-(eval_counts @ log_probabilities) / eval_counts.sum())

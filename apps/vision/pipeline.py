@@ -73,23 +73,10 @@ def epoch_order(split, *, image_size, channels, batch_size, seed=0, cache=True, 
         return epochs.EpochOrder(examples, buffer=buffer, seed=seed, finish=lambda shuffled: _batched(shuffled, batch_size))
     read = _reader(split, image_size, channels, batch_size, cache, service=service, in_process=in_process)
     if split.random_access or _cached(cache):
-        steps = -(-split.count // int(batch_size))
-
-        def read_epoch(order):
-            return pad_epoch(read(order), steps, batch_size)
-
-        return epochs.IndexOrder(split.count, seed=seed, batch_size=batch_size, read=read_epoch)
+        return epochs.IndexOrder(split.count, seed=seed, batch_size=batch_size, read=read)
     # Encoded records, shuffled before they are decoded.
     return epochs.EpochOrder(split.records(), buffer=split.shuffle_buffer(), seed=seed, batch_size=int(batch_size),
                              finish=read)
-
-
-def pad_epoch(batches, steps, batch_size):
-    """`batches`, made up to `steps` batches by repeating its first one
-    when files that failed to decode shortened the epoch: every epoch keeps
-    the length `model.fit(steps_per_epoch=...)` reads."""
-    del batch_size  # the epoch's length is counted in batches
-    return batches.concatenate(batches.take(1).repeat()).take(steps)
 
 
 def _cached(cache):

@@ -135,7 +135,7 @@ class FileSource(Source):
     """Image files, decoded when read. A file that fails then (damaged after
     the check, or in a way only a full decode finds) is left out, named on
     stderr and kept in `failures`; a full epoch keeps its batch count
-    (`pad_epoch`)."""
+    (`epochs.IndexOrder`)."""
 
     paths: np.ndarray = None
     failures: set = dataclasses.field(default_factory=set)
