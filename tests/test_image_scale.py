@@ -78,7 +78,7 @@ def test_streamed_epochs_equal_cached_epochs_batch_for_batch(kind, tmp_path):
         np.testing.assert_array_equal(images_a, images_b)
     if kind == "disk":
         files = sorted(p.name for p in (tmp_path / "cache").iterdir())
-        assert len(files) == 2 and files[0].endswith(".u8") and not any("partial" in name for name in files)
+        assert len(files) == 2 and files[0].endswith(".u8") and not any(".tmp-" in name for name in files)
 
 
 def test_a_file_damaged_after_the_check_is_skipped_named_and_the_epoch_keeps_its_length(tmp_path, capfd):
@@ -133,12 +133,12 @@ image_cache.build(data.sources["train"], sources.prepared({SIZE}, 3), image_size
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
                           env=os.environ)
     assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
-    assert [p.name for p in cache_dir.iterdir() if "partial" in p.name]  # what the killed writer left
+    assert [p.name for p in cache_dir.iterdir() if ".tmp-" in p.name]  # what the killed writer left
 
     data = datasets.load(str(root))
     cache = image_cache.build(data.sources["train"], sources.prepared(SIZE, 3), image_size=SIZE, channels=3,
                               kind="disk", cache_dir=str(cache_dir))
-    assert not [p.name for p in cache_dir.iterdir() if "partial" in p.name]
+    assert not [p.name for p in cache_dir.iterdir() if ".tmp-" in p.name]
     assert cache.readable.all() and cache.images.shape == (data.sources["train"].count, *SIZE, 3)
 
 

@@ -61,7 +61,8 @@ def temporary_file(path):
     return path.with_name(temporary_name(f".{path.stem}", path.suffix))
 
 
-def _alive(pid):
+def process_alive(pid):
+    """Whether process `pid` of this machine is running."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -84,7 +85,7 @@ def is_abandoned(path, *, now=None):
     match = _OWNER.search(path.name)
     if match is not None and match["tag"] == host():
         pid = int(match["pid"])
-        return pid != os.getpid() and not _alive(pid)
+        return pid != os.getpid() and not process_alive(pid)
     try:
         age = (now or time.time()) - path.lstat().st_mtime
     except FileNotFoundError:

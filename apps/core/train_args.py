@@ -20,6 +20,31 @@ def positive_int(text):
     return value
 
 
+def positive_float(option):
+    """argparse type: a number > 0 (finite), with `option` and the received text in the error."""
+    def parse(text):
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{option} expects a number, received {text!r}") from None
+        if not value > 0 or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"{option} must be > 0, received {text!r}")
+        return value
+
+    return parse
+
+
+def port(text):
+    """argparse type: a TCP port 0..65535 (0: any free port)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--port expects an integer, received {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"--port must be 0..65535 (0: any free port), received {text!r}")
+    return value
+
+
 def non_negative_float(text):
     """argparse type: a number >= 0, with the received text in the error."""
     try:

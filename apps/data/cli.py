@@ -12,6 +12,8 @@ import json
 
 import numpy as np
 
+from dlsuite.apps.core import train_args
+
 EPILOG = """examples:
   dlsuite data pack photos/train packed/train
   dlsuite data pack photos/train gs://my-bucket/photos-224 --image-size 224 --shard-mb 256
@@ -46,19 +48,6 @@ def _image_size(text):
     return sides
 
 
-def _positive_float(option):
-    def parse(text):
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{option} expects a number, received {text!r}") from None
-        if not 0 < value < float("inf"):
-            raise argparse.ArgumentTypeError(f"{option} must be > 0, received {text!r}")
-        return value
-
-    return parse
-
-
 def add_parser(subparsers):
     """Adds `data pack` and `data show` to the `dlsuite` subparsers."""
     parser = subparsers.add_parser(
@@ -81,7 +70,7 @@ def add_parser(subparsers):
     pack.add_argument("--image-size", type=_image_size, metavar="H[,W]",
                       help="resize every image to H x W (bilinear) and store it as a JPEG of quality 95; default: "
                            "store each file's bytes unchanged")
-    pack.add_argument("--shard-mb", type=_positive_float("--shard-mb"), default=128.0, metavar="N",
+    pack.add_argument("--shard-mb", type=train_args.positive_float("--shard-mb"), default=128.0, metavar="N",
                       help="about N MB per shard (default 128); at least 8 shards when there are 8 images")
     pack.add_argument("--strict", action="store_true",
                       help="stop at the first image that cannot be decoded instead of skipping it")
@@ -102,7 +91,7 @@ def add_parser(subparsers):
         description="Serve a tf.data service dispatcher until stopped; trainers pass\n"
                     "--data-service grpc://HOST:PORT and `dlsuite data worker` processes do their input work.",
     )
-    dispatcher.add_argument("--port", type=_port, default=5050, help="the dispatcher's port (default 5050)")
+    dispatcher.add_argument("--port", type=train_args.port, default=5050, help="the dispatcher's port (default 5050)")
     dispatcher.add_argument("--work-dir", metavar="DIR",
                             help="keep the dispatcher's journal there: a restarted dispatcher recovers its jobs")
     dispatcher.set_defaults(func=run_dispatcher)
@@ -113,16 +102,10 @@ def add_parser(subparsers):
                     "trainers that use its dispatcher.",
     )
     worker.add_argument("--dispatcher", required=True, metavar="grpc://HOST:PORT", help="the dispatcher's address")
-    worker.add_argument("--port", type=_port, default=0, help="the worker's port (default: any free one)")
+    worker.add_argument("--port", type=train_args.port, default=0, help="the worker's port (default: any free one)")
     worker.add_argument("--worker-address", metavar="HOST:PORT",
                         help="how the trainers reach this worker (default: this host's name and the port)")
     worker.set_defaults(func=run_worker)
-
-
-def _port(text):
-    if not text.isdigit() or not 0 <= int(text) < 65536:
-        raise argparse.ArgumentTypeError(f"expected a port number 0..65535, received {text!r}")
-    return int(text)
 
 
 def run_dispatcher(args):

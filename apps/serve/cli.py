@@ -9,6 +9,7 @@ import argparse
 import functools
 import pathlib
 
+from dlsuite.apps.core import train_args
 from dlsuite.apps.core.errors import UsageError
 
 EPILOG = """examples:
@@ -28,29 +29,6 @@ and open http://127.0.0.1:8501/ in a browser.
 """
 
 
-def _positive_float(option):
-    def parse(text):
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{option} expects a number, received {text!r}") from None
-        if not value > 0 or value == float("inf"):
-            raise argparse.ArgumentTypeError(f"{option} must be > 0, received {text!r}")
-        return value
-
-    return parse
-
-
-def _port(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--port expects an integer, received {text!r}") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"--port must be 0..65535 (0: any free port), received {text!r}")
-    return value
-
-
 def add_parser(subparsers):
     parser = subparsers.add_parser(
         "serve", help="serve exported models over TensorFlow Serving's REST API, with a page for people",
@@ -65,13 +43,13 @@ def add_parser(subparsers):
                              "(default: saved_models)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
-    parser.add_argument("--port", type=_port, default=8501, help="port (default 8501, TensorFlow Serving's REST "
+    parser.add_argument("--port", type=train_args.port, default=8501, help="port (default 8501, TensorFlow Serving's REST "
                                                                  "port; 0: any free port)")
     parser.add_argument("--model-name", help="the name to serve a single model folder under (default: its "
                                              "folder name)")
-    parser.add_argument("--poll-seconds", type=_positive_float("--poll-seconds"), default=2.0,
+    parser.add_argument("--poll-seconds", type=train_args.positive_float("--poll-seconds"), default=2.0,
                         help="how often to look for new and removed versions (default 2)")
-    parser.add_argument("--max-body-mb", type=_positive_float("--max-body-mb"), default=16.0,
+    parser.add_argument("--max-body-mb", type=train_args.positive_float("--max-body-mb"), default=16.0,
                         help="largest request body in MiB; larger ones get 413 (default 16)")
     parser.add_argument("--trust-model", action="store_true",
                         help="serve SavedModels whose graph reads or writes files or prints (ReadFile, WriteFile, "

@@ -8,13 +8,12 @@ why; `--cache memory|disk|none|auto` overrides it.
 
 The disk cache is a raw array file named by what it holds (the split's
 identity, the size and channels): a run killed while writing it leaves only
-`NAME.partial-PID`, which the next run removes once that process is gone
-(`Dataset.cache(filename)` instead leaves a lockfile that fails every later
-run, tensorflow/tensorflow#28798).
+a temporary `.NAME.tmp-HOST-PID-...`, which the next run removes once that
+process is gone (`core.atomic`; `Dataset.cache(filename)` instead leaves a
+lockfile that fails every later run, tensorflow/tensorflow#28798).
 """
 
 import dataclasses
-import glob
 import hashlib
 import os
 import sys
@@ -23,6 +22,7 @@ import time
 import numpy as np
 import tensorflow as tf
 
+from dlsuite.apps.core import atomic
 from dlsuite.apps.core.errors import UsageError
 
 MODES = ("auto", "memory", "disk", "none")
@@ -63,8 +63,6 @@ def memory_budget():
 
 def check_options(mode, cache_dir):
     """Raises UsageError for an unknown mode or a cache folder that cannot be written; creates nothing."""
-    from dlsuite.apps.core import atomic
-
     if mode not in MODES:
         raise UsageError(f"cache {mode!r} is not one of {', '.join(MODES)}", option="cache")
     if cache_dir is not None:
@@ -136,13 +134,14 @@ class Cache:
     images: np.ndarray
     readable: np.ndarray  # bool (count,)
 
+    @tf.autograph.experimental.do_not_convert  # AutoGraph would rewrite `take` and call it wrongly
     def gather(self, indices):
         """uint8 images at `indices` (a batch), read through NumPy: a memory-mapped file stays on disk."""
-        def take(batch):
-            return np.ascontiguousarray(self.images[batch])
-
-        images = tf.numpy_function(take, [indices], tf.uint8, stateful=False)
+        images = tf.numpy_function(self.take, [indices], tf.uint8, stateful=False)
         return tf.ensure_shape(images, (None, *self.images.shape[1:]))
+
+    def take(self, indices):
+        return np.ascontiguousarray(self.images[indices])
 
 
 def build(source, prepare, *, image_size, channels, kind, cache_dir=None, label="images"):
@@ -155,24 +154,24 @@ def build(source, prepare, *, image_size, channels, kind, cache_dir=None, label=
         return _fill(source, prepare, images, label=label)
     folder = cache_dir or default_cache_dir()
     os.makedirs(folder, exist_ok=True)
-    _remove_abandoned(folder)
+    atomic.clean_abandoned(folder, ".*.tmp-*")
     key = hashlib.sha1(f"{source.identity}|{shape}".encode("utf-8", "surrogateescape")).hexdigest()[:20]
     path = os.path.join(folder, f"images-{key}-{'x'.join(map(str, shape))}.u8")
     if os.path.exists(path) and os.path.exists(path + ".readable.npy"):
         print(f"reading the cached {label} from {path}", flush=True)
         return Cache(np.memmap(path, dtype=np.uint8, mode="r", shape=shape), np.load(path + ".readable.npy"))
-    partial = f"{path}.partial-{os.getpid()}"
+    partial, readable = atomic.temporary_file(path), atomic.temporary_file(path + ".readable.npy")
     try:
         images = np.memmap(partial, dtype=np.uint8, mode="w+", shape=shape)
         cache = _fill(source, prepare, images, label=label)
         images.flush()
-        np.save(partial + ".readable.npy", cache.readable)
-        os.replace(partial + ".readable.npy", path + ".readable.npy")
+        with open(readable, "wb") as file:
+            np.save(file, cache.readable)
+        os.replace(readable, path + ".readable.npy")
         os.replace(partial, path)  # last: a whole array file is always complete
     except BaseException:
-        for leftover in (partial, partial + ".readable.npy"):
-            if os.path.exists(leftover):
-                os.remove(leftover)
+        for leftover in (partial, readable):
+            atomic.remove(leftover)
         raise
     return Cache(np.memmap(path, dtype=np.uint8, mode="r", shape=shape), cache.readable)
 
@@ -194,22 +193,3 @@ def _fill(source, prepare, images, *, label):
     return Cache(images, readable)
 
 
-def _remove_abandoned(folder):
-    """Removes the partial files of writers that are gone (killed mid-write)."""
-    for partial in glob.glob(os.path.join(folder, "*.partial-*")):
-        pid = partial.rsplit(".partial-", 1)[1].split(".", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
-            try:
-                os.remove(partial)
-            except FileNotFoundError:  # another run cleaned it first
-                pass
-
-
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -553,22 +553,12 @@ def _remove_abandoned_partials(out, progress):
         except (tf.errors.OpError, ValueError, UnicodeDecodeError):
             pass
         if owner.get("host") == atomic.host() and owner.get("pid") == pid:
-            abandoned = not _alive(pid)
+            abandoned = not atomic.process_alive(pid)
         else:
             abandoned = time.time() - _mtime(path) > atomic.FOREIGN_AGE_S
         if abandoned:
             _remove_tree(path)
             progress(f"removed {path}, left by a pack that was killed")
-
-
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 def _mtime(path):
