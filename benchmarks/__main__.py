@@ -19,7 +19,8 @@ import sys
 BENCHMARKS = ("train_throughput", "input_pipeline", "lm_speed", "lstm_tuning", "serving_latency", "serving_http",
               "caption_speed",
               "checkpoint_cost",
-              "startup", "memory", "model_parallel")
+              "startup", "memory", "model_parallel",
+              "data_scale")
 
 PACKAGE = pathlib.Path(__file__).resolve().parent
 DEFAULT_RESULTS = PACKAGE / "RESULTS.md"

@@ -28,6 +28,8 @@ EXPECTED = {
     "startup": {"startup_help", "startup_classify_help", "startup_lm_help", "startup_models_help"},
     "memory": {"memory_lenet5_b8"},
     "checkpoint_cost": {"checkpoint_cost_lenet5", "checkpoint_cost_lstm_1x32"},
+    "data_scale": {f"data_scale_{size}_{figure}_{run}" for size in ("200", "1k")
+                   for figure in ("first_batch", "images_per_s", "peak_memory") for run in ("run1", "run2")},
 }
 # PyTorch is the reference of these rows where it is installed (`pip install -e ".[bench]"`).
 TORCH_ROWS = {"generate_stateful_vs_torch", "generate_export_vs_torch", "train_lstm_2x32_vs_torch",
