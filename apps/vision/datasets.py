@@ -14,7 +14,6 @@ Resizing, channel matching and batching are `pipeline.batches`' job.
 
 import concurrent.futures
 import dataclasses
-import hashlib
 import os
 import sys
 import time
@@ -621,19 +620,10 @@ def _read_folder(spec, root, *, strict):
 
 
 def file_source(paths, labels=None, *, channels, image_shape=None, key="files"):
-    """A `sources.FileSource` of `paths` (checked files; `labels` default 0),
-    decoded to `channels`; its identity digests the paths and their sizes and times."""
+    """A `sources.FileSource` of `paths` (checked files; `labels` default 0), decoded to `channels`."""
     labels = np.zeros(len(paths), np.int32) if labels is None else labels
-    digest = hashlib.sha1()
-    for path in paths:
-        try:
-            stat = os.stat(path)
-            digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
-        except OSError:
-            digest.update(f"{path}\0missing\n".encode("utf-8", "surrogateescape"))
     return sources.FileSource(count=len(paths), labels=np.asarray(labels, dtype=np.int32), channels=channels,
-                              image_shape=image_shape, identity=f"files:{key}:{digest.hexdigest()}",
-                              paths=np.asarray(paths))
+                              image_shape=image_shape, identity=f"files:{key}", paths=np.asarray(paths))
 
 
 def whole_folder(spec, *, strict=False, channels=None):

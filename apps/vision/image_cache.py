@@ -155,7 +155,7 @@ def build(source, prepare, *, image_size, channels, kind, cache_dir=None, label=
     folder = cache_dir or default_cache_dir()
     os.makedirs(folder, exist_ok=True)
     atomic.clean_abandoned(folder, ".*.tmp-*")
-    key = hashlib.sha1(f"{source.identity}|{shape}".encode("utf-8", "surrogateescape")).hexdigest()[:20]
+    key = hashlib.sha1(f"{source.cache_key()}|{shape}".encode("utf-8", "surrogateescape")).hexdigest()[:20]
     path = os.path.join(folder, f"images-{key}-{'x'.join(map(str, shape))}.u8")
     if os.path.exists(path) and os.path.exists(path + ".readable.npy"):
         print(f"reading the cached {label} from {path}", flush=True)

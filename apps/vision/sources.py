@@ -15,6 +15,8 @@ float32) equal a streamed one batch for batch.
 """
 
 import dataclasses
+import hashlib
+import os
 import sys
 
 import numpy as np
@@ -83,6 +85,10 @@ class Source:
 
     random_access = True
 
+    def cache_key(self):
+        """What names a disk cache of this split: `identity`, and for files their sizes and times."""
+        return self.identity
+
     def native(self, index):
         """index (int64 scalar tensor) -> uint8 image at its own size."""
         raise NotImplementedError
@@ -124,10 +130,13 @@ class ArraySource(Source):
     def _images(self):
         return _constant(self, self.images)
 
+    def cache_key(self):
+        # The pixels themselves: held in memory already, and a split depends on more than its name.
+        return f"{self.identity}:{_digest(self.images)}:{_digest(self.labels)}"
+
     def subset(self, indices):
         indices = np.asarray(indices, dtype=np.int64)
-        return dataclasses.replace(self, count=len(indices), labels=self.labels[indices], images=self.images[indices],
-                                   identity=f"{self.identity}[{_digest(indices)}]")
+        return dataclasses.replace(self, count=len(indices), labels=self.labels[indices], images=self.images[indices])
 
 
 @dataclasses.dataclass
@@ -143,6 +152,17 @@ class FileSource(Source):
     def native(self, index):
         return decode_file(self.channels, self.image_shape)(tf.io.read_file(tf.gather(self._paths, index)))
 
+    def cache_key(self):
+        # Made only for a disk cache: a stat of every file is seconds at a million files.
+        digest = hashlib.sha1()
+        for path in self.paths:
+            try:
+                stat = os.stat(path)
+                digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
+            except OSError:
+                digest.update(f"{path}\0missing\n".encode("utf-8", "surrogateescape"))
+        return f"{self.identity}:{digest.hexdigest()}"
+
     @property
     def _paths(self):
         return _constant(self, self.paths)
@@ -150,7 +170,7 @@ class FileSource(Source):
     def subset(self, indices):
         indices = np.asarray(indices, dtype=np.int64)
         return dataclasses.replace(self, count=len(indices), labels=self.labels[indices], paths=self.paths[indices],
-                                   identity=f"{self.identity}[{_digest(indices)}]", failures=self.failures)
+                                   failures=self.failures)
 
     def read(self, order, prepare, *, record=True):
         # The positions that come out are checked against the ones that went
@@ -229,10 +249,8 @@ def _constant(source, array):
     return source.__dict__["_tensor"]
 
 
-def _digest(indices):
-    import hashlib
-
-    return hashlib.sha1(np.ascontiguousarray(indices).tobytes()).hexdigest()[:12]
+def _digest(array):
+    return hashlib.sha1(np.ascontiguousarray(array).tobytes()).hexdigest()[:16]
 
 
 @dataclasses.dataclass
