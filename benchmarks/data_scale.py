@@ -465,14 +465,9 @@ def _proc_status(pid, field):
 
 
 def _available():
-    try:
-        with open("/proc/meminfo", encoding="ascii") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    from dlsuite.apps.vision import image_cache  # the app's own reading of MemAvailable
+
+    return image_cache.available_memory()
 
 
 class _Spawned:
