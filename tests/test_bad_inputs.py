@@ -329,6 +329,19 @@ CASES = [
     _case("classify", "predict", "{root}/good.keras", "{image}", id="predict-keras-file"),
     *[_case("classify", "predict", "{%s}" % kind, "{image}", id=f"predict-{kind}") for kind in EXPORTS],
 
+    # --- data -------------------------------------------------------------------------------
+    _case("data", "pack", "{root}/missing", "packed", id="data-pack-missing-folder"),
+    _case("data", "pack", "{empty_dir}", "packed", id="data-pack-empty-folder"),
+    _case("data", "pack", "{images}", "{images}", id="data-pack-out-exists"),
+    _case("data", "pack", "{images}", "{file}/packed", id="data-pack-out-under-file"),
+    _case("data", "pack", "{images}", "packed", "--shard-mb", "0", id="data-pack-shard-mb-0"),
+    _case("data", "pack", "{images}", "packed", "--image-size", "0", id="data-pack-image-size-0"),
+    _case("data", "show", "{root}/missing", id="data-show-missing"),
+    _case("data", "show", "{images}", id="data-show-not-packed"),
+    _case("data", "dispatcher", "--port", "70000", id="data-dispatcher-port"),
+    _case("data", "worker", "--dispatcher", "grpc://127.0.0.1:1", id="data-worker-unreachable-dispatcher"),
+    _case("data", "worker", "--dispatcher", "grpc://127.0.0.1:1", "--port", "x", id="data-worker-port-x"),
+
     # --- lm ---------------------------------------------------------------------------------
     _case("lm", "train", "--text", "{root}/missing.txt", id="lm-train-missing-text"),
     _case("lm", "train", "--text", "{empty_text}", id="lm-train-empty-text"),
@@ -342,7 +355,7 @@ CASES = [
     _case("lm", "train", "--units", "x", id="lm-train-units-x"),
     _case("lm", "train", "--dataset", "nope", id="lm-train-unknown-dataset"),
     _case("lm", "train", "--text", "{text}", "--validation-fraction", "1", id="lm-train-validation-fraction"),
-    _case("lm", "train", "--max-chars", "0", id="lm-train-max-chars-0"),
+    _case("lm", "train", "--max-chars", "-1", id="lm-train-max-chars-negative"),
     _case("lm", "train", "--text", "{text}", "--dropout", "1", id="lm-train-dropout"),
     _case("lm", "train", "--config", "{bad_yaml}", id="lm-train-config-bad-yaml"),
     _case("lm", "train", "--config", "{empty_config}", "--text", "{empty_text}", id="lm-train-config-empty"),
