@@ -116,6 +116,22 @@ def test_the_manifest_is_reused_and_a_changed_file_is_checked_again(tmp_path):
     assert manifest.read(path)[str(changed)][2] == ["truncated PNG"]
 
 
+def test_checks_that_wait_on_the_disk_move_to_threads_with_the_same_verdicts_in_order(tmp_path, monkeypatch):
+    root = photo_folder(tmp_path / "photos", per_class=40)
+    (root / "class2" / "007.jpg").write_bytes((root / "class2" / "007.jpg").read_bytes()[:-40])
+    _, files = datasets.list_class_files(str(root))
+    paths = [path for name in sorted(files) for path in files[name]]
+    in_thread = datasets.check_images(paths, strict=False)
+    # A chunk that used no CPU time waited on the disk: the rest go to the pool.
+    monkeypatch.setattr(datasets, "CHECK_CHUNK", 20)
+    monkeypatch.setattr(datasets.time, "thread_time", lambda: 0.0)
+    pooled = datasets.check_images(paths, strict=False)
+    assert [(c.path, c.reason, c.shape) for c in pooled] == [(c.path, c.reason, c.shape) for c in in_thread]
+    assert [c.reason for c in pooled if c.reason] == ["truncated JPEG"]
+    with pytest.raises(datasets.UsageError, match="007.jpg.*truncated JPEG.*strict mode"):
+        datasets.check_images(paths, strict=True)
+
+
 def test_a_disk_cache_killed_while_written_is_rebuilt_by_the_next_run(tmp_path):
     root = photo_folder(tmp_path / "photos", per_class=40)
     cache_dir = tmp_path / "cache"

@@ -100,6 +100,7 @@ class IndexOrder(EpochOrder):
         seed = tf.constant([epoch_seed(self.seed, epoch), 0], tf.int64)
         last = self.count - 1
 
+        @tf.autograph.experimental.do_not_convert
         def index(position):
             return position, tf.random.experimental.index_shuffle(position, seed=seed, max_index=last)
 

@@ -33,9 +33,11 @@ def read(path):
             if file.readline() != HEADER:
                 return {}
             for line in file:
-                parts = line.rstrip("\n").split("\t")
-                if len(parts) >= 4 and parts[1].isdigit() and parts[2].isdigit():
-                    entries[parts[0]] = (int(parts[1]), int(parts[2]), parts[3:])
+                parts = line.rstrip("\n").split("\t", 3)
+                try:
+                    entries[parts[0]] = (int(parts[1]), int(parts[2]), parts[3].split("\t"))
+                except (IndexError, ValueError):
+                    continue  # a damaged line: that file is checked again
     except (OSError, UnicodeError):
         return {}
     return entries

@@ -22,6 +22,9 @@ from dlsuite.apps.core import epochs
 from dlsuite.apps.core.errors import UsageError
 from dlsuite.apps.vision import sources
 
+# Functions handed to tf.data here are plain TensorFlow ops: not for AutoGraph (see sources).
+_plain = tf.autograph.experimental.do_not_convert
+
 # Largest shuffle buffer of a plain dataset's examples.
 MAX_SHUFFLE_BUFFER = 10_000
 
@@ -92,12 +95,15 @@ def _reader(split, image_size, channels, batch_size, cache, *, service=None, in_
         labels = tf.constant(split.labels, tf.int32)
         readable = tf.constant(cache.readable)
 
+        @_plain
         def is_readable(position, index):
             return tf.gather(readable, index)
 
+        @_plain
         def index_of(position, index):
             return index
 
+        @_plain
         def gathered(indices):
             return _floats(cache.gather(indices)), tf.gather(labels, indices)
 
@@ -129,6 +135,7 @@ def _served(examples, service):
     return data_service.distribute(examples, service)
 
 
+@_plain
 def _without_index(image, label, index):
     return image, label
 
@@ -143,6 +150,7 @@ def _batched(examples, batch_size, *, prefetch=True):
     return batched.prefetch(tf.data.AUTOTUNE) if prefetch else batched
 
 
+@_plain
 def _float_batch(images, labels):
     return _floats(images), tf.cast(labels, tf.int32)
 
@@ -150,6 +158,7 @@ def _float_batch(images, labels):
 def _prepared_dataset(dataset, image_size, channels, cache):
     prepare = sources.prepared(tuple(int(d) for d in image_size), channels)
 
+    @_plain
     def prepared_example(image, label):
         return prepare(image), tf.cast(label, tf.int32)
 
