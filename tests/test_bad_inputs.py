@@ -548,3 +548,23 @@ def test_bad_command_line_is_one_line(argv, files, tmp_path, monkeypatch, capsys
     assert not Path(files["root"], PWNED).exists(), "the untrusted SavedModel ran"
     if "untrusted" in request.node.callspec.id:  # refused for what it does, not for a missing signature
         assert "runs WriteFile" in lines[0] and "pass --trust-model" in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["classify", "train", "--export-dir", "/proc/dlsuite-exports"], "/proc/dlsuite-exports"),
+    (["classify", "train", "--out", "/proc/dlsuite-runs"], "/proc/dlsuite-runs"),
+    (["transfer", "finetune", "--backbone", "lenet5", "--weights", "none", "--dataset", "{images}",
+      "--export-dir", "/proc"], "/proc"),
+    (["transfer", "extract", "--backbone", "lenet5", "--weights", "none", "--images", "{images}",
+      "--out", "/proc/features.npz"], "/proc/features.npz"),
+], ids=["export-dir", "run-dir", "finetune-export-dir", "extract-out"])
+def test_a_folder_that_refuses_new_files_is_named_before_any_work_even_for_root(argv, named, files, tmp_path,
+                                                                                monkeypatch, capsys):
+    # /proc refuses new files to everyone, root included, where the permission bits say yes to root.
+    monkeypatch.chdir(tmp_path)
+    status = cli.main([word.format(**files) for word in argv])
+    err = capsys.readouterr().err.strip()
+    assert status == 2, err
+    assert len(err.splitlines()) == 1, err
+    assert repr(named) in err and "'/proc' refuses new files" in err and ".tmp" not in err, err
+    assert _listing(tmp_path) == [], "the command started its work"

@@ -23,6 +23,7 @@ import secrets
 import shutil
 import socket
 import sys
+import tempfile
 import time
 
 from dlsuite.apps.core.errors import UsageError
@@ -200,20 +201,40 @@ def glob_escape(text):
 
 def check_writable(path, *, what, option=None, hint="pass a folder you can write to"):
     """Raises UsageError unless `path` (a folder, maybe not there yet) could
-    be created and written by this process; creates nothing.
+    be created and written by this process; leaves nothing behind.
 
-    The folder, or its nearest existing parent, must be a directory with
-    write and search permission. Called before training, so that a bad
-    output path costs nothing.
+    Called before training, so that a bad output path costs nothing.
     """
     path = pathlib.Path(path)
-    existing = path
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
+    existing = nearest_existing(path)
     if not existing.is_dir():
         raise UsageError(f"cannot write {what} under {str(path)!r}: {str(existing)!r} is not a folder; {hint}",
                          option=option)
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(f"cannot write {what} under {str(path)!r}: no write permission on {str(existing)!r}; "
-                         f"{hint}", option=option)
+    refusal = write_refusal(existing)
+    if refusal:
+        raise UsageError(f"cannot write {what} under {str(path)!r}: {refusal}; {hint}", option=option)
     return path
+
+
+def nearest_existing(path):
+    """`path`, or its nearest parent that exists."""
+    path = pathlib.Path(path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def write_refusal(folder):
+    """Why a new file cannot be made in the existing `folder`, or None.
+
+    Found by making and removing an empty file there: the permission bits
+    (`os.access`) say yes to root, and to anyone on a read-only or pseudo file
+    system (/proc) or on NFS with root squashing, which then refuse the write.
+    """
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".dlsuite-write-check-", dir=folder)
+    except OSError as error:
+        return f"{str(folder)!r} refuses new files ({error.strerror or type(error).__name__})"
+    os.close(handle)
+    os.unlink(probe)
+    return None

@@ -1,14 +1,14 @@
 """Output files a command will write, checked before any work (#15): a bad
 path costs nothing and leaves nothing behind."""
 
-import os
 import pathlib
 
+from dlsuite.apps.core import atomic
 from dlsuite.apps.core.errors import UsageError
 
 
 def check_file(path, *, option, suffix=None):
-    """Raises UsageError unless the file `path` can be written; creates nothing.
+    """Raises UsageError unless the file `path` can be written; leaves nothing behind.
 
     Args:
         option: the config field the path came from (the message starts with
@@ -24,13 +24,13 @@ def check_file(path, *, option, suffix=None):
     if path.is_dir():
         raise UsageError(f"{option} {str(path)!r} is a folder; pass the path of a {suffix or ''} file to write",
                          option=option)
-    existing = path.parent
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
+    existing = atomic.nearest_existing(path.parent)
     if not existing.is_dir():
         raise UsageError(f"{option} {str(path)!r} cannot be written: {str(existing)!r} is not a folder; pass a path "
                          "in a folder you can write to", option=option)
-    if not os.access(existing, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise UsageError(f"{option} {str(path)!r} cannot be written: no write permission on "
-                         f"{str(path if path.exists() else existing)!r}; pass a path you can write to", option=option)
+    # The file is written beside itself and renamed over: its folder decides.
+    refusal = atomic.write_refusal(existing)
+    if refusal:
+        raise UsageError(f"{option} {str(path)!r} cannot be written: {refusal}; pass a path you can write to",
+                         option=option)
     return path

@@ -55,23 +55,10 @@ def versions(model_dir):
 
 
 def check_export_dir(base_dir):
-    """Raises UsageError unless exports can be written under `base_dir`.
-
-    Nothing is created: the folder, or its nearest existing parent, must be a
-    directory this process may write into. Called before training, so that a
-    bad --export-dir costs nothing.
-    """
-    path = pathlib.Path(base_dir)
-    existing = path
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise UsageError(f"cannot write exports under {str(path)!r}: {str(existing)!r} is not a folder; "
-                         "pass a folder you can write to", option="export_dir")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(f"cannot write exports under {str(path)!r}: no write permission on {str(existing)!r}; "
-                         "pass a folder you can write to", option="export_dir")
-    return path
+    """Raises UsageError unless exports can be written under `base_dir`
+    (`atomic.check_writable`); called before training, so that a bad
+    --export-dir costs nothing."""
+    return atomic.check_writable(base_dir, what="exports", option="export_dir")
 
 
 def write_version_atomically(model_dir, version, write):
