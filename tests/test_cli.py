@@ -176,6 +176,31 @@ def test_command_line_choices_match_the_libraries():
     assert optim.OPTIMIZERS == choices.OPTIMIZERS
 
 
+def test_every_strategy_help_names_every_strategy_the_command_accepts():
+    import argparse
+
+    from dlsuite.apps.core import choices, distribute
+
+    def commands(parser, prefix=()):
+        subs = [action for action in parser._actions if isinstance(action, argparse._SubParsersAction)]
+        if not subs:
+            yield prefix, parser
+        for sub in subs:
+            for name, child in sub.choices.items():
+                yield from commands(child, (*prefix, name))
+
+    found = 0
+    for command, parser in commands(cli.build_parser()):
+        strategy = next((a for a in parser._actions if "--strategy" in a.option_strings), None)
+        if strategy is None:
+            continue
+        found += 1
+        refused = choices.UNTUNABLE_STRATEGIES if command[0] == "tune" else ()
+        for name in distribute.STRATEGIES:
+            assert (f"{name}" in strategy.help.replace(",", " ").split()) == (name not in refused), (command, name)
+    assert found >= 5
+
+
 def test_info_names_versions_devices_strategies_and_caches(capsys):
     assert cli.main(["info", "--json"]) == 0
     facts = json.loads(capsys.readouterr().out)

@@ -42,10 +42,11 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from dlsuite.apps.core import choices
 from dlsuite.apps.core.errors import UsageError
 from dlsuite.callbacks.nan_guard import NAN_ADVICE
 
-STRATEGIES = ("auto", "default", "one-device", "mirrored", "multi-worker", "parameter-server", "tpu")
+STRATEGIES = choices.STRATEGIES
 
 TF_CONFIG_EXAMPLE = (
     '{"cluster": {"worker": ["host1:12345", "host2:12345"]}, '

@@ -191,7 +191,7 @@ def add_training_arguments(parser, *, app, epochs, optimizer="adam", clip_norm=N
                                "monitors.json (e.g. --monitor updates,gradients)")
 
     hardware = parser.add_argument_group("hardware")
-    hardware.add_argument("--strategy", default="auto", help="auto, default, one-device, mirrored, multi-worker (reads TF_CONFIG) or tpu")
+    hardware.add_argument("--strategy", default="auto", help=choices.strategy_help())
     hardware.add_argument("--mixed-precision", choices=choices.SWITCHES, default="auto")
     hardware.add_argument("--jit-compile", choices=choices.SWITCHES, default="auto")
     if model_parallel:

@@ -48,7 +48,7 @@ import warnings
 
 from dlsuite.apps.tune import space as search_space
 from dlsuite.apps import table
-from dlsuite.apps.core import train_args
+from dlsuite.apps.core import choices, train_args
 from dlsuite.apps.core.errors import UsageError
 
 TUNERS = ("random", "hyperband", "bayesian")
@@ -111,7 +111,8 @@ def _add_app_parser(apps, name, entry):
     search.add_argument("--max-failures", type=train_args.positive_int, default=3,
                         help="stop the search after this many trials in a row fail (default 3)")
     search.add_argument("--seed", type=int, default=0, help="seeds the split, the search and every trial's initialization")
-    search.add_argument("--strategy", default="auto", help="tf.distribute strategy each trial trains under: auto, default, one-device, mirrored or tpu")
+    search.add_argument("--strategy", default="auto", help="tf.distribute strategy each trial trains under: " + choices.strategy_help(
+        [name for name in choices.STRATEGIES if name not in choices.UNTUNABLE_STRATEGIES]))
 
     train_args.add_config_argument(parser)
     output = parser.add_argument_group("output")
@@ -138,7 +139,7 @@ def run(args):
         space = search_space.build(args.app, epochs=args.epochs, options=fixed)
     if args.tuner == "hyperband" and "epochs" in space.searched():
         raise UsageError("hyperband chooses each trial's epochs itself (up to --epochs); remove 'epochs' from the space")
-    if args.strategy in ("multi-worker", "parameter-server"):
+    if args.strategy in choices.UNTUNABLE_STRATEGIES:
         why = "Keras fit fails under it" if args.strategy == "multi-worker" else "a trial trains with Keras fit, which does not drive it"
         raise UsageError(f"--strategy {args.strategy} cannot train a trial ({why}); spread trials over machines "
                          "with a distributed search instead: see `dlsuite tune --help`")
