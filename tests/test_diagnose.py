@@ -5,6 +5,7 @@ memory estimate stays within 25% of the measured peak, bad input is one line."""
 
 import json
 import math
+import re
 
 import keras
 import pytest
@@ -164,6 +165,20 @@ def test_curve_doctor_gives_the_evidence_and_the_seeds_remedies(tmp_path, capsys
     [nan] = curve_doctor.diagnose(HISTORIES["nan"])
     assert nan.evidence == "loss is nan at epoch 4; it was 5 at epoch 3"
     assert "too high" in nan.summary
+
+
+def test_curve_doctor_names_no_epoch_past_the_end_of_the_run(tmp_path, capsys):
+    # Issue #27: a 30-epoch run whose val_loss was lowest at epoch 28 "would
+    # have stopped at epoch 31" with --early-stopping 3.
+    history = {"loss": [0.9**i for i in range(30)],
+               "val_loss": [0.95**i for i in range(28)] + [0.95**27 * 1.15, 0.95**27 * 1.3]}
+    rundir.write_history(tmp_path / "history.csv", history)
+    status, out, _ = run(capsys, "diagnose", "run", tmp_path)
+    assert status == 0 and "overfitting:" in out
+    mentioned = [int(n) for n in re.findall(r"epoch (\d+)", out)]
+    assert mentioned and max(mentioned) <= 30, out
+    assert "keep the best checkpoint, from epoch 28" in out
+    assert "it ended 2 epoch(s) after its best" in out
 
 
 # --- LR range test ------------------------------------------------------------------------------

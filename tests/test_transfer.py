@@ -8,6 +8,7 @@ fine-tune it on the 8-class task with 20 labels per class.
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -247,6 +248,25 @@ def test_finetuning_a_trained_backbone_beats_training_from_scratch_on_few_labels
 
     served = export.ExportedClassifier.load(tmp_path / "saved_models" / "transfer")
     assert served.class_names == list(shapes.SHAPES)
+
+
+def test_two_default_finetunes_export_two_versions_beside_their_source(tmp_path, monkeypatch, capsys):
+    """Issue #27: the default export name was classify's <model>_<dataset>, so fine-tuning
+    saved_models/lenet5_shapes exported into that folder, and the next run read it back as --weights."""
+    monkeypatch.chdir(tmp_path)  # the default runs/ and saved_models/
+    tiny = ["--dataset", "shapes", "--shapes-size", "32", "--shapes-count", "64"]
+    status, _, err = run_cli(["classify", "train", "--model", "lenet5", *tiny, "--epochs", "1"], capsys)
+    assert status == 0, err
+    exports = []
+    for _ in range(2):
+        status, out, err = run_cli(["transfer", "finetune", "--weights", "saved_models/lenet5_shapes", *tiny,
+                                    "--freeze-epochs", "1", "--finetune-epochs", "1"], capsys)
+        assert status == 0, err
+        assert "lenet5 (saved_models/lenet5_shapes/1)" in out  # both start from the classifier
+        exports.append(re.search(r"; export (\S+)$", out, re.MULTILINE).group(1))
+    assert exports == ["saved_models/lenet5_shapes_transfer/1", "saved_models/lenet5_shapes_transfer/2"]
+    assert all((tmp_path / export / "saved_model.pb").is_file() for export in exports)
+    assert [path.name for path in (tmp_path / "saved_models" / "lenet5_shapes").iterdir()] == ["1"]
 
 
 def test_resume_reads_the_finished_phase_back_and_goes_on_with_the_interrupted_one(source, tmp_path, capsys, interrupt_at_epoch_end):

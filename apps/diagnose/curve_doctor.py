@@ -39,6 +39,7 @@ OSCILLATION_SIZE = 0.05  # ... counting moves of over 5% of the loss (15% for va
 UNDERFIT_ACCURACY = 0.9  # training accuracy below this at the end ...
 UNDERFIT_LOSS_FALL = 0.5  # ... or (without accuracy) the loss fell by less than half
 UNDERFIT_GAP = 0.2  # and validation loss within 20% of training loss
+PATIENCE = 3  # the --early-stopping the overfitting remedy suggests
 STILL_FALLING = 0.02  # a loss still falling 2% per epoch at the end "has not converged"
 
 
@@ -201,13 +202,25 @@ def find_overfitting(history):
         f"val_loss fell to {validation[best]:.4g} at epoch {_epoch(best)}, then rose to {validation[last]:.4g} "
         f"by epoch {_epoch(last)} (+{rise:.0%}), while loss fell from {losses[best]:.4g} to {losses[last]:.4g}; "
         f"the gap grew from {gap_then:.3g} to {gap_now:.3g}{accuracy}",
-        [f"early stopping (--early-stopping 3 would have stopped at epoch {_epoch(best) + 3}; the best "
-         f"checkpoint is from epoch {_epoch(best)})",
+        [_early_stopping_remedy(best, n),
          "more dropout (--dropout 0.5)",
          "more regularization (--l2 1e-4, --l1, --max-norm 3)",
          "fewer layers or a smaller model; more data or augmentation (--augment)",
          "look at the weights' distribution for extreme values"],
     )
+
+
+def _early_stopping_remedy(best, epochs):
+    """Early stopping's advice for a run whose lowest val_loss is at index
+    `best` of `epochs`. Keras stops `PATIENCE` epochs after the best one; a
+    run that ended by then would not have stopped sooner (issue #27: a
+    30-epoch run "would have stopped at epoch 31")."""
+    stop = _epoch(best) + PATIENCE
+    if stop < epochs:
+        return (f"early stopping (--early-stopping {PATIENCE} would have stopped at epoch {stop} of {epochs}; "
+                f"the best checkpoint is from epoch {_epoch(best)})")
+    return (f"keep the best checkpoint, from epoch {_epoch(best)} (--early-stopping {PATIENCE} would not have "
+            f"ended this run sooner: it ended {epochs - _epoch(best)} epoch(s) after its best)")
 
 
 def find_underfitting(history):

@@ -115,8 +115,8 @@ def add_parser(subparsers):
     phases.add_argument("--finetune-lr-factor", type=float, default=0.1,
                         help="phase 2 learning rate = --lr x this (default 0.1)")
     phases.add_argument("--head-dropout", type=float, default=0.2, help="dropout before the new classifier (default 0.2)")
-    train_args.add_training_arguments(finetune, app="transfer", epochs=None, export_default="<backbone>_<dataset>",
-                                      resumable=True)
+    train_args.add_training_arguments(finetune, app="transfer", epochs=None,
+                                      export_default="<backbone>_<dataset>_transfer", resumable=True)
     finetune.set_defaults(func=run_finetune)
 
 

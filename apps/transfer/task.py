@@ -240,7 +240,9 @@ class TransferTask(classifier_task.ImageClassifierTask):
         from dlsuite.apps.core import rundir
         from dlsuite.apps.vision import export
 
+        # Not `classify`'s <model>_<dataset> (issue #27): `--weights saved_models/lenet5_shapes` then
+        # exported into its own source's folder, and the next run's --weights read that version back.
         return export.export_classifier(model, class_names=self.data.class_names, base_dir=base_dir,
-                                        name=name or f"{self.base.name}_{rundir.slug(self.data.name)}",
+                                        name=name or f"{self.base.name}_{rundir.slug(self.data.name)}_transfer",
                                         facts=self.export_facts())
 
