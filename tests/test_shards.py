@@ -289,3 +289,64 @@ def test_object_store_paths(tmp_path):
     info = shards.pack(root, out, image_size=(4, 4), overwrite=True, progress=lambda line: None)
     assert shards.read_info(out).resized == (4, 4)
     assert tf.io.gfile.listdir(f"ram://{tmp_path.name}") == ["packed"]  # the partial folder moved, then went
+
+
+def test_each_worker_reads_only_its_own_shard_files_and_takes_the_same_steps(tmp_path):
+    from dlsuite.apps.vision import pipeline
+
+    make_folder(tmp_path / "photos", per_class=10, corrupt=False)
+    info = shards.pack(tmp_path / "photos", tmp_path / "packed", image_size=(8, 8), progress=lambda *_: None)
+    assert len(info.files) == 8
+    train = datasets.load(str(tmp_path / "packed"), validation_fraction=0.2, test_fraction=0.1, seed=0).sources["train"]
+    parts = [train.worker_share(worker, 3) for worker in range(3)]
+    # Worker w of 3 reads files w, w + 3, ...: its images are those at index i with i % 8 in them.
+    assert [[os.path.basename(f) for f in part.files] for part in parts] == [
+        [os.path.basename(info.files[k]) for k in range(w, 8, 3)] for w in range(3)]
+    assert sum(part.count for part in parts) == train.count
+    assert sorted(np.concatenate([part.labels for part in parts])) == sorted(train.labels)
+    assert train.worker_share(0, 9) is None  # fewer files than workers: every worker reads all
+
+    order = pipeline.epoch_order(train, image_size=(8, 8), channels=3, batch_size=6, seed=0, cache=None)
+    steps = -(-train.count // 6)
+    for worker, part in enumerate(parts):
+        mine = order.worker_share(worker, 3, 2)
+        labels = np.concatenate([y.numpy() for _, y in mine.epoch(0)])
+        assert sorted(labels) == sorted(part.labels)  # one epoch of the worker's part is all of it, once
+        batches = list(mine.stream(0, 2, steps=steps))
+        assert len(batches) == 2 * steps and all(len(y) <= 2 for _, y in batches)
+
+
+def test_two_workers_train_on_a_pack_each_reading_its_own_files(tmp_path):
+    """A multi-worker run on packed shards as on a cluster (TF_CONFIG, two
+    processes on localhost): each worker reads its own shard files."""
+    import json
+    import pathlib
+    import socket
+
+    make_folder(tmp_path / "photos", per_class=12, corrupt=False)
+    shards.pack(tmp_path / "photos", tmp_path / "packed", image_size=(32, 32), progress=lambda *_: None)
+    ports = []
+    for _ in range(2):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            ports.append(probe.getsockname()[1])
+    script = pathlib.Path(sys.executable).parent / "dlsuite"
+    workers = []
+    for index in range(2):
+        tf_config = {"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]}, "task": {"type": "worker", "index": index}}
+        env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+        env.update(TF_CONFIG=json.dumps(tf_config), CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="3")
+        workers.append(subprocess.Popen(
+            [str(script), "classify", "train", "--dataset", str(tmp_path / "packed"), "--model", "lenet5",
+             "--image-size", "32", "--batch-size", "8", "--epochs", "2", "--cache", "none", "--strategy", "multi-worker",
+             "--out", str(tmp_path / "run"), "--no-export"],
+            env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    try:
+        outputs = [worker.communicate(timeout=300)[0] for worker in workers]
+    finally:
+        for worker in workers:
+            worker.kill()
+    assert [worker.returncode for worker in workers] == [0, 0], outputs
+    assert "each of the 2 workers reads only its own part of the training data files" in outputs[0], outputs[0]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["status"] == "finished" and metrics["epochs_run"] == 2

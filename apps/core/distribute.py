@@ -412,7 +412,10 @@ def _replica_steps(model, optimizer, loss, *, with_accuracy, pre_reduce):
 
 def _distributed_steps(strategy, replica_train_step, replica_eval_step, train_dataset, validation_dataset):
     """Step 3: the distributed datasets and their reduced train and eval steps (eval: None without data)."""
-    distributed_train = strategy.experimental_distribute_dataset(_shard_by_data(train_dataset))
+    if callable(train_dataset):  # each worker's own data (`own_data`)
+        distributed_train = strategy.distribute_datasets_from_function(train_dataset)
+    else:
+        distributed_train = strategy.experimental_distribute_dataset(_shard_by_data(train_dataset))
     distributed_validation = (
         strategy.experimental_distribute_dataset(_shard_by_data(validation_dataset))
         if validation_dataset is not None
@@ -587,6 +590,38 @@ def _all_reduce_sum(context, gradients):
     present = [g for g in gradients if g is not None]
     summed = iter(context.all_reduce(tf.distribute.ReduceOp.SUM, present) if present else [])
     return [None if g is None else next(summed) for g in gradients]
+
+
+def own_data(order, strategy, *, global_batch_size, steps_per_epoch, first_epoch, end_epoch):
+    """The input of a multi-worker run where each worker reads only its own
+    part of the training data (packed shards: its own shard files), rather
+    than all of it to keep its share of each batch.
+
+    Args:
+        order: the training split's `epochs.EpochOrder`.
+
+    Returns:
+        (dataset function for `train_custom_loop`, or None to read as usual;
+        the line that says which and why).
+    """
+    workers = max(1, len(_cluster_workers()))
+    share = getattr(order, "worker_share", None)
+    if workers < 2 or share is None:
+        return None, None
+    if global_batch_size % strategy.num_replicas_in_sync:
+        return None, (f"every worker reads all the training data and keeps its part of each batch: the batch of "
+                      f"{global_batch_size} does not divide among {strategy.num_replicas_in_sync} replicas")
+    if any(share(worker, workers, 1) is None for worker in range(workers)):
+        return None, (f"every worker reads all the training data and keeps its part of each batch: fewer data "
+                      f"files than the {workers} workers (pack with a smaller --shard-mb for one file each at least)")
+
+    def dataset_fn(context):
+        # Each worker's epochs take the same number of steps, whatever its part's size: the all-reduce needs every worker.
+        mine = share(context.input_pipeline_id, context.num_input_pipelines,
+                     context.get_per_replica_batch_size(global_batch_size))
+        return mine.stream(first_epoch, end_epoch, steps=steps_per_epoch)
+
+    return dataset_fn, f"each of the {workers} workers reads only its own part of the training data files"
 
 
 def _shard_by_data(dataset):

@@ -188,7 +188,7 @@ def fit(
         return _fit_lbfgs(model, train, validation, optimizer_config=optimizer_config, loss=loss, epochs=epochs, paths=paths)
     if distribute.needs_custom_loop(strategy):
         return _fit_custom_loop(
-            model, train, validation, strategy=strategy, optimizer_config=optimizer_config, loss=loss,
+            model, train, validation, order=order, strategy=strategy, optimizer_config=optimizer_config, loss=loss,
             epochs=epochs, steps_per_epoch=steps_per_epoch, global_batch_size=global_batch_size, paths=paths,
             resume_paths=run_paths(resume_dir or run_dir) if resume else None, checkpoint_every=checkpoint_every,
         )
@@ -299,7 +299,7 @@ def _monitor_callbacks(names, train, paths, run_dir, steps_per_epoch):
     )
 
 
-def _fit_custom_loop(model, train, validation, *, strategy, optimizer_config, loss, epochs, steps_per_epoch,
+def _fit_custom_loop(model, train, validation, *, order, strategy, optimizer_config, loss, epochs, steps_per_epoch,
                      global_batch_size, paths, resume_paths=None, checkpoint_every=60.0):
     """Multi-worker training: Keras 3.15's fit fails under
     MultiWorkerMirroredStrategy (keras#20585), so a custom loop over
@@ -341,12 +341,16 @@ def _fit_custom_loop(model, train, validation, *, strategy, optimizer_config, lo
 
     for callback in step_decay:
         optimizer.learning_rate = callback.rate(start)
+    own, line = distribute.own_data(order, strategy, global_batch_size=global_batch_size,
+                                    steps_per_epoch=steps_per_epoch, first_epoch=start, end_epoch=epochs)
+    if line and chief:
+        print(line, flush=True)
     reason = None
     try:
         distribute.train_custom_loop(
-            strategy=strategy, model=model, optimizer=optimizer, loss=loss, train_dataset=train,
+            strategy=strategy, model=model, optimizer=optimizer, loss=loss, train_dataset=own or train,
             validation_dataset=validation, epochs=epochs, global_batch_size=global_batch_size,
-            on_epoch_end=on_epoch_end, verbose=chief, initial_epoch=start,
+            on_epoch_end=on_epoch_end, verbose=chief, initial_epoch=start, steps_per_epoch=steps_per_epoch if own else None,
         )
     except distribute.NonFiniteLoss as stop:
         reason = str(stop)
@@ -383,7 +387,7 @@ def _fit_lbfgs(model, train, validation, *, optimizer_config, loss, epochs, path
 
     # Compiled only so that evaluate/predict/save behave as after fit.
     model.compile(optimizer="sgd", loss=loss, metrics=["accuracy"])
-    history, message = lbfgs.train_lbfgs(
+    history, early_stop = lbfgs.train_lbfgs(
         model, train, validation, iterations=epochs, loss=loss, on_iteration=on_iteration,
     )
     rundir.write_history(paths["history"], history)
@@ -391,6 +395,10 @@ def _fit_lbfgs(model, train, validation, *, optimizer_config, loss, epochs, path
     losses = history.get("loss", [])
     any(watch.epoch(iteration, loss) for iteration, loss in enumerate(losses))
     reason = watch.message
+    if early_stop and not reason:  # converged or line search failed: not an error, but said (issue #27)
+        print(early_stop, flush=True)
+        with open(paths["log"], "a") as handle:  # train.log, beside the iteration lines
+            handle.write(early_stop + "\n")
     return FitResult(history, reason, paths["best"] if os.path.exists(paths["best"]) else None, len(losses))
 
 

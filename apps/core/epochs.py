@@ -28,14 +28,19 @@ class EpochOrder:
         batch_size: the examples `finish` puts in a batch, when a resumed
             epoch should skip examples before `finish` (encoded records,
             not decoded images); None skips finished batches.
+        worker_share: (worker, workers, batch_size) -> the EpochOrder of
+            that worker's own part of the data (its own files) in batches of
+            `batch_size`, or None where the data cannot be divided; None
+            when no part of the data is any worker's own.
     """
 
-    def __init__(self, elements, *, buffer, seed, finish, batch_size=None):
+    def __init__(self, elements, *, buffer, seed, finish, batch_size=None, worker_share=None):
         self.elements = elements
         self.buffer = int(buffer)
         self.seed = int(seed)
         self.finish = finish
         self.batch_size = batch_size
+        self.worker_share = worker_share
 
     def epoch(self, epoch, skip_batches=0):
         """The batches of `epoch` (0-based), without its first `skip_batches`."""
@@ -51,15 +56,21 @@ class EpochOrder:
         steps = int(self.epoch(0).cardinality())
         return steps if steps > 0 else None
 
-    def stream(self, first_epoch, end_epoch, skip_batches=0):
+    def stream(self, first_epoch, end_epoch, skip_batches=0, *, steps=None):
         """Epochs first_epoch .. end_epoch - 1 back to back, without their
         first `skip_batches` batches: what `model.fit(steps_per_epoch=...)`
-        reads from one iterator across its epochs."""
+        reads from one iterator across its epochs. `steps`: each epoch cut,
+        or padded with its first batch again, to that many batches (workers
+        reading parts of different sizes must all take the same steps)."""
         # Python seeds, so epochs are concatenated: a seed tensor inside
         # flat_map fails in tf.random's seed check when the global seed is 0.
-        batches = self.epoch(first_epoch, skip_batches)
-        for epoch in range(first_epoch + 1, end_epoch):
-            batches = batches.concatenate(self.epoch(epoch))
+        def epoch(number, skip=0):
+            batches = self.epoch(number, skip)
+            return batches if steps is None else fixed_steps(batches, steps - skip)
+
+        batches = epoch(first_epoch, skip_batches)
+        for number in range(first_epoch + 1, end_epoch):
+            batches = batches.concatenate(epoch(number))
         return batches.prefetch(tf.data.AUTOTUNE)
 
     def dataset(self):
@@ -108,7 +119,7 @@ class IndexOrder(EpochOrder):
 
     def epoch(self, epoch, skip_batches=0):
         batches = self.read(self.indices(epoch, first=int(skip_batches) * self.batch_size))
-        return batches.concatenate(batches.take(1).repeat()).take(self.steps_per_epoch - int(skip_batches))
+        return fixed_steps(batches, self.steps_per_epoch - int(skip_batches))
 
     @property
     def steps_per_epoch(self):
@@ -120,6 +131,11 @@ class IndexOrder(EpochOrder):
         positions = tf.data.Dataset.range(self.count)
         shuffled = positions.shuffle(max(1, self.count), seed=self.seed, reshuffle_each_iteration=True)
         return self.read(tf.data.Dataset.zip(positions, shuffled))
+
+
+def fixed_steps(batches, steps):
+    """`batches` cut, or padded with its first batch again, to `steps` batches."""
+    return batches.concatenate(batches.take(1).repeat()).take(steps)
 
 
 def epoch_seed(seed, epoch):

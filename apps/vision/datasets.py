@@ -730,12 +730,13 @@ def _load_packed(spec, root, *, seed, validation_fraction, test_fraction):
                               test_fraction=test_fraction, name=spec)
     record_bytes = max(1, sum(os.path.getsize(f) for f in info.files if os.path.exists(f)) // max(1, info.count))
 
-    def make_source(key, indices):
+    def make_source(key, indices, files=tuple(range(len(info.files)))):
         # A record's position is its index's place in the split, as a folder's
         # split orders its files: cached epochs of the pack equal the folder's.
         position_of = np.full(info.count, -1, dtype=np.int64)
         position_of[indices] = np.arange(len(indices))
         positions = tf.constant(position_of)
+        paths = [info.files[k] for k in files]
 
         def records():
             def kept(index, data, label):
@@ -744,13 +745,21 @@ def _load_packed(spec, root, *, seed, validation_fraction, test_fraction):
             def record(index, data, label):
                 return data, label, tf.gather(positions, index)
 
-            return shards.records(info.files).filter(kept).map(record)
+            return shards.records(paths).filter(kept).map(record)
+
+        def worker_share(worker, workers):
+            # Image i is in file i % shards (`shards.pack`): worker w reads files w, w + W, ...
+            if len(files) != len(info.files) or len(info.files) < workers:
+                return None
+            mine = tuple(range(worker, len(info.files), workers))
+            return make_source(key, indices[np.isin(indices % len(info.files), mine)], mine)
 
         return sources.RecordSource(count=len(indices), labels=info.labels[indices], channels=info.channels,
                                     image_shape=info.image_shape, identity=f"packed:{os.path.abspath(root)}:{key}:"
                                     f"{os.path.getmtime(os.path.join(root, shards.INFO_FILE))}:{seed}:"
-                                    f"{validation_fraction}:{test_fraction}",
-                                    make_records=records, record_bytes=record_bytes)
+                                    f"{validation_fraction}:{test_fraction}" + ("" if len(files) == len(info.files) else f":{files}"),
+                                    make_records=records, record_bytes=record_bytes, worker_share=worker_share,
+                                    files=tuple(paths))
 
     return ImageDataset(
         name=spec, class_names=list(info.class_names),

@@ -77,9 +77,14 @@ def epoch_order(split, *, image_size, channels, batch_size, seed=0, cache=True, 
     read = _reader(split, image_size, channels, batch_size, cache, service=service, in_process=in_process)
     if split.random_access or _cached(cache):
         return epochs.IndexOrder(split.count, seed=seed, batch_size=batch_size, read=read)
+    def worker_share(worker, workers, batch_size):
+        share = split.worker_share(worker, workers) if split.worker_share else None
+        return None if share is None else epoch_order(share, image_size=image_size, channels=channels, batch_size=batch_size,
+                                                      seed=seed, cache=None, service=service, in_process=in_process)
+
     # Encoded records, shuffled before they are decoded.
     return epochs.EpochOrder(split.records(), buffer=split.shuffle_buffer(), seed=seed, batch_size=int(batch_size),
-                             finish=read)
+                             finish=read, worker_share=worker_share if split.worker_share else None)
 
 
 def _cached(cache):

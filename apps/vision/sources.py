@@ -277,10 +277,16 @@ class RecordSource(Source):
         make_records: () -> dataset of (encoded image bytes, int32 label, int64 position), in
             sequence; the position is the example's index in the split (what a cache holds it at).
         record_bytes: the mean size of an encoded record, for the shuffle buffer.
+        worker_share: (worker, workers) -> the RecordSource of the examples in
+            that worker's own files, or None when the files cannot be divided
+            among the workers; None for a source that is not in files.
+        files: the files the records are read from, when there are files.
     """
 
     make_records: object = None
     record_bytes: int = 100_000
+    worker_share: object = None
+    files: tuple = ()
 
     random_access = False
 
