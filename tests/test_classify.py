@@ -4,6 +4,7 @@ every bad input the issue lists."""
 
 import csv
 import json
+import re
 
 import numpy as np
 import pytest
@@ -107,6 +108,39 @@ def test_full_batch_lbfgs_learns_digits(tmp_path, capsys):
     assert status == 0, err
     assert "L-BFGS iteration 1/40" in out
     assert json.loads((run_dir / "metrics.json").read_text())["test_accuracy"] >= 0.9
+
+
+@pytest.mark.parametrize("hidden, iterations, stop", [
+    (16, 20, None),  # far from a minimum: every iteration asked for runs
+    (0, 100, r"L-BFGS stopped after (\d+) of 100 iterations: converged \("),  # softmax regression on noise converges
+])
+def test_lbfgs_runs_its_iterations_or_says_why_it_stopped(tmp_path, capsys, hidden, iterations, stop):
+    """Issue #27: the objective summed batch means, so one full batch of 1024
+    shrank loss and gradient 1024-fold and SciPy's gtol ended the first case
+    after 2 of 20 iterations, silently. Now the loss is Keras's own and an
+    early stop prints why and goes into train.log."""
+    import keras
+    import tensorflow as tf
+
+    from dlsuite.apps.core import engine, optim
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(1024, 4)).astype("float32"), rng.integers(0, 3, 1024)
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,)), *([keras.layers.Dense(hidden, activation="tanh")] if hidden else []),
+                              keras.layers.Dense(3, activation="softmax")])
+    loss = keras.losses.SparseCategoricalCrossentropy()
+    result = engine.fit(model, tf.data.Dataset.from_tensor_slices((x, y)).batch(1024), None,
+                        strategy=tf.distribute.get_strategy(), optimizer_config=optim.OptimizerConfig("lbfgs"),
+                        loss=loss, epochs=iterations, steps_per_epoch=1, global_batch_size=1024, run_dir=tmp_path)
+    out, run = capsys.readouterr().out, len(result.history["loss"])
+    assert result.history["loss"][-1] == pytest.approx(float(loss(y, model(x))), rel=1e-5)
+    if stop is None:
+        assert run == iterations and "stopped after" not in out
+    else:
+        line = next(line for line in out.splitlines() if "stopped after" in line)
+        assert int(re.match(stop, line).group(1)) == run < iterations
+        assert line in (tmp_path / "train.log").read_text()
 
 
 def test_shapes_train_a_large_input_architecture(tmp_path, capsys):
