@@ -350,3 +350,29 @@ def test_two_workers_train_on_a_pack_each_reading_its_own_files(tmp_path):
     assert "each of the 2 workers reads only its own part of the training data files" in outputs[0], outputs[0]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["status"] == "finished" and metrics["epochs_run"] == 2
+
+
+def test_a_parameter_server_worker_rebuilds_the_pipeline_of_its_own_files(tmp_path, monkeypatch, capsys):
+    """The chief ships one graph per worker; worker i, by its index, picks
+    the graph of its own files (`parameter_server._worker_share`)."""
+    from dlsuite.apps.core import parameter_server
+    from dlsuite.apps.vision import pipeline
+
+    make_folder(tmp_path / "photos", per_class=10, corrupt=False)
+    shards.pack(tmp_path / "photos", tmp_path / "packed", image_size=(8, 8), progress=lambda *_: None)
+    train = datasets.load(str(tmp_path / "packed"), validation_fraction=0.2, test_fraction=0.1, seed=0).sources["train"]
+    order = pipeline.epoch_order(train, image_size=(8, 8), channels=3, batch_size=4, seed=0, cache=None,
+                                 in_process=False)
+    monkeypatch.setattr(parameter_server, "cluster_size", lambda: {"worker": 2, "ps": 1, "chief": 1})
+    dataset_fn = parameter_server._worker_share(order, 0, 1, global_batch_size=4)
+    assert "each of the 2 workers reads only its own part" in capsys.readouterr().out
+    seen = []
+    for worker in range(2):
+        monkeypatch.setattr(tf.distribute.coordinator, "experimental_get_current_worker_index",
+                            lambda worker=worker: tf.constant(worker))
+        part = train.worker_share(worker, 2)
+        batches = list(dataset_fn().take(-(-part.count // 4)))
+        assert sorted(np.concatenate([y.numpy() for _, y in batches])) == sorted(part.labels)
+        seen.append({image.tobytes() for x, _ in batches for image in x.numpy()})
+        assert len(seen[-1]) == part.count  # its whole part in one epoch, each image once
+    assert not seen[0] & seen[1]  # and nothing of the other worker's

@@ -329,7 +329,8 @@ def fit(model, train, validation, *, strategy, optimizer_config, loss, metrics=(
         print(f"resuming from {saved.path}: epoch {start_epoch + 1}", flush=True)
     logged = {key: list(values) for key, values in (saved.history if saved else {}).items()}
 
-    iterator = iter(coordinator.create_per_worker_dataset(_worker_share(train, start_epoch, epochs)))
+    iterator = iter(coordinator.create_per_worker_dataset(_worker_share(train, start_epoch, epochs,
+                                                                        global_batch_size=global_batch_size)))
     train_step = _train_step(strategy, model, optimizer, loss, variables, totals, with_accuracy=bool(metrics))
     eval_step = _eval_step(host.model, loss, with_accuracy=bool(metrics))
 
@@ -396,25 +397,40 @@ def _lost_message(error, paths):
             f"chief with --resume {run_dir}")
 
 
-def _worker_share(train, start_epoch, epochs):
+def _worker_share(train, start_epoch, epochs, *, global_batch_size):
     """The dataset function of each worker's own share of the batches.
 
-    Worker i of W reads batches i, i + W, i + 2W, ... of the run's stream:
-    without it every worker would read the same stream, and an epoch of N
-    steps would train on the first N/W batches W times over. The coordinator
-    gives steps to whichever worker is free, so a faster worker reads ahead
-    into the next epoch's batches and a restarted one starts its share
-    again; over the run each batch is still read about once.
+    Where the training data is in files a worker can have to itself (packed
+    shards: `EpochOrder.worker_share`), worker i of W reads only files i,
+    i + W, ..., in its own epochs. Otherwise worker i reads batches i, i + W,
+    i + 2W, ... of the run's stream: without it every worker would read the
+    same stream, and an epoch of N steps would train on the first N/W
+    batches W times over. The coordinator gives steps to whichever worker is
+    free, so a faster worker reads ahead into the next epoch's batches and a
+    restarted one starts its share again; over the run each batch is still
+    read about once.
     """
     from dlsuite.apps.core import epochs as epochs_lib
 
     workers = max(1, cluster_size().get("worker", 1))
-    stream = train.stream(start_epoch, epochs) if isinstance(train, epochs_lib.EpochOrder) else train
-    # The chief's dataset travels as its graph (a dataset tensor cannot be
-    # copied to another task), as the coordinator ships a plain dataset.
-    graph = tf.raw_ops.DatasetToGraphV2(input_dataset=tf.data.experimental.to_variant(stream),
-                                        external_state_policy=0, strip_device_assignment=True)  # 0: warn
-    spec = stream.element_spec
+    order = train if isinstance(train, epochs_lib.EpochOrder) else None
+    own = order.worker_share if order is not None and order.worker_share and workers > 1 else None
+    parts = [own(worker, workers, global_batch_size) for worker in range(workers)] if own else []
+    if parts and all(part is not None for part in parts):
+        # One graph per worker, the right one picked on the worker by its index.
+        streams = [part.stream(start_epoch, epochs) for part in parts]
+        graphs, spec = tf.stack([_as_graph(stream) for stream in streams]), streams[0].element_spec
+        print(f"each of the {workers} workers reads only its own part of the training data files", flush=True)
+
+        def own_files():
+            index = tf.distribute.coordinator.experimental_get_current_worker_index()
+            rebuilt = tf.raw_ops.DatasetFromGraph(graph_def=tf.gather(graphs, index))
+            return tf.data.experimental.from_variant(rebuilt, spec).repeat()
+
+        return own_files
+
+    stream = order.stream(start_epoch, epochs) if order is not None else train
+    graph, spec = _as_graph(stream), stream.element_spec
 
     def dataset_fn():
         rebuilt = tf.data.experimental.from_variant(tf.raw_ops.DatasetFromGraph(graph_def=graph), spec)
@@ -422,6 +438,14 @@ def _worker_share(train, start_epoch, epochs):
         return rebuilt.shard(workers, index).repeat()
 
     return dataset_fn
+
+
+def _as_graph(dataset):
+    """`dataset` as a serialized graph: the chief's datasets travel to the
+    workers so (a dataset tensor cannot be copied to another task), as the
+    coordinator ships a plain dataset."""
+    return tf.raw_ops.DatasetToGraphV2(input_dataset=tf.data.experimental.to_variant(dataset),
+                                       external_state_policy=0, strip_device_assignment=True)  # 0: warn
 
 
 def _train_step(strategy, model, optimizer, loss, variables, totals, *, with_accuracy):
