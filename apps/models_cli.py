@@ -9,7 +9,7 @@ memory for a batch size and an optimizer.
 import argparse
 import json
 
-from dlsuite.apps.core import choices
+from dlsuite.apps.core import choices, train_args
 from dlsuite.apps.core.errors import UsageError
 
 # Time steps assumed when a sequence model's default input leaves the length
@@ -148,26 +148,6 @@ def run_list(args):
     _print_table(table, right_aligned={4})
 
 
-def parse_input_shape(text, kind):
-    """Parses `--input-shape` for a `kind` ("cnn" or "rnn") model into a tuple.
-
-    Raises:
-        UsageError: naming the value and an example when it is malformed.
-    """
-    expected = (
-        "H,W,C: three positive integers, e.g. 224,224,3" if kind == "cnn"
-        else "T or T,F: time steps[, features] as positive integers, e.g. 35 or 100,8"
-    )
-    lengths = (3,) if kind == "cnn" else (1, 2)
-    try:
-        shape = tuple(int(part) for part in text.split(","))
-    except ValueError:
-        shape = ()
-    if len(shape) not in lengths or any(dim < 1 for dim in shape):
-        raise UsageError(f"--input-shape {text!r} must be {expected}.")
-    return shape
-
-
 def _check_positive(option, value):
     if value is not None and value < 1:
         raise UsageError(f"{option} must be an integer >= 1, received {value}.")
@@ -189,7 +169,7 @@ def run_show(args):
             note = (f"{DEFAULT_TIME_STEPS} time steps assumed; FLOPs and activations "
                     "scale with them (set with --input-shape T).")
     else:
-        input_shape = parse_input_shape(args.input_shape, spec.kind)
+        input_shape = train_args.parse_input_shape(args.input_shape, spec.kind)
     kwargs = {"input_shape": input_shape}
     if args.classes is not None:
         kwargs["classes"] = args.classes

@@ -36,6 +36,7 @@ import sys
 
 import numpy as np
 
+from dlsuite.apps.core import tfds_sets
 from dlsuite.apps.core.errors import UsageError
 
 SCENES = "scenes"
@@ -549,9 +550,7 @@ def _load_tfds(name, *, data_dir, max_images):
     import tensorflow as tf
     import tensorflow_datasets as tfds
 
-    from dlsuite.apps.vision import datasets
-
-    builder = datasets.tfds_builder(name, data_dir=data_dir, kind="image-captioning sets (e.g. coco_captions)")
+    builder = tfds_sets.builder(name, data_dir=data_dir, kind="image-captioning sets (e.g. coco_captions)")
     features = builder.info.features
     keys = list(features.keys()) if isinstance(features, tfds.features.FeaturesDict) else []
     captions_feature = features["captions"] if "captions" in keys else None

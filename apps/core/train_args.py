@@ -1,12 +1,14 @@
 """Command-line options every training app shares: the optimizer and its
 schedule, epochs and batch size, the strategy and precision, the run
 directory and export. One definition, so `classify`, `lm` and the apps after
-them speak the same language."""
+them speak the same language. Also the option types other commands share
+(`--input-shape` for `models show` and `diagnose memory`)."""
 
 import argparse
 import dataclasses
 
 from dlsuite.apps.core import choices
+from dlsuite.apps.core.errors import UsageError
 
 
 def positive_int(text):
@@ -68,6 +70,26 @@ def size_pair(text):
     if len(size) != 2 or min(size) < 1:
         raise argparse.ArgumentTypeError(f"expected HEIGHT,WIDTH such as 224,224, received {text!r}")
     return size
+
+
+def parse_input_shape(text, kind):
+    """Parses `--input-shape` for a `kind` ("cnn" or "rnn") model into a tuple.
+
+    Raises:
+        UsageError: naming the value and an example when it is malformed.
+    """
+    expected = (
+        "H,W,C: three positive integers, e.g. 224,224,3" if kind == "cnn"
+        else "T or T,F: time steps[, features] as positive integers, e.g. 35 or 100,8"
+    )
+    lengths = (3,) if kind == "cnn" else (1, 2)
+    try:
+        shape = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) not in lengths or any(dim < 1 for dim in shape):
+        raise UsageError(f"--input-shape {text!r} must be {expected}.")
+    return shape
 
 
 def augment_kinds(text):

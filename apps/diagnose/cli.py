@@ -450,14 +450,13 @@ def run_doctor(args):
 def run_memory(args):
     from dlsuite import models
     from dlsuite.apps.diagnose import memory_probe
-    from dlsuite.apps.models_cli import parse_input_shape
     from dlsuite.models import summary
 
     spec = models.get(args.name)
     if spec.kind != "cnn":
         raise UsageError(f"{args.name} is a {spec.kind} model; `diagnose memory` measures CNNs "
                          "(`dlsuite models show` still estimates it)")
-    shape = parse_input_shape(args.input_shape, "cnn") if args.input_shape else tuple(spec.default_input_shape)
+    shape = train_args.parse_input_shape(args.input_shape, "cnn") if args.input_shape else tuple(spec.default_input_shape)
     if min(shape[:2]) < spec.min_input_size:
         raise UsageError(f"--input-shape {args.input_shape} is too small for {args.name}, which needs at least "
                          f"{spec.min_input_size}x{spec.min_input_size}")

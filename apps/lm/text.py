@@ -45,7 +45,7 @@ import sysconfig
 import numpy as np
 import tensorflow as tf
 
-from dlsuite.apps.core import epochs
+from dlsuite.apps.core import epochs, tfds_sets
 from dlsuite.apps.core.errors import UsageError
 
 TFDS_PREFIX = "tfds:"
@@ -351,9 +351,7 @@ def _load_tfds(name, *, data_dir):
     """The train split's string feature, example texts joined by newlines."""
     import tensorflow_datasets as tfds
 
-    from dlsuite.apps.vision.datasets import tfds_builder
-
-    builder = tfds_builder(name, data_dir=data_dir, kind="text sets, e.g. tfds:tiny_shakespeare")
+    builder = tfds_sets.builder(name, data_dir=data_dir, kind="text sets, e.g. tfds:tiny_shakespeare")
     features = builder.info.features
     key = _string_feature(features, tfds)
     if key is None:

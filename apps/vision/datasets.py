@@ -24,8 +24,9 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image, UnidentifiedImageError
 
-from dlsuite.apps.vision import manifest, shapes, sources
+from dlsuite.apps.core import tfds_sets
 from dlsuite.apps.core.errors import UsageError
+from dlsuite.apps.vision import manifest, shapes, sources
 
 TFDS_PREFIX = "tfds:"
 
@@ -800,26 +801,11 @@ def _tfds_splits(name, splits, *, validation_fraction, test_fraction):
     return chosen
 
 
-def tfds_builder(name, *, data_dir, kind):
-    """The TensorFlow Datasets builder for `name`; an unknown name is a
-    UsageError pointing at the catalog for `kind` (e.g. "text sets")."""
-    # Imported here: it takes seconds and only tfds sources need it.
-    import tensorflow_datasets as tfds
-
-    try:
-        return tfds.builder(name, data_dir=data_dir)
-    except tfds.core.registered.DatasetNotFoundError:
-        raise UsageError(
-            f"Unknown TensorFlow Datasets name {name!r} in 'tfds:{name}': see "
-            f"https://www.tensorflow.org/datasets/catalog for {kind}."
-        ) from None
-
-
 def _load_tfds(name, *, data_dir, validation_fraction, test_fraction):
     """A TensorFlow Datasets image-classification set; downloads it if needed."""
     import tensorflow_datasets as tfds
 
-    builder = tfds_builder(name, data_dir=data_dir, kind="image-classification sets")
+    builder = tfds_sets.builder(name, data_dir=data_dir, kind="image-classification sets")
     features = builder.info.features
     keys = list(features.keys()) if isinstance(features, tfds.features.FeaturesDict) else []
     if not (
