@@ -69,8 +69,8 @@ def generation(*, units, length, repeats, mode):
     config = {"model": f"2x{units} char LSTM (random weights)", "vocabulary": vocabulary.size, "tokens": length, "repeats": repeats}
     common.report("generate_stateful_vs_prefix", ours=rates["stateful"], reference=rates["prefix"], mode=mode,
                   unit="tokens/s", bar=10, config=config,
-                  ours_label="apps.generate.generate: one cell step per token, state carried",
-                  reference_label="apps.generate.prefix_generate: the whole prefix re-run for each token")
+                  ours_label="apps.lm.generate.generate: one cell step per token, state carried",
+                  reference_label="apps.lm.generate.prefix_generate: the whole prefix re-run for each token")
 
     # The export, the Python loop and (where installed) PyTorch's loop, interleaved in one run.
     worker = torch_reference.TorchWorker.start(who="lm_speed")
@@ -90,7 +90,7 @@ def generation(*, units, length, repeats, mode):
     export_label = "the SavedModel's generate signature (sampling loop inside the graph)"
     common.report("generate_export_vs_stateful", ours=rates["export"], reference=rates["stateful"], mode=mode,
                   unit="tokens/s", config=config, ours_label=export_label,
-                  reference_label="apps.generate.generate in Python, one compiled step per token")
+                  reference_label="apps.lm.generate.generate in Python, one compiled step per token")
     if worker is None:
         return
     torch_config = {**config, **worker.info}
@@ -98,7 +98,7 @@ def generation(*, units, length, repeats, mode):
                    "softmax / T, torch.multinomial")
     common.report("generate_stateful_vs_torch", ours=rates["stateful"], reference=rates["torch"],
                   mode=mode, unit="tokens/s", config=torch_config,
-                  ours_label="dlsuite lm generate's loop: apps.generate.generate, one compiled step per token",
+                  ours_label="apps.lm.generate.generate, the Python loop: one compiled step per token",
                   reference_label=torch_label)
     common.report("generate_export_vs_torch", ours=rates["export"], reference=rates["torch"],
                   mode=mode, unit="tokens/s", config=torch_config, ours_label=export_label,

@@ -4,9 +4,9 @@
     python -m benchmarks.serving_latency            # ResNet-50 (224px, 1000 classes) and LeNet-5, batch 1 and 32
     python -m benchmarks.serving_latency --quick    # LeNet-5 only, batch 1 and 4, no command-line row
 
-Both models are the classify app's classifiers (`apps.classifier.build_classifier`:
+Both models are the classify app's classifiers (`apps.vision.classifier.build_classifier`:
 raw pixels in, normalization, registry backbone with untrained weights,
-softmax out), exported by `apps.export.export_classifier`. Results:
+softmax out), exported by `apps.vision.export.export_classifier`. Results:
 
 * `serving_{model}_b{N}`: the export's `serving_default` signature, loaded
   with `tf.saved_model.load` and called with a uint8 batch, as TensorFlow
@@ -23,7 +23,7 @@ softmax out), exported by `apps.export.export_classifier`. Results:
   "import tensorflow"` in the same repeats and reported in the details).
 * `serving_lm_generate_2x{units}`: the language-model export's in-graph
   sampling loop (`ExportedLanguageModel.generate`, what `dlsuite lm generate`
-  runs) against `apps.generate.generate` stepping the Keras model from Python.
+  runs) against `apps.lm.generate.generate` stepping the Keras model from Python.
 """
 
 import os
@@ -243,7 +243,7 @@ def generation(*, units, length, repeats, mode, folder):
                 "tokens": length, "repeats": repeats, "warmup_repeats": 1},
         ours_label="ExportedLanguageModel.generate (what `dlsuite lm generate` runs): the sampling loop "
                    "inside the SavedModel graph",
-        reference_label="apps.generate.generate: Python loop, one compiled stateful step per token",
+        reference_label="apps.lm.generate.generate: Python loop, one compiled stateful step per token",
     )
 
 

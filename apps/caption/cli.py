@@ -2,7 +2,7 @@
 
 The recipe `train` follows: load images with their reference captions, build
 the vocabulary from the training captions, build the encoder (any registry
-CNN or keras.applications backbone without its top, `apps/backbones.py`),
+CNN or keras.applications backbone without its top, `vision/backbones.py`),
 run it once over every image and cache the feature maps (or, with
 `--fine-tune-encoder`, cache the resized pixels and train encoder and decoder
 end to end), train the decoder with teacher forcing on every (image,

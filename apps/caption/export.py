@@ -139,7 +139,7 @@ def _write_saved_model(encoder, decoder, path, *, input_size, channels, beam_siz
 
     images = tf.TensorSpec((None,), tf.string, name="image_bytes")
     archive = keras.export.ExportArchive()
-    # No archive.track(model) (keras-team/keras#23553, see apps/export.py); the table is no variable.
+    # No archive.track(model) (keras-team/keras#23553, see vision/export.py); the table is no variable.
     archive.track(table)
     archive.add_endpoint("serving_default", serving_default, input_signature=[images])
     archive.add_endpoint("caption", caption, input_signature=[

@@ -21,7 +21,7 @@ def strategy_help(strategies=STRATEGIES):
 AUGMENTATIONS = ("flip", "rotation", "zoom", "translation", "contrast")
 # Pixel preprocessing a transfer backbone applies (backbones.PREPROCESSING).
 TRANSFER_PREPROCESSING = ("auto", "standardize", "caffe", "tf", "torch", "raw")
-# Captioning decoders (apps/caption_model.py) and how the plain decoder turns a feature map into v.
+# Captioning decoders (caption/model.py) and how the plain decoder turns a feature map into v.
 CAPTION_CELLS = ("lstm", "gru")
 CAPTION_POOLING = ("flatten", "avg", "max")
 # `dlsuite diagnose init`: the seed's initializations and the stack's activations;

@@ -2,7 +2,7 @@
 
 A `Task` holds an app's config and says how to load its data, build its
 model, batch its splits, score the trained model and export it; the
-lifecycle (`lifecycle.run`) and the tuner (`tune.hypermodel`) drive any task
+lifecycle (`lifecycle.run`) and the tuner (`tune.hypermodels`) drive any task
 the same way. Model Garden's `base_task.Task` is the model, made smaller:
 no train or validation step of our own, because `engine.fit` trains every
 task.

@@ -42,7 +42,8 @@ embeddings: float32 (n, 2 * units)), `score` (its forward half) and
 `next_token` (-> forward_logits, backward_logits).
 
 The export lands in `base_dir/NAME/<version>/` (the layout TF Serving polls)
-through a temporary folder renamed into place, as `apps/export.py` does.
+through a temporary folder renamed into place, as every app's export is
+(`versions.write_version_atomically`).
 `assets/vocabulary.json` holds the vocabulary and `assets/dlsuite.json` the
 format, kind, level, vocabulary size and the app's metadata (seq_len, cell,
 validation figures ...), read by `ExportedLanguageModel.load` without
@@ -258,7 +259,7 @@ def _write_saved_model(stepper, tokens, *, level, start_id, path):
         _scalar(tf.string, "prompt"), _scalar(tf.int32, "length"),
         _scalar(tf.float32, "temperature"), _scalar(tf.int64, "seed"),
     ]
-    # No `archive.track(model)`: see apps/export.py (keras-team/keras#23553,
+    # No `archive.track(model)`: see vision/export.py (keras-team/keras#23553,
     # every weight would be stored twice). The table is not a variable, so it
     # is tracked by hand.
     archive = keras.export.ExportArchive()
