@@ -20,10 +20,14 @@ BENCHMARKS = ("train_throughput", "input_pipeline", "lm_speed", "lstm_tuning", "
               "caption_speed",
               "checkpoint_cost",
               "startup", "memory", "model_parallel",
-              "data_scale")
+              "data_scale",
+              "gpu_check")  # without a GPU (and in --quick) it prints one line and no results
 
 PACKAGE = pathlib.Path(__file__).resolve().parent
 DEFAULT_RESULTS = PACKAGE / "RESULTS.md"
+# Set in each benchmark's environment: a benchmark that writes RESULTS.md itself when run alone
+# (gpu_check) leaves that to this runner, which may have been given another --results.
+RUNNER_ENV = "DLSUITE_BENCHMARKS_RUNNER"
 
 
 def parse_args(argv=None):
@@ -50,6 +54,7 @@ def run_benchmark(name, *, quick, parts=()):
     command += [option for part in parts for option in ("--part", part)]
     env = dict(os.environ)
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter
+    env[RUNNER_ENV] = "1"
     results = []
     # stderr is not captured: warnings and tracebacks reach the user as they come.
     with subprocess.Popen(command, cwd=PACKAGE.parent, env=env, stdout=subprocess.PIPE, text=True) as process:
@@ -130,7 +135,7 @@ def markdown(results):
             r.get("details", ""),
             f"`{r.get('command', '')}`",
             r.get("date", ""),
-            f"{r.get('cores')} cores, {r.get('cpu', '')}" + (
+            (f"{r['device']}, " if r.get("device") else "") + f"{r.get('cores')} cores, {r.get('cpu', '')}" + (
                 f", load {r['load_average'][1]:.1f}" if r.get("load_average") else "") + (
                 " (shared)" if r.get("load_average") and r["load_average"][1] > (r.get("cores") or 0) else ""),
             f"TF {versions.get('tensorflow')}, Keras {versions.get('keras')}, Python {versions.get('python')}",
@@ -146,10 +151,20 @@ def markdown(results):
     return "\n".join(lines) + "\n"
 
 
+def write_results(results, *, path=DEFAULT_RESULTS, completed=()):
+    """Merges `results` into the stored ones (see `merge`) and writes the Markdown table at `path`
+    and its data beside it as .json."""
+    data_path = path.with_suffix(".json")
+    merged = merge(read_stored(data_path), results, completed=set(completed))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data_path.write_text(json.dumps(merged, indent=1) + "\n", encoding="utf-8")
+    path.write_text(markdown(merged), encoding="utf-8")
+    print(f"Wrote {path} and {data_path.name} ({len(results)} new results).", file=sys.stderr)
+
+
 def main(argv=None):
     args = parse_args(argv)
     results_path = args.results
-    data_path = results_path.with_suffix(".json")
     mode = "quick" if args.quick else "full"
     results, completed, failed = [], set(), []
     for name in args.only or BENCHMARKS:
@@ -157,14 +172,10 @@ def main(argv=None):
         results += produced
         if status != 0:
             failed.append(f"{name} (exit status {status})")
-        elif not args.part:  # a partial run leaves the rows it did not make
+        elif not args.part and produced:  # a partial run, or one with nothing to measure, leaves the rows it did not make
             completed.add((name, mode))
 
-    merged = merge(read_stored(data_path), results, completed=completed)
-    results_path.parent.mkdir(parents=True, exist_ok=True)
-    data_path.write_text(json.dumps(merged, indent=1) + "\n", encoding="utf-8")
-    results_path.write_text(markdown(merged), encoding="utf-8")
-    print(f"Wrote {results_path} and {data_path.name} ({len(results)} new results).", file=sys.stderr)
+    write_results(results, path=results_path, completed=completed)
     if failed:
         print(f"Failed: {', '.join(failed)}; see the output above.", file=sys.stderr)
         return 1

@@ -120,8 +120,8 @@ def interleaved(runs, *, warmup, repeats):
     return rates
 
 
-def matmul_rates(*, n=2048, chain=4, warmup=1, repeats=MIN_REPEATS):
-    """FLOP/s of large float32 matrix products, one figure per repeat.
+def matmul_rates(*, n=2048, chain=4, warmup=1, repeats=MIN_REPEATS, dtype="float32"):
+    """FLOP/s of large matrix products (float32 unless `dtype` says otherwise), one figure per repeat.
 
     Runs `chain` dependent (n, n) @ (n, n) products in one tf.function (so
     nothing can be deduplicated), 2 n^3 FLOPs each. The best of these, taken
@@ -130,8 +130,8 @@ def matmul_rates(*, n=2048, chain=4, warmup=1, repeats=MIN_REPEATS):
     """
     import tensorflow as tf
 
-    # Scaled so that repeated products keep values near 1, far from overflow.
-    matrix = tf.random.stateless_normal((n, n), seed=(0, 0)) / math.sqrt(n)
+    # Scaled so that repeated products keep values near 1, far from overflow (float16's too).
+    matrix = tf.cast(tf.random.stateless_normal((n, n), seed=(0, 0)) / math.sqrt(n), dtype)
 
     @tf.function
     def products(x):

@@ -11,7 +11,7 @@ Result `memory_<model>_b<batch>`, in MiB:
   --optimizer momentum` (weights, optimizer slots, bookkeeping, and at the
   step's peak the gradients, kept activations and workspace). It is
   computed, not timed, so its samples are one figure repeated.
-* reference: the measurement, `apps.memory_probe.measure` in 3 fresh Python
+* reference: the measurement, `apps.diagnose.memory_probe.measure` in 3 fresh Python
   processes, each of which builds the model and its slots, runs one warm-up
   step and measures the resident-set peak of three more; a sample is one
   measured step: its process's weights + slots + that step's peak (`dlsuite
@@ -106,7 +106,7 @@ def main(argv=None):
         ours_label=f"estimate: `dlsuite models show {name} --input-shape {shape} --batch-size {batch_size} "
                    f"--optimizer {OPTIMIZER}`, total (models.summary.memory)",
         reference_label=f"measured: weights + slots + the peak of one training step, {memory_probe.MEASURED_STEPS} "
-                        f"steps after a warm-up in each of {PROCESSES} fresh processes (apps.memory_probe.measure, "
+                        f"steps after a warm-up in each of {PROCESSES} fresh processes (apps.diagnose.memory_probe.measure, "
                         f"{run['meter']}); `dlsuite diagnose memory {name} --input-shape {shape} --batch-size "
                         f"{batch_size} --optimizer {OPTIMIZER}` prints one process's highest step",
     )

@@ -1,4 +1,4 @@
-"""Tests for dlsuite.apps.distribute: strategy choice and the custom training loop.
+"""Tests for dlsuite.apps.core.distribute: strategy choice and the custom training loop.
 
 The multi-worker test starts two worker processes on 127.0.0.1 and a
 single-process reference (`multiworker_worker.py`); all three must end with the

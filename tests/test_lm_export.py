@@ -255,7 +255,7 @@ def test_word_level_tokenizes_in_the_graph_as_the_vocabulary_does(word_export):
     assert tokens == len(ids) - 1
     assert loss_sum == pytest.approx(_keras_loss_sum(model, ids), abs=1e-3)
 
-    # Greedy decoding is the same in the graph and in apps.generate.
+    # Greedy decoding is the same in the graph and in apps.lm.generate.
     expected = "".join(generation.generate(model, vocabulary, prompt="The cat", length=12, top_k=1))
     assert " " + served.generate("The cat", length=12, temperature=1.0, seed=0, top_k=1) == expected
     pieces = list(served.stream("the", length=6, temperature=1.0, seed=3))
@@ -303,7 +303,7 @@ def test_failed_export_leaves_nothing_behind(tmp_path, monkeypatch, attribute):
     vocabulary = Vocabulary(level="char", tokens=["", "[UNK]", "a", "b", "c"])
     (tmp_path / "kept" / "1").mkdir(parents=True)
     monkeypatch.setattr(lm_export, "_write_saved_model", _write_partly)
-    # The rename is the shared atomic writer's, in apps/export.py.
+    # The rename is the shared atomic writer's, core/versions.write_version_atomically.
     target = versions.os if attribute == "os.rename" else lm_export
     monkeypatch.setattr(target, attribute.split(".")[-1], _fail)
 
