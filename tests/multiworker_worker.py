@@ -47,7 +47,8 @@ def main(argv=None):
     parser.add_argument("--epochs", type=int, default=3)
     args = parser.parse_args(argv)
 
-    from dlsuite.apps.core.distribute import is_chief, make_strategy, needs_custom_loop, train_custom_loop, worker_dir
+    from dlsuite.apps.core.distribute import is_chief, make_strategy, needs_custom_loop, worker_dir
+    from dlsuite.apps.core.multi_worker import train_custom_loop
 
     import keras
     import numpy as np

@@ -18,15 +18,9 @@ import pytest
 import tensorflow as tf
 
 from dlsuite.apps.core.errors import UsageError
-from dlsuite.apps.core.distribute import (
-    STRATEGIES,
-    NonFiniteLoss,
-    is_chief,
-    make_strategy,
-    needs_custom_loop,
-    train_custom_loop,
-    worker_dir,
-)
+from dlsuite.apps.core.distribute import STRATEGIES, is_chief, make_strategy, needs_custom_loop, worker_dir
+from dlsuite.apps.core.loop_parts import NonFiniteLoss
+from dlsuite.apps.core.multi_worker import train_custom_loop
 
 WORKER_SCRIPT = os.path.join(os.path.dirname(__file__), "multiworker_worker.py")
 WORKER_TIMEOUT_S = 100

@@ -85,7 +85,7 @@ def test_temporaries_from_before_the_owner_tag_go_once_they_are_old(tmp_path):
 HANGING_SAVE = """
     import pathlib, sys, time
     import keras
-    from dlsuite.apps.core import engine
+    from dlsuite.apps.core import atomic
 
     ready, path = sys.argv[1:]
 
@@ -96,7 +96,7 @@ HANGING_SAVE = """
 
     keras.Model.save = save
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
-    engine.save_model(model, path)
+    atomic.save_model(model, path)
 """
 
 
@@ -119,7 +119,7 @@ def test_a_killed_model_save_leaves_a_temporary_the_next_save_removes(tmp_path):
     assert f"-{pid}-" in left.name and not path.exists()
 
     model = tiny_model()
-    engine.save_model(model, path)
+    atomic.save_model(model, path)
     assert sorted(p.name for p in path.parent.iterdir()) == ["model.keras"]
     np.testing.assert_array_equal(keras.saving.load_model(path).get_weights()[0], model.get_weights()[0])
 
@@ -205,11 +205,11 @@ def test_disk_full_saving_a_keras_model_is_one_line_and_keeps_the_earlier_one(sm
 
     path = small_disk / "model.keras"
     small = tiny_model()
-    engine.save_model(small, path)
+    atomic.save_model(small, path)
     before = path.read_bytes()
     with pytest.raises(UsageError, match=r"cannot write '.*model\.keras': no space left on the device; the partial "
                                          r"file was removed"):
-        engine.save_model(tiny_model(units=100_000), path)  # 1.6 MB of weights
+        atomic.save_model(tiny_model(units=100_000), path)  # 1.6 MB of weights
     assert sorted(p.name for p in small_disk.iterdir()) == ["model.keras"]
     assert path.read_bytes() == before
     assert keras.saving.load_model(path).count_params() == small.count_params()

@@ -15,7 +15,7 @@ import time
 import pytest
 import tensorflow as tf
 
-from dlsuite.apps.core import parameter_server
+from dlsuite.apps.core import distribute, parameter_server
 from dlsuite.apps.core.errors import UsageError
 
 TASK_SCRIPT = str(pathlib.Path(__file__).with_name("ps_cluster_task.py"))
@@ -72,7 +72,7 @@ class Cluster:
         statuses = {("chief", 0): self.tasks["chief", 0].wait(timeout=timeout)}
         for key, task in self.tasks.items():
             try:
-                statuses[key] = task.wait(timeout=parameter_server.CHIEF_GONE_S + 20)
+                statuses[key] = task.wait(timeout=distribute.CHIEF_GONE_S + 20)
             except subprocess.TimeoutExpired:
                 task.kill()
                 statuses[key] = -9
@@ -91,7 +91,7 @@ class Cluster:
 ])
 def test_tf_config_is_checked(tf_config, message):
     with pytest.raises(UsageError, match=message.replace("[", r"\[").replace("]", r"\]")) as raised:
-        parameter_server.check_tf_config(tf_config)
+        distribute.check_ps_tf_config(tf_config)
     assert "TF_CONFIG=" in str(raised.value)  # an example to copy
 
 
@@ -115,7 +115,7 @@ def test_a_lost_task_is_named_from_the_error_text(monkeypatch):
 
 
 def test_a_valid_tf_config_gives_its_cluster_and_task():
-    config = parameter_server.check_tf_config(
+    config = distribute.check_ps_tf_config(
         '{"cluster": {"chief": ["a:1"], "worker": ["b:1", "b:2"], "ps": ["c:1"]}, "task": {"type": "worker", "index": 1}}')
     assert config == {"cluster": {"chief": ["a:1"], "worker": ["b:1", "b:2"], "ps": ["c:1"]},
                       "task": {"type": "worker", "index": 1}}

@@ -363,7 +363,7 @@ def test_a_parameter_server_worker_rebuilds_the_pipeline_of_its_own_files(tmp_pa
     train = datasets.load(str(tmp_path / "packed"), validation_fraction=0.2, test_fraction=0.1, seed=0).sources["train"]
     order = pipeline.epoch_order(train, image_size=(8, 8), channels=3, batch_size=4, seed=0, cache=None,
                                  in_process=False)
-    monkeypatch.setattr(parameter_server, "cluster_size", lambda: {"worker": 2, "ps": 1, "chief": 1})
+    monkeypatch.setattr(parameter_server.distribute, "cluster_size", lambda: {"worker": 2, "ps": 1, "chief": 1})
     dataset_fn = parameter_server._worker_share(order, 0, 1, global_batch_size=4)
     assert "each of the 2 workers reads only its own part" in capsys.readouterr().out
     seen = []

@@ -433,10 +433,10 @@ class CaptionTask(task.Task):
 
     def save_model(self, model, path):
         from dlsuite.apps.caption import model as caption_model
-        from dlsuite.apps.core import engine
+        from dlsuite.apps.core import atomic
 
         encoder, decoder = self.encoder_decoder(model)
-        engine.save_model(caption_model.build_captioner(encoder, decoder, caption_length=self.config.max_length + 1),
+        atomic.save_model(caption_model.build_captioner(encoder, decoder, caption_length=self.config.max_length + 1),
                           path)
 
     def export(self, model, figures, *, name=None, base_dir=None):

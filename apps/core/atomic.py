@@ -238,3 +238,12 @@ def write_refusal(folder):
     os.close(handle)
     os.unlink(probe)
     return None
+
+
+def save_model(model, path):
+    """Saves a `.keras` file beside `path` and renames it into place
+    (`atomic.replacing`): a kill leaves the earlier file or none, the next
+    save removes the temporary a killed one left, and a full disk is a
+    UsageError naming `path`."""
+    with replacing(path) as temporary:
+        model.save(temporary)

@@ -1,6 +1,6 @@
-"""The training engine every app shares: device defaults, the callbacks of a
-run directory, and training by `model.fit`, by a custom multi-worker loop or
-by full-batch L-BFGS.
+"""The training engine every app shares: device defaults, and training by
+`model.fit`, or by the loop the strategy or optimizer needs (`multi_worker`,
+`parameter_server`, `lbfgs`), each in its own module over `loop_parts`.
 
 An app builds its model inside `strategy.scope()`, then calls `fit(...)`; the
 engine compiles, trains with checkpoints, resume, logs and NaN guard, and
@@ -8,7 +8,6 @@ returns what happened.
 """
 
 import contextlib
-import dataclasses
 import os
 import pathlib
 import shutil
@@ -18,19 +17,11 @@ import keras
 import tensorflow as tf
 
 from dlsuite import callbacks as dl_callbacks
-from dlsuite.apps.core import checkpoints, distribute, lbfgs, optim, rundir
+from dlsuite.apps.core import (checkpoints, distribute, lbfgs, loop_parts, multi_worker, optim, parameter_server,
+                               rundir)
 from dlsuite.apps.core import epochs as epochs_lib
 from dlsuite.apps.core.choices import SWITCHES
-from dlsuite.apps.core import errors
 from dlsuite.apps.core.errors import UsageError
-
-
-@dataclasses.dataclass
-class FitResult:
-    history: dict
-    stopped_reason: str | None  # None, or a message (NaN loss, ...)
-    best_checkpoint: str | None
-    epochs_run: int
 
 
 def device_kind():
@@ -113,15 +104,6 @@ def run_paths(run_dir):
     }
 
 
-def _tensorboard(path):
-    """TensorBoard logs when the tensorboard package is present (it is optional)."""
-    try:
-        import tensorboard  # noqa: F401
-    except ImportError:
-        return []
-    return [keras.callbacks.TensorBoard(path, write_graph=False)]
-
-
 def fit(
     model, train, validation, *, strategy, optimizer_config, loss, epochs, steps_per_epoch,
     global_batch_size, run_dir, early_stopping=0, jit_compile="auto", resume=False,
@@ -164,7 +146,7 @@ def fit(
             from (a cluster's workers: the chief's); default `run_dir`.
 
     Returns:
-        A FitResult; the model holds the final weights (the caller may load the
+        A `loop_parts.FitResult`; the model holds the final weights (the caller may load the
         best checkpoint).
     """
     paths = run_paths(run_dir)
@@ -172,8 +154,6 @@ def fit(
     order = train if isinstance(train, epochs_lib.EpochOrder) else None
     train = epochs_lib.as_dataset(train)
     if distribute.is_parameter_server(strategy):
-        from dlsuite.apps.core import parameter_server
-
         return parameter_server.fit(
             model, order or train, validation, strategy=strategy, optimizer_config=optimizer_config, loss=loss,
             metrics=metrics, epochs=epochs, steps_per_epoch=steps_per_epoch, global_batch_size=global_batch_size,
@@ -185,9 +165,9 @@ def fit(
         path = "L-BFGS" if optimizer_config.optimizer == "lbfgs" else "the multi-worker loop"
         print(f"dlsuite: --monitor watches model.fit training; {path} trains without it", file=sys.stderr)
     if optimizer_config.optimizer == "lbfgs":
-        return _fit_lbfgs(model, train, validation, optimizer_config=optimizer_config, loss=loss, epochs=epochs, paths=paths)
+        return lbfgs.fit(model, train, validation, optimizer_config=optimizer_config, loss=loss, epochs=epochs, paths=paths)
     if distribute.needs_custom_loop(strategy):
-        return _fit_custom_loop(
+        return multi_worker.fit(
             model, train, validation, order=order, strategy=strategy, optimizer_config=optimizer_config, loss=loss,
             epochs=epochs, steps_per_epoch=steps_per_epoch, global_batch_size=global_batch_size, paths=paths,
             resume_paths=run_paths(resume_dir or run_dir) if resume else None, checkpoint_every=checkpoint_every,
@@ -213,12 +193,11 @@ def fit(
 
     before = saved.history.get("loss", []) if saved else []  # the divergence guard sees the whole run
     nan_guard = dl_callbacks.NaNGuard(reference=before[0] if before else None, epoch_losses=before)
-    stateful = [*optim.schedule_callbacks(optimizer_config),
-                *([keras.callbacks.EarlyStopping(monitor="val_loss", patience=early_stopping)] if early_stopping else [])]
+    stateful = loop_parts.stateful_callbacks(optimizer_config, early_stopping)
     run_callbacks = [
         *callbacks, *stateful, dl_callbacks.LearningRateLogger(steps_per_epoch=steps), nan_guard,
         dl_callbacks.EpochProgress.for_batches(train.element_spec, global_batch_size),  # a line every 30 s in a log
-        *_run_callbacks(paths, epochs=epochs, resume=resume, initial_epoch=initial_epoch,
+        *loop_parts.run_callbacks(paths, epochs=epochs, resume=resume, initial_epoch=initial_epoch,
                         best_checkpoint=best_checkpoint),
     ]
     if monitors:
@@ -255,27 +234,12 @@ def fit(
         store.mark_finished(epochs_run)
     full_history = rundir.read_history(paths["history"]) or (history.history if history else {})
     full_history.pop("epoch", None)
-    return FitResult(
+    return loop_parts.FitResult(
         history=full_history,
         stopped_reason=nan_guard.message,
         best_checkpoint=paths["best"] if os.path.exists(paths["best"]) else None,
         epochs_run=epochs_run,
     )
-
-
-def _run_callbacks(paths, *, epochs, resume, initial_epoch, best_checkpoint):
-    """What a run directory gets from training: the best checkpoint,
-    history.csv, train.log and TensorBoard logs."""
-    best_value = None
-    if resume:  # the best checkpoint must beat what the interrupted part reached
-        previous = rundir.read_history(paths["history"])
-        best_value = min(previous["val_loss"]) if previous.get("val_loss") else None
-    return [
-        *([dl_callbacks.BestCheckpoint(paths["best"], monitor="val_loss", best=best_value, save=save_model)] if best_checkpoint else []),
-        keras.callbacks.CSVLogger(paths["history"], append=resume or initial_epoch > 0),
-        dl_callbacks.EpochLog(paths["log"], epochs),
-        *_tensorboard(paths["tensorboard"]),
-    ]
 
 
 def compile_model(model, *, strategy, optimizer_config, loss, metrics, steps_per_epoch, epochs, jit_compile="auto"):
@@ -297,109 +261,6 @@ def _monitor_callbacks(names, train, paths, run_dir, steps_per_epoch):
         names, sample=sample, log_dir=os.path.join(paths["tensorboard"], "monitors"), every=every,
         summary_path=os.path.join(os.fspath(run_dir), "monitors.json"),
     )
-
-
-def _fit_custom_loop(model, train, validation, *, order, strategy, optimizer_config, loss, epochs, steps_per_epoch,
-                     global_batch_size, paths, resume_paths=None, checkpoint_every=60.0):
-    """Multi-worker training: Keras 3.15's fit fails under
-    MultiWorkerMirroredStrategy (keras#20585), so a custom loop over
-    strategy.run trains the same model and optimizer.
-
-    The chief checkpoints at epoch ends; started again with --resume, every
-    worker restores the chief's last checkpoint (`resume_paths`), so all go
-    on from the same epoch. A lost worker stops the others with one line
-    (`RunFailed`) instead of a traceback.
-    """
-    with strategy.scope():
-        optimizer = optim.make_optimizer(optimizer_config, steps_per_epoch=steps_per_epoch, epochs=epochs)
-        optimizer.build(model.trainable_variables)  # its slots exist before a checkpoint is restored into them
-    variables = [*model.variables, *optimizer.variables]
-    store = checkpoints.Store(paths["resume"])
-    saved = checkpoints.Store(resume_paths["resume"]).latest() if resume_paths else None
-    chief = distribute.is_chief(strategy)
-    if saved:
-        checkpoints.restore(variables, saved)
-        print(f"resuming from {saved.path}: epoch {saved.epoch + 1}", flush=True)
-    start, logged = (saved.epoch, {k: list(v) for k, v in saved.history.items()}) if saved else (0, {})
-    best_path = paths["best"] if chief else os.path.join(distribute.worker_dir(os.path.dirname(paths["best"]), strategy), "best.keras")
-    best = dl_callbacks.BestCheckpoint(best_path, monitor="val_loss", save=save_model,
-                                       best=min(logged["val_loss"]) if logged.get("val_loss") else None)
-    best.set_model(model)
-    step_decay = [c for c in optim.schedule_callbacks(optimizer_config) if isinstance(c, dl_callbacks.StepDecay)]
-    log = dl_callbacks.EpochLog(paths["log"], epochs) if chief else None
-
-    def on_epoch_end(epoch, logs):
-        best.on_epoch_end(epoch, logs)
-        if log:
-            log.on_epoch_end(epoch, logs)
-        for callback in step_decay:  # set the next epoch's rate
-            optimizer.learning_rate = callback.rate(epoch + 1)
-        for key, value in logs.items():
-            logged.setdefault(key, []).append(float(value))
-        if checkpoint_every is not None and chief:
-            store.write(variables, epoch=epoch + 1, batch=0, history=logged)
-
-    for callback in step_decay:
-        optimizer.learning_rate = callback.rate(start)
-    own, line = distribute.own_data(order, strategy, global_batch_size=global_batch_size,
-                                    steps_per_epoch=steps_per_epoch, first_epoch=start, end_epoch=epochs)
-    if line and chief:
-        print(line, flush=True)
-    reason = None
-    try:
-        distribute.train_custom_loop(
-            strategy=strategy, model=model, optimizer=optimizer, loss=loss, train_dataset=own or train,
-            validation_dataset=validation, epochs=epochs, global_batch_size=global_batch_size,
-            on_epoch_end=on_epoch_end, verbose=chief, initial_epoch=start, steps_per_epoch=steps_per_epoch if own else None,
-        )
-    except distribute.NonFiniteLoss as stop:
-        reason = str(stop)
-    except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.errors.AbortedError,
-            tf.errors.CancelledError, tf.errors.InternalError) as error:
-        raise errors.RunFailed(_lost_peer_line(error, store)) from None
-    if reason is None and checkpoint_every is not None and chief:
-        store.mark_finished(len(logged.get("loss", [])))
-    if chief:
-        rundir.write_history(paths["history"], logged)
-    return FitResult(logged, reason, best_path if os.path.exists(best_path) else None,
-                     len(logged.get("loss", [])) - start)
-
-
-def _lost_peer_line(error, store):
-    """What a worker says when a collective failed because another task of the cluster is gone."""
-    where = f"{store.folder}" if store.has_any() else "the chief's run directory"
-    return (f"training stopped: the cluster lost {distribute.lost_task_phrase(error, unnamed='another task')}; "
-            "start every task again with "
-            f"--resume RUN_DIR to go on from the last checkpoint ({where})")
-
-
-def _fit_lbfgs(model, train, validation, *, optimizer_config, loss, epochs, paths):
-    best = dl_callbacks.BestCheckpoint(paths["best"], monitor="val_loss", save=save_model)
-    best.set_model(model)
-    log = dl_callbacks.EpochLog(paths["log"], epochs)
-
-    def on_iteration(iteration, logs):
-        best.on_epoch_end(iteration, logs)
-        log.on_epoch_end(iteration, logs)
-        print(f"L-BFGS iteration {iteration + 1}/{epochs}: "
-              + " ".join(f"{k} {v:.4f}" for k, v in logs.items()), flush=True)
-        return False
-
-    # Compiled only so that evaluate/predict/save behave as after fit.
-    model.compile(optimizer="sgd", loss=loss, metrics=["accuracy"])
-    history, early_stop = lbfgs.train_lbfgs(
-        model, train, validation, iterations=epochs, loss=loss, on_iteration=on_iteration,
-    )
-    rundir.write_history(paths["history"], history)
-    watch = dl_callbacks.nan_guard.LossWatch()
-    losses = history.get("loss", [])
-    any(watch.epoch(iteration, loss) for iteration, loss in enumerate(losses))
-    reason = watch.message
-    if early_stop and not reason:  # converged or line search failed: not an error, but said (issue #27)
-        print(early_stop, flush=True)
-        with open(paths["log"], "a") as handle:  # train.log, beside the iteration lines
-            handle.write(early_stop + "\n")
-    return FitResult(history, reason, paths["best"] if os.path.exists(paths["best"]) else None, len(losses))
 
 
 def release_worker_dir(run_dir):
@@ -435,12 +296,3 @@ def final_model(result, model):
     return copy
 
 
-def save_model(model, path):
-    """Saves a `.keras` file beside `path` and renames it into place
-    (`atomic.replacing`): a kill leaves the earlier file or none, the next
-    save removes the temporary a killed one left, and a full disk is a
-    UsageError naming `path`."""
-    from dlsuite.apps.core import atomic
-
-    with atomic.replacing(path) as temporary:
-        model.save(temporary)

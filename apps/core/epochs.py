@@ -34,6 +34,8 @@ class EpochOrder:
             when no part of the data is any worker's own.
     """
 
+    worker_share = None  # IndexOrder's data is in memory or read by index: no worker's own
+
     def __init__(self, elements, *, buffer, seed, finish, batch_size=None, worker_share=None):
         self.elements = elements
         self.buffer = int(buffer)

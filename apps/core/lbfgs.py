@@ -11,11 +11,15 @@ and gradient. Suits small models (LeNet-5 on digits); memory grows with
 """
 
 import math
+import os
 
 import keras
 import numpy as np
 import scipy.optimize
 import tensorflow as tf
+
+from dlsuite import callbacks as dl_callbacks
+from dlsuite.apps.core import atomic, loop_parts, rundir
 
 
 class _FlatWeights:
@@ -149,3 +153,35 @@ def stop_reason(result, iterations):
     else:
         why = f"line search failed (loss {result.fun:.6g}, largest gradient component {largest:.1e}: {result.message})"
     return f"L-BFGS stopped after {result.nit} of {iterations} iterations: {why}"
+
+
+def fit(model, train, validation, *, optimizer_config, loss, epochs, paths):
+    """`--optimizer lbfgs`: `train_lbfgs` for `epochs` iterations, with the
+    run directory's best checkpoint, train.log and history.csv, and the line
+    that says why it stopped early when it did."""
+    best = dl_callbacks.BestCheckpoint(paths["best"], monitor="val_loss", save=atomic.save_model)
+    best.set_model(model)
+    log = dl_callbacks.EpochLog(paths["log"], epochs)
+
+    def on_iteration(iteration, logs):
+        best.on_epoch_end(iteration, logs)
+        log.on_epoch_end(iteration, logs)
+        print(f"L-BFGS iteration {iteration + 1}/{epochs}: "
+              + " ".join(f"{k} {v:.4f}" for k, v in logs.items()), flush=True)
+        return False
+
+    # Compiled only so that evaluate/predict/save behave as after fit.
+    model.compile(optimizer="sgd", loss=loss, metrics=["accuracy"])
+    history, early_stop = train_lbfgs(
+        model, train, validation, iterations=epochs, loss=loss, on_iteration=on_iteration,
+    )
+    rundir.write_history(paths["history"], history)
+    watch = dl_callbacks.nan_guard.LossWatch()
+    losses = history.get("loss", [])
+    any(watch.epoch(iteration, loss) for iteration, loss in enumerate(losses))
+    reason = watch.message
+    if early_stop and not reason:  # converged or line search failed: not an error, but said (issue #27)
+        print(early_stop, flush=True)
+        with open(paths["log"], "a") as handle:  # train.log, beside the iteration lines
+            handle.write(early_stop + "\n")
+    return loop_parts.FitResult(history, reason, paths["best"] if os.path.exists(paths["best"]) else None, len(losses))

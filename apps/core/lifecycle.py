@@ -174,7 +174,7 @@ class Trained:
     history: dict
     best_checkpoint: str | None
     phase_epochs: dict
-    stopped: object = None  # the engine.FitResult of a phase that stopped (NaN)
+    stopped: object = None  # the loop_parts.FitResult of a phase that stopped (NaN)
     phase_dirs: list = dataclasses.field(default_factory=list)  # where each phase keeps its checkpoints
 
 
@@ -250,20 +250,20 @@ def train_phases(task, model, batches, *, strategy, run_dir, resume=False, callb
 
 def _read_back(phase_dir):
     """The FitResult of a phase that finished before the run was interrupted."""
-    from dlsuite.apps.core import engine, rundir
+    from dlsuite.apps.core import engine, loop_parts, rundir
 
     paths = engine.run_paths(phase_dir)
     history = rundir.read_history(paths["history"])
     history.pop("epoch", None)
     best = paths["best"] if os.path.exists(paths["best"]) else None
-    return engine.FitResult(history=history, stopped_reason=None, best_checkpoint=best,
+    return loop_parts.FitResult(history=history, stopped_reason=None, best_checkpoint=best,
                             epochs_run=len(history.get("loss", [])))
 
 
 def finish(task, model, trained, *, run_dir, batches):
     """The chief's part after training: curves, the best model, its test
     score, model.keras, the export and metrics.json; returns the exit status."""
-    from dlsuite.apps.core import engine, rundir
+    from dlsuite.apps.core import engine, loop_parts, rundir
 
     if trained.history:
         rundir.plot_curves(trained.history, run_dir / "curves.png", title=task.title())
@@ -271,7 +271,7 @@ def finish(task, model, trained, *, run_dir, batches):
         status = engine.report_stop(trained.stopped, run_dir)
         _drop_checkpoints(trained)
         return status
-    model = engine.final_model(engine.FitResult(trained.history, None, trained.best_checkpoint, 0), model)
+    model = engine.final_model(loop_parts.FitResult(trained.history, None, trained.best_checkpoint, 0), model)
     config = task.config
     if config.precise_bn is not None:
         figures, report = _with_precise_batch_norm(task, model, batches, run_dir)

@@ -7,10 +7,11 @@ chief (TensorFlow's coordinator) schedules training steps with
 its own share of the input pipeline (`create_per_worker_dataset`), reading the
 variables from the ps and sending its updates back.
 
-Every task runs the same command. On a `worker` or `ps` task `serve` starts
-the task's `tf.distribute.Server` and waits until the chief's run is over (its
-address stops answering for `CHIEF_GONE_S`); only the chief loads data,
-builds the model and writes the run directory. The workers need no data: the
+Every task runs the same command. On a `worker` or `ps` task
+`distribute.serve_cluster_task` starts the task's `tf.distribute.Server` and
+waits until the chief's run is over (its address stops answering for
+`distribute.CHIEF_GONE_S`); only the chief loads data, builds the model and
+writes the run directory. The workers need no data: the
 chief ships the input pipeline's graph to them.
 
 Keras 3.15's `model.fit` does not drive this strategy, so `fit` trains with a
@@ -37,30 +38,17 @@ Evidence behind the choices (TF 2.21, Keras 3.15, measured on localhost):
 
 import math
 import os
-import socket
 import time
 
 import keras
 import numpy as np
 import tensorflow as tf
 
+from dlsuite import callbacks as dl_callbacks
+from dlsuite.apps.core import checkpoints, distribute, loop_parts, optim, rundir
+from dlsuite.apps.core import epochs as epochs_lib
 from dlsuite.apps.core.errors import UsageError
 
-TF_CONFIG_EXAMPLE = (
-    '{"cluster": {"chief": ["host0:2222"], "worker": ["host1:2222", "host2:2222"], "ps": ["host3:2222"]}, '
-    '"task": {"type": "chief", "index": 0}}'
-)
-
-# A variable smaller than this stays whole; a larger one is split over the
-# parameter servers in shards of at least this size (TensorFlow's
-# MinSizePartitioner default; LeNet-5's largest kernel, 192 KB, stays whole,
-# a 50,000 x 256 embedding, 51 MB, splits over every ps).
-MIN_SHARD_BYTES = 256 << 10
-
-# A worker or ps task exits once the chief it served has not answered for
-# this long: the chief's run is over (or it died; start every task again
-# and the chief with --resume).
-CHIEF_GONE_S = 10.0
 
 # Steps in flight before the chief reads a step's loss (for the NaN guard and
 # the running loss); it also bounds the coordinator's queue.
@@ -79,114 +67,6 @@ class ClusterLost(UsageError):
     The checkpoints of the last finished epoch stay: start the lost task again
     and continue with `--resume RUN_DIR`.
     """
-
-
-def check_tf_config(raw):
-    """The parsed TF_CONFIG of a parameter-server cluster.
-
-    Raises:
-        UsageError: missing, not JSON, no chief, worker or ps tasks, or a task
-            that is not one of them.
-    """
-    from dlsuite.apps.core import distribute
-
-    example = f"for example TF_CONFIG='{TF_CONFIG_EXAMPLE}' (the same cluster on every task, each its own task)"
-    cluster, task = distribute.parse_tf_config(raw, strategy="parameter-server", example=example)
-    for role, minimum in (("chief", 1), ("worker", 1), ("ps", 1)):
-        addresses = cluster.get(role)
-        if (not isinstance(addresses, list) or len(addresses) < minimum
-                or not all(isinstance(a, str) and ":" in a for a in addresses)):
-            raise UsageError(f"TF_CONFIG cluster[{role!r}] must be a list of 'host:port' "
-                             f"(a parameter-server cluster has a chief, workers and ps tasks); {example}")
-    if len(cluster["chief"]) != 1:
-        raise UsageError(f"TF_CONFIG must name one chief, got {len(cluster['chief'])}; {example}")
-    task_type, index = task.get("type"), task.get("index")
-    if task_type not in ("chief", "worker", "ps"):
-        raise UsageError(f"TF_CONFIG task type must be 'chief', 'worker' or 'ps', got {task_type!r}; {example}")
-    if not isinstance(index, int) or not 0 <= index < len(cluster[task_type]):
-        raise UsageError(f"TF_CONFIG task index must be 0..{len(cluster[task_type]) - 1} for the "
-                         f"{len(cluster[task_type])} {task_type} address(es), got {index!r}; {example}")
-    return {"cluster": cluster, "task": task}
-
-
-def make_strategy(*, min_shard_bytes=MIN_SHARD_BYTES):
-    """The chief's `ParameterServerStrategy`; on a worker or ps task, its server.
-
-    On the chief: the strategy over the TF_CONFIG cluster, with a
-    `MinSizePartitioner` that splits a variable over the parameter servers
-    when it is at least twice `min_shard_bytes`. Create it before any other
-    TensorFlow op, as for multi-worker.
-
-    On a `worker` or `ps` task this does not return: the task serves until
-    the chief's run is over, then the process exits with status 0
-    (`SystemExit`), before loading any data.
-
-    Raises:
-        UsageError: a missing or invalid TF_CONFIG.
-        SystemExit: on a worker or ps task, when its chief has gone.
-    """
-    config = check_tf_config(os.environ.get("TF_CONFIG"))
-    resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
-    if config["task"]["type"] != "chief":
-        serve(resolver, chief=config["cluster"]["chief"][0])
-        raise SystemExit(0)
-    num_ps = len(config["cluster"]["ps"])
-    partitioner = tf.distribute.experimental.partitioners.MinSizePartitioner(
-        min_shard_bytes=min_shard_bytes, max_shards=num_ps) if num_ps > 1 else None
-    return tf.distribute.ParameterServerStrategy(resolver, variable_partitioner=partitioner)
-
-
-def serve(resolver, *, chief, gone_after=CHIEF_GONE_S, poll=1.0):
-    """Runs this worker or ps task's server until `chief` ("host:port") has
-    answered once and then stopped answering for `gone_after` seconds."""
-    task = f"{resolver.task_type} {resolver.task_id}"
-    address = resolver.cluster_spec().task_address(resolver.task_type, resolver.task_id)
-    tf.distribute.Server(resolver.cluster_spec(), job_name=resolver.task_type, task_index=resolver.task_id,
-                         protocol=resolver.rpc_layer or "grpc", start=True)
-    print(f"parameter-server cluster: {task} serving at {address}; the chief at {chief} drives the run",
-          flush=True)
-    seen, silent_since = False, None
-    while True:
-        if _answers(chief):
-            if not seen:
-                print(f"parameter-server cluster: {task}: the chief connected", flush=True)
-            seen, silent_since = True, None
-        elif seen:
-            silent_since = silent_since or time.monotonic()
-            if time.monotonic() - silent_since >= gone_after:
-                print(f"parameter-server cluster: {task}: the chief at {chief} is gone; exiting", flush=True)
-                return
-        time.sleep(poll)
-
-
-def _answers(address):
-    host, _, port = address.removeprefix("grpc://").rpartition(":")
-    try:
-        with socket.create_connection((host, int(port)), timeout=2.0):
-            return True
-    except OSError:
-        return False
-
-
-def is_parameter_server(strategy):
-    """True for a `ParameterServerStrategy` (trained by `fit` here)."""
-    return isinstance(strategy, tf.distribute.ParameterServerStrategy)
-
-
-def cluster_size():
-    """{"chief": 1, "worker": W, "ps": P} from TF_CONFIG (empty when unset)."""
-    from dlsuite.apps.core import distribute
-
-    cluster, _ = distribute.tf_config()
-    return {role: len(cluster.get(role, [])) for role in ("chief", "worker", "ps") if cluster.get(role)}
-
-
-def describe():
-    """ "2 workers, 1 parameter server (asynchronous)" """
-    size = cluster_size()
-    workers, ps = size.get("worker", 0), size.get("ps", 0)
-    return (f"{workers} worker{'s' if workers != 1 else ''}, {ps} parameter server{'s' if ps != 1 else ''} "
-            "(asynchronous)")
 
 
 def shard_placement(model):
@@ -295,15 +175,11 @@ def fit(model, train, validation, *, strategy, optimizer_config, loss, metrics=(
             `resume` goes on from (default: `paths`).
 
     Returns:
-        An `engine.FitResult`.
+        A `loop_parts.FitResult`.
 
     Raises:
         ClusterLost: a parameter server stopped answering.
     """
-    from dlsuite import callbacks as dl_callbacks
-    from dlsuite.apps.core import checkpoints, engine, optim, rundir
-    from dlsuite.apps.core import epochs as epochs_lib
-
     verbose = True if verbose is None else bool(verbose)
     os.makedirs(os.path.dirname(paths["best"]), exist_ok=True)
     metrics = (metrics,) if isinstance(metrics, str) else tuple(metrics)
@@ -335,10 +211,9 @@ def fit(model, train, validation, *, strategy, optimizer_config, loss, metrics=(
     eval_step = _eval_step(host.model, loss, with_accuracy=bool(metrics))
 
     nan_guard = dl_callbacks.NaNGuard(epoch_losses=logged.get("loss", ()))
-    stateful = [*optim.schedule_callbacks(optimizer_config),
-                *([keras.callbacks.EarlyStopping(monitor="val_loss", patience=early_stopping)] if early_stopping else [])]
-    run_callbacks = engine._run_callbacks(paths, epochs=epochs, resume=resume, initial_epoch=initial_epoch,
-                                          best_checkpoint=best_checkpoint)
+    stateful = loop_parts.stateful_callbacks(optimizer_config, early_stopping)
+    run_callbacks = loop_parts.run_callbacks(paths, epochs=epochs, resume=resume, initial_epoch=initial_epoch,
+                                             best_checkpoint=best_checkpoint)
     every = [*callbacks, *stateful, dl_callbacks.LearningRateLogger(steps_per_epoch=steps_per_epoch), nan_guard,
              *run_callbacks]
     if resume:
@@ -383,14 +258,12 @@ def fit(model, train, validation, *, strategy, optimizer_config, loss, metrics=(
         store.mark_finished(len(logged.get("loss", [])))
     full_history = rundir.read_history(paths["history"]) or dict(logged)
     full_history.pop("epoch", None)
-    return engine.FitResult(history=full_history, stopped_reason=nan_guard.message,
+    return loop_parts.FitResult(history=full_history, stopped_reason=nan_guard.message,
                             best_checkpoint=paths["best"] if os.path.exists(paths["best"]) else None,
                             epochs_run=len(history.get("loss", [])))
 
 
 def _lost_message(error, paths):
-    from dlsuite.apps.core import distribute
-
     run_dir = os.path.dirname(os.fspath(paths["history"]))
     return (f"the parameter-server cluster lost {distribute.lost_task_phrase(error, unnamed='a task the run needs')}; "
             f"the checkpoints of the last finished epoch are in {paths['resume']}: start every task again and the "
@@ -410,9 +283,7 @@ def _worker_share(train, start_epoch, epochs, *, global_batch_size):
     restarted one starts its share again; over the run each batch is still
     read about once.
     """
-    from dlsuite.apps.core import epochs as epochs_lib
-
-    workers = max(1, cluster_size().get("worker", 1))
+    workers = max(1, distribute.cluster_size().get("worker", 1))
     order = train if isinstance(train, epochs_lib.EpochOrder) else None
     own = order.worker_share if order is not None and order.worker_share and workers > 1 else None
     parts = [own(worker, workers, global_batch_size) for worker in range(workers)] if own else []
@@ -452,9 +323,7 @@ def _train_step(strategy, model, optimizer, loss, variables, totals, *, with_acc
     """The function a worker runs for one step: next batch, gradients with
     respect to the shards, the optimizer's update on the ps, the batch's
     (loss sum, correct, examples) added to `totals` and returned."""
-    from dlsuite.apps.core import distribute
-
-    per_example_loss = distribute._per_example_loss_fn(loss)
+    per_example_loss = loop_parts.per_example_loss_fn(loss)
     threshold = 0.0 if getattr(loss, "from_logits", False) else 0.5
 
     def replica_step(x, y):
@@ -462,12 +331,12 @@ def _train_step(strategy, model, optimizer, loss, variables, totals, *, with_acc
         with tf.GradientTape() as tape:
             y_pred = model(x, training=True)
             per_example = per_example_loss(y, y_pred)
-            regularization = distribute._regularization(model)
+            regularization = loop_parts.regularization(model)
             total = tf.reduce_sum(tf.cast(per_example, tf.float32)) / count + regularization
             total = optimizer.scale_loss(total)
         gradients = tape.gradient(total, variables)
         optimizer.apply(gradients, variables)
-        sums = distribute._batch_sums(y, y_pred, per_example, regularization, with_accuracy=with_accuracy,
+        sums = loop_parts.batch_sums(y, y_pred, per_example, regularization, with_accuracy=with_accuracy,
                                       binary_threshold=threshold)
         totals.assign_add(sums)
         return sums
@@ -482,15 +351,13 @@ def _train_step(strategy, model, optimizer, loss, variables, totals, *, with_acc
 
 
 def _eval_step(model, loss, *, with_accuracy):
-    from dlsuite.apps.core import distribute
-
-    per_example_loss = distribute._per_example_loss_fn(loss)
+    per_example_loss = loop_parts.per_example_loss_fn(loss)
     threshold = 0.0 if getattr(loss, "from_logits", False) else 0.5
 
     @tf.function
     def step(x, y):
         y_pred = model(x, training=False)
-        return distribute._batch_sums(y, y_pred, per_example_loss(y, y_pred), distribute._regularization(model),
+        return loop_parts.batch_sums(y, y_pred, per_example_loss(y, y_pred), loop_parts.regularization(model),
                                       with_accuracy=with_accuracy, binary_threshold=threshold)
 
     return step

@@ -156,9 +156,9 @@ class Task:
 
     def save_model(self, model, path):
         """Saves what `model.keras` holds (caption: the captioner, not the training model)."""
-        from dlsuite.apps.core import engine
+        from dlsuite.apps.core import atomic
 
-        engine.save_model(model, path)
+        atomic.save_model(model, path)
 
     def export(self, model, figures, *, name=None, base_dir=None):
         """Exports the model for serving; returns the version folder."""
