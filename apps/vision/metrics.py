@@ -1,5 +1,7 @@
 """Classification metrics from predicted probabilities and true labels."""
 
+import warnings
+
 import numpy as np
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
@@ -40,7 +42,11 @@ def classification_report(probabilities, labels, class_names):
 def labelled_predictions(model, batches):
     """(labels, probabilities) of a classifier over labelled batches."""
     labels = np.concatenate([np.asarray(y) for _, y in batches])
-    return labels, model.predict(batches, verbose=0)
+    with warnings.catch_warnings():
+        # Keras warns "Your input ran out of data" at the end of any dataset whose
+        # length tf.data cannot tell (packed shards, TFDS): here the end is the point.
+        warnings.filterwarnings("ignore", message="Your input ran out of data")
+        return labels, model.predict(batches, verbose=0)
 
 
 def score_classifier(model, test_batches, class_names, run_dir):
