@@ -91,7 +91,7 @@ def _tuner(tmp_path, built):
         built.append(hp)
         raise AssertionError(f"keras-tuner built the hypermodel instead of calling {compat.POPULATE_INITIAL_SPACE}")
 
-    # As apps/tune/cli.py builds its tuners.
+    # As apps/tune/driver.py builds its tuners.
     tuner_class = type("RandomSearch", (Declares, keras_tuner.RandomSearch),
                        {compat.POPULATE_INITIAL_SPACE: Declares.declare_space})
     return tuner_class(hypermodel=build, objective=keras_tuner.Objective("val_loss", "min"), max_trials=1,
