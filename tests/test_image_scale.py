@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from dlsuite.apps import cli
-from dlsuite.apps.vision import datasets, image_cache, manifest, pipeline, sources
+from dlsuite.apps.vision import datasets, file_checks, image_cache, manifest, pipeline, sources
 from test_kill_resume import killed, weights
 
 SIZE = (24, 24)
@@ -119,17 +119,18 @@ def test_the_manifest_is_reused_and_a_changed_file_is_checked_again(tmp_path):
 def test_checks_that_wait_on_the_disk_move_to_threads_with_the_same_verdicts_in_order(tmp_path, monkeypatch):
     root = photo_folder(tmp_path / "photos", per_class=40)
     (root / "class2" / "007.jpg").write_bytes((root / "class2" / "007.jpg").read_bytes()[:-40])
-    _, files = datasets.list_class_files(str(root))
+    _, files = file_checks.list_class_files(str(root))
     paths = [path for name in sorted(files) for path in files[name]]
-    in_thread = datasets.check_images(paths, strict=False)
-    # A chunk that used no CPU time waited on the disk: the rest go to the pool.
-    monkeypatch.setattr(datasets, "CHECK_CHUNK", 20)
-    monkeypatch.setattr(datasets.time, "thread_time", lambda: 0.0)
-    pooled = datasets.check_images(paths, strict=False)
+    in_thread = file_checks.check_images(paths, strict=False)
+    # A chunk whose every read blocked waited on the disk: the rest go to the pool.
+    monkeypatch.setattr(file_checks, "CHECK_CHUNK", 20)
+    blocked = iter(range(0, 10**6, 1000))
+    monkeypatch.setattr(file_checks, "_blocking_waits", lambda: next(blocked))
+    pooled = file_checks.check_images(paths, strict=False)
     assert [(c.path, c.reason, c.shape) for c in pooled] == [(c.path, c.reason, c.shape) for c in in_thread]
     assert [c.reason for c in pooled if c.reason] == ["truncated JPEG"]
-    with pytest.raises(datasets.UsageError, match="007.jpg.*truncated JPEG.*strict mode"):
-        datasets.check_images(paths, strict=True)
+    with pytest.raises(file_checks.UsageError, match="007.jpg.*truncated JPEG.*strict mode"):
+        file_checks.check_images(paths, strict=True)
 
 
 def test_a_disk_cache_killed_while_written_is_rebuilt_by_the_next_run(tmp_path):

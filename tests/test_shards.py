@@ -15,7 +15,7 @@ from PIL import Image
 
 from dlsuite.apps import cli
 from dlsuite.apps.core.errors import UsageError
-from dlsuite.apps.vision import datasets, shards
+from dlsuite.apps.vision import datasets, file_checks, shards
 
 
 def _image(rng, height, width, channels):
@@ -40,7 +40,7 @@ def make_folder(root, *, classes=("cat", "dog", "eel"), per_class=4, channels=3,
 
 def expected(root):
     """[(path, label)] in the packed order, readable files only."""
-    class_names, files = datasets.list_class_files(root)
+    class_names, files = file_checks.list_class_files(root)
     return [(path, label) for label, name in enumerate(class_names) for path in files[name]
             if not path.endswith("broken.png")]
 

@@ -195,9 +195,9 @@ def _search(args):
 
 def run_generate(args):
     from dlsuite.apps.caption import data as caption_data, export as caption_export
-    from dlsuite.apps.vision import datasets
+    from dlsuite.apps.vision import file_checks
 
-    checks = datasets.check_images(args.image, strict=False)
+    checks = file_checks.check_images(args.image, strict=False)
     good = [check.path for check in checks if check.reason is None]
     bad = [f"{check.path} ({check.reason})" for check in checks if check.reason]
     search = _search(args)

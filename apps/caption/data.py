@@ -436,7 +436,7 @@ def captioned_images(images_dir, captions_path, *, strict=False, others_describe
     Raises:
         UsageError: no folder, a malformed captions file, or no usable image at all.
     """
-    from dlsuite.apps.vision import datasets
+    from dlsuite.apps.vision import file_checks
 
     images_dir, captions_path = os.fspath(images_dir), os.fspath(captions_path)
     if not os.path.isdir(images_dir):
@@ -453,7 +453,7 @@ def captioned_images(images_dir, captions_path, *, strict=False, others_describe
     if not present:
         raise UsageError(f"none of the {len(names)} images named in --captions {captions_path!r} is in --images "
                          f"{images_dir!r} (e.g. {names[0]!r}); pass the folder that holds them")
-    checks = datasets.check_images([path for _, path in present], strict=strict)
+    checks = file_checks.check_images([path for _, path in present], strict=strict)
     unreadable = [f"{name} ({check.reason})" for (name, _), check in zip(present, checks) if check.reason]
     if unreadable:
         warnings.append(f"{len(unreadable)} images cannot be read, skipped: {list_some(unreadable)}")
@@ -462,7 +462,7 @@ def captioned_images(images_dir, captions_path, *, strict=False, others_describe
         raise UsageError(f"no image named in --captions {captions_path!r} can be read; all {len(present)} failed to decode")
     described = {os.path.normpath(path) for _, path in present}
     uncaptioned = [entry.name for entry in os.scandir(images_dir) if entry.is_file()
-                   and entry.name.lower().endswith(datasets.IMAGE_EXTENSIONS)
+                   and entry.name.lower().endswith(file_checks.IMAGE_EXTENSIONS)
                    and os.path.normpath(entry.path) not in described]
     if uncaptioned and not others_described:  # the other splits' files describe those
         warnings.append(f"{len(uncaptioned)} images in {images_dir} have no captions in {captions_path}, ignored: "

@@ -269,18 +269,18 @@ def load_images(network, *, folder=None, max_images=500, image=None):
 
 def _image_files(folder):
     """Readable image files in `folder` and its class subfolders, sorted; unreadable ones reported on stderr."""
-    from dlsuite.apps.vision import datasets
+    from dlsuite.apps.vision import file_checks
 
     if not folder.is_dir():
         raise UsageError(f"images {str(folder)!r} is not a folder; pass a folder of images", option="images")
     paths = sorted(str(p) for p in folder.iterdir()
-                   if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in datasets.IMAGE_EXTENSIONS)
-    class_names, files = datasets.list_class_files(folder)
+                   if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in file_checks.IMAGE_EXTENSIONS)
+    class_names, files = file_checks.list_class_files(folder)
     paths += [path for name in class_names for path in files[name]]
     if not paths:
-        raise UsageError(f"images folder {str(folder)!r} holds no {'/'.join(datasets.IMAGE_EXTENSIONS)} files, "
+        raise UsageError(f"images folder {str(folder)!r} holds no {'/'.join(file_checks.IMAGE_EXTENSIONS)} files, "
                          "directly or in class subfolders; put images there", option="images")
-    checks = datasets.check_images(paths, strict=False)
+    checks = file_checks.check_images(paths, strict=False)
     for check in checks:
         if check.reason:
             print(f"skipped {check.path}: {check.reason}", file=sys.stderr)
@@ -293,11 +293,11 @@ def _image_files(folder):
 
 def load_image(network, path):
     """One image file at the model's size, float32 (H, W, C) 0..255."""
-    from dlsuite.apps.vision import datasets
+    from dlsuite.apps.vision import file_checks
 
     if not os.path.isfile(path):
         raise UsageError(f"image {str(path)!r} does not exist; pass an image file", option="image")
-    reason = datasets.check_images([str(path)], strict=False)[0].reason
+    reason = file_checks.check_images([str(path)], strict=False)[0].reason
     if reason:
         raise UsageError(f"image {str(path)!r} cannot be read: {reason}", option="image")
     return decode_files([str(path)], network.input_size, network.channels)[0]

@@ -33,7 +33,7 @@ import weakref
 
 import numpy as np
 
-from dlsuite.apps.core import atomic, rundir
+from dlsuite.apps.core import atomic, rundir, user_cache
 from dlsuite.apps.core.errors import UsageError
 from dlsuite.apps.lm import text
 
@@ -43,8 +43,7 @@ FORMAT_VERSION = 1
 def default_cache_dir():
     """`$XDG_CACHE_HOME/dlsuite/tokens`, or `~/.cache/dlsuite/tokens`: where
     token files go unless `--token-cache` says otherwise."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return pathlib.Path(base) / "dlsuite" / "tokens"
+    return pathlib.Path(user_cache.root()) / "tokens"
 
 
 class _OpenFile:

@@ -125,11 +125,11 @@ def add_parser(subparsers):
 
 def _list_images(root):
     """(paths, labels or None, class names or None) of an images folder."""
-    from dlsuite.apps.vision import datasets
+    from dlsuite.apps.vision import file_checks
 
     if not os.path.isdir(root):
         raise UsageError(f"--images {root!r} is not a folder; pass a folder of images or of class subfolders")
-    class_names, files = datasets.list_class_files(root)
+    class_names, files = file_checks.list_class_files(root)
     labeled = [name for name in class_names if files[name]]
     if labeled:
         paths = [path for name in labeled for path in files[name]]
@@ -137,11 +137,11 @@ def _list_images(root):
         return paths, labels, labeled
     paths = sorted(
         entry.path for entry in os.scandir(root)
-        if entry.is_file() and not entry.name.startswith(".") and entry.name.lower().endswith(datasets.IMAGE_EXTENSIONS)
+        if entry.is_file() and not entry.name.startswith(".") and entry.name.lower().endswith(file_checks.IMAGE_EXTENSIONS)
     )
     if not paths:
         raise UsageError(
-            f"--images {root!r} has no images ({'/'.join(datasets.IMAGE_EXTENSIONS)}) in it or in its subfolders; "
+            f"--images {root!r} has no images ({'/'.join(file_checks.IMAGE_EXTENSIONS)}) in it or in its subfolders; "
             "pass the folder that holds them"
         )
     return paths, None, None
@@ -188,9 +188,9 @@ def run_extract(args):
     import keras
     import numpy as np
 
-    from dlsuite.apps.vision import datasets, pipeline
+    from dlsuite.apps.vision import datasets, file_checks, pipeline
 
-    checks = datasets.check_images(paths, strict=args.strict)
+    checks = file_checks.check_images(paths, strict=args.strict)
     good = [check for check in checks if check.reason is None]
     for check in checks:
         if check.reason:

@@ -22,7 +22,7 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from dlsuite.apps.core import atomic
+from dlsuite.apps.core import atomic, user_cache
 from dlsuite.apps.core.errors import UsageError
 
 MODES = ("auto", "memory", "disk", "none")
@@ -35,14 +35,8 @@ MAX_BUDGET = 1.5e9
 FILL_BATCH = 64
 
 
-def cache_root():
-    """Where dlsuite keeps caches it can rebuild: $XDG_CACHE_HOME/dlsuite, else ~/.cache/dlsuite."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "dlsuite")
-
-
 def default_cache_dir():
-    return os.path.join(cache_root(), "images")
+    return os.path.join(user_cache.root(), "images")
 
 
 def available_memory():

@@ -1,7 +1,7 @@
 """What checking an image folder found, kept between runs so that a second
 run on the same folder re-checks only the files that changed.
 
-One tab-separated file per folder, under `image_cache.cache_root()/manifests`
+One tab-separated file per folder, under `core.user_cache.root()/manifests`
 (`dlsuite` prints its path), a line per file: path, size in bytes,
 modification time in nanoseconds, and the verdict: "ok" with height, width
 and channels, or the reason the file cannot be used. A file whose size or
@@ -12,7 +12,7 @@ not at all (a temporary name, then a rename).
 import hashlib
 import os
 
-from dlsuite.apps.vision import image_cache
+from dlsuite.apps.core import user_cache
 
 HEADER = "# dlsuite image manifest 1: path, size, mtime_ns, verdict (ok H W C colour | reason)\n"
 
@@ -22,7 +22,7 @@ def path_for(root):
     absolute = os.path.abspath(os.path.expanduser(root))
     digest = hashlib.sha1(absolute.encode("utf-8", "surrogateescape")).hexdigest()[:12]
     name = os.path.basename(absolute.rstrip(os.sep)) or "root"
-    return os.path.join(image_cache.cache_root(), "manifests", f"{name}-{digest}.tsv")
+    return os.path.join(user_cache.root(), "manifests", f"{name}-{digest}.tsv")
 
 
 def read(path):

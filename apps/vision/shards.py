@@ -11,7 +11,7 @@ for data too large to list and check on every run, or kept on GCS or S3
 (`tf.io.gfile` writes OUT, so `gs://` and `s3://` paths work). Each record
 holds `image/encoded` (the file's own bytes, or a JPEG at `image_size`),
 `image/class/label`, `image/index` (the image's position in the packed
-order: classes sorted, then paths sorted, as `datasets.list_class_files`
+order: classes sorted, then paths sorted, as `file_checks.list_class_files`
 gives them) and `image/filename` (relative to the folder).
 
 Image `i` goes to shard `i % shards`, so every shard holds every class in its
@@ -41,7 +41,7 @@ import tensorflow as tf
 
 from dlsuite.apps.core import atomic
 from dlsuite.apps.core.errors import UsageError
-from dlsuite.apps.vision import datasets
+from dlsuite.apps.vision import file_checks
 
 FORMAT = "dlsuite-shards"
 VERSION = 1
@@ -219,7 +219,7 @@ def pack(folder, out, *, image_size=None, shard_mb=128, strict=False, overwrite=
     paths = [path for name in class_names for path in class_files[name]]
     labels = [label for label, name in enumerate(class_names) for _ in class_files[name]]
     progress(f"checking {len(paths)} images in {len(class_names)} class folders of {folder} ...")
-    checks = datasets.check_images(paths, strict=strict)
+    checks = file_checks.check_images(paths, strict=strict)
     kept = [i for i, check in enumerate(checks) if check.reason is None]
     for check in checks:
         if check.reason:
@@ -436,7 +436,7 @@ def _check_out(out, *, overwrite):
 
 
 def _list_classes(folder, root):
-    class_names, files = datasets.list_class_files(root)
+    class_names, files = file_checks.list_class_files(root)
     if not class_names:
         problem = "is empty" if not os.listdir(root) else "has no class subfolders"
         raise UsageError(f"Dataset folder {folder!r} {problem}: put one subfolder of images per class in it.")
