@@ -290,6 +290,26 @@ def test_exported_classifier_predicts_files_and_pixels(exported, tmp_path):
     assert classifier.predict_files([]).shape == (0, 3)
 
 
+def test_predict_files_reads_bmp_and_gif_in_the_model_channels(exported, tmp_path):
+    """TensorFlow decodes BMP and GIF to 3 channels only (channels=1 raises), so
+    a grayscale export goes through RGB as training does; decoding straight to
+    one channel made every BMP or GIF "not a JPEG, PNG, BMP or GIF image"."""
+    model, path = exported
+    channels = model.inputs[0].shape[-1]
+    image = np.random.default_rng(3).integers(0, 256, size=(21, 27, channels), dtype=np.uint8)
+    files = [_write_image(tmp_path / f"image.{suffix}", image) for suffix in ("bmp", "gif")]
+    decoded = [tf.io.decode_image(f.read_bytes(), channels=3, expand_animations=False).numpy() for f in files]
+    if channels == 1:
+        # Both store gray losslessly: the model sees the very pixels written.
+        for pixels in decoded:
+            np.testing.assert_array_equal(pixels, np.repeat(image, 3, axis=-1))
+        decoded = [image, image]
+    # GIF's palette changes RGB colours: the reference is what TensorFlow decodes.
+    expected = np.concatenate([_expected(model, pixels[np.newaxis]) for pixels in decoded])
+    probabilities = ExportedClassifier.load(path).predict_files(files)
+    np.testing.assert_allclose(probabilities, expected, atol=1e-5)
+
+
 def test_predict_files_names_the_bad_file(exported, tmp_path):
     _, path = exported
     classifier = ExportedClassifier.load(path)

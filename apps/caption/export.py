@@ -38,15 +38,21 @@ import pathlib
 import numpy as np
 import tensorflow as tf
 
-from dlsuite.apps.core import saved_models
+from dlsuite.apps.core import exported, saved_models
 from dlsuite.apps.core.errors import UsageError
-from dlsuite.apps.core.versions import check_export_name, resolve_version_dir, write_version_atomically
+from dlsuite.apps.core.versions import check_export_name, write_version_atomically
+from dlsuite.apps.vision import export as vision_export
 
 FORMAT = "dlsuite.image_captioner"
 FORMAT_VERSION = 1
-METADATA_FILE = "dlsuite.json"
+METADATA_FILE = exported.METADATA_FILE
 VOCABULARY_FILE = "vocabulary.json"
 SIGNATURES = ("serving_default", "caption", "score")
+EXPORT = exported.ExportFormat(
+    name=FORMAT, version=FORMAT_VERSION, signatures=SIGNATURES, assets=(VOCABULARY_FILE,), stop="",
+    not_ours=(f"an image captioner exported by dlsuite (no valid assets/{METADATA_FILE}); "
+              "train one with `dlsuite caption train`"),
+)
 
 
 def export_captioner(encoder, decoder, *, name, base_dir="saved_models", version=None, beam_size=3, alpha=0.7,
@@ -97,17 +103,9 @@ def _write_saved_model(encoder, decoder, path, *, input_size, channels, beam_siz
         tf.lookup.KeyValueTensorInitializer(tf.constant(decoder.vocabulary[4:]),
                                             tf.range(4, len(decoder.vocabulary), dtype=tf.int32)),
         default_value=UNKNOWN_ID)
-    height, width = input_size
 
     def pixels_of(image_bytes):
-        def decode_one(data):
-            # As the training pipeline: through RGB (BMP and GIF decode to 3 channels only), then gray if needed.
-            image = tf.io.decode_image(data, channels=3, expand_animations=False)
-            if channels == 1:
-                image = tf.image.rgb_to_grayscale(image)
-            return tf.image.resize(tf.cast(image, tf.float32), (height, width), method="bilinear")
-
-        return tf.map_fn(decode_one, image_bytes, fn_output_signature=tf.TensorSpec((height, width, channels), tf.float32))
+        return vision_export.decode_images(image_bytes, input_size, channels)
 
     def describe(image_bytes, beam, length, length_alpha):
         features = encoder(pixels_of(image_bytes), training=False)
@@ -176,20 +174,9 @@ class ExportedCaptioner:
             UsageError: nothing there, a SavedModel that `export_captioner` did not write, or one that is
                 damaged or untrusted.
         """
-        path = resolve_version_dir(path)
-        try:
-            metadata = json.loads((path / "assets" / METADATA_FILE).read_text(encoding="utf-8"))
-            vocabulary = json.loads((path / "assets" / VOCABULARY_FILE).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            metadata = None
-        if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
-            raise UsageError(f"{path} is not an image captioner exported by dlsuite (no valid assets/{METADATA_FILE}); "
-                             "train one with `dlsuite caption train`")
-        if metadata.get("format_version", 0) > FORMAT_VERSION:
-            raise UsageError(f"{path} was exported by a newer dlsuite (format version {metadata['format_version']}); "
-                             "upgrade dlsuite to read it")
-        saved_model = saved_models.load(path, trust_model=trust_model, signatures=SIGNATURES)
-        return cls(path, saved_model, metadata, vocabulary)
+        found = exported.read(path, EXPORT)
+        saved_model = saved_models.load(found.path, trust_model=trust_model, signatures=found.signatures)
+        return cls(found.path, saved_model, found.metadata, found.assets[VOCABULARY_FILE])
 
     def caption_bytes(self, contents, *, beam_size=None, max_length=None, alpha=None):
         """Encoded images (list of bytes) -> dict: caption (list of str), log_likelihood and score (NumPy).
@@ -228,8 +215,8 @@ class ExportedCaptioner:
             try:
                 found = self.caption_bytes(contents, beam_size=beam_size, max_length=max_length, alpha=alpha)
             except tf.errors.InvalidArgumentError:
-                raise UsageError(f"cannot decode {_first_undecodable(chunk, contents)}: expected a JPEG, PNG, BMP "
-                                 "or GIF image") from None
+                raise UsageError(f"cannot decode {vision_export.first_undecodable(chunk, contents)}: expected a JPEG, "
+                                 "PNG, BMP or GIF image") from None
             for key in results:
                 results[key].extend(found[key])
         return {"caption": results["caption"], "log_likelihood": np.array(results["log_likelihood"], np.float32),
@@ -241,12 +228,3 @@ def _read(path):
         return path.read_bytes()
     except OSError as error:
         raise UsageError(f"cannot read image {str(path)!r}: {error.strerror or error}") from None
-
-
-def _first_undecodable(paths, contents):
-    for path, data in zip(paths, contents):
-        try:
-            tf.io.decode_image(data, expand_animations=False)
-        except tf.errors.InvalidArgumentError:
-            return str(path)
-    return "one of " + ", ".join(str(path) for path in paths)

@@ -62,12 +62,12 @@ import numpy as np
 import tensorflow as tf
 
 from dlsuite.apps.lm import generate as generation
-from dlsuite.apps.core import saved_models
+from dlsuite.apps.core import exported, saved_models
 from dlsuite.apps.core.errors import UsageError
-from dlsuite.apps.core.versions import check_export_name, resolve_version_dir, write_version_atomically
+from dlsuite.apps.core.versions import check_export_name, write_version_atomically
 from dlsuite.apps.lm.text import Vocabulary, tf_word_tokens
 
-METADATA_FILE = "dlsuite.json"
+METADATA_FILE = exported.METADATA_FILE
 VOCABULARY_FILE = "vocabulary.json"
 FORMAT = "dlsuite.language_model"
 FORMAT_VERSION = 1
@@ -76,6 +76,11 @@ SIGNATURES = {
     "next_token": ("serving_default", "generate", "generate_top_k", "score", "next_token"),
     "bilm": ("serving_default", "embed", "score", "next_token"),
 }
+EXPORT = exported.ExportFormat(
+    name=FORMAT, version=FORMAT_VERSION, signatures=SIGNATURES, kind_key="kind", assets=(VOCABULARY_FILE,),
+    not_ours=(f"a language model exported by dlsuite (no valid assets/{METADATA_FILE} and "
+              f"assets/{VOCABULARY_FILE}); export it with export_language_model."),
+)
 # Keys of dlsuite.json that the export writes itself; app metadata may not use them.
 RESERVED_KEYS = (
     "format", "format_version", "kind", "model_name", "level", "vocabulary_size",
@@ -463,30 +468,10 @@ class ExportedLanguageModel:
             UsageError: nothing there, a SavedModel `export_language_model`
                 did not write, or one that is damaged or untrusted.
         """
-        path = resolve_version_dir(path)
-        assets = path / "assets"
-        try:
-            metadata = json.loads((assets / METADATA_FILE).read_text(encoding="utf-8"))
-            vocabulary = json.loads((assets / VOCABULARY_FILE).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            metadata = None
-        if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
-            raise UsageError(
-                f"{path} is not a language model exported by dlsuite (no valid "
-                f"assets/{METADATA_FILE} and assets/{VOCABULARY_FILE}); export it with "
-                "export_language_model."
-            )
-        too_new = metadata.get("format_version", 0) > FORMAT_VERSION
-        if too_new or metadata.get("kind") not in SIGNATURES:
-            raise UsageError(
-                f"{path} was exported by a newer dlsuite (format version "
-                f"{metadata.get('format_version')}, kind {metadata.get('kind')!r}); upgrade "
-                "dlsuite to read it."
-            )
-        vocabulary = Vocabulary.from_json(vocabulary)
-        saved_model = saved_models.load(path, trust_model=trust_model,
-                                        signatures=SIGNATURES[metadata["kind"]])
-        return cls(path, saved_model, metadata, vocabulary)
+        found = exported.read(path, EXPORT)
+        vocabulary = Vocabulary.from_json(found.assets[VOCABULARY_FILE])
+        saved_model = saved_models.load(found.path, trust_model=trust_model, signatures=found.signatures)
+        return cls(found.path, saved_model, found.metadata, vocabulary)
 
     @property
     def can_embed(self):

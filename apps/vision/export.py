@@ -35,17 +35,24 @@ import pathlib
 import numpy as np
 import tensorflow as tf
 
-from dlsuite.apps.core import saved_models
+from dlsuite.apps.core import exported, saved_models
 from dlsuite.apps.core.errors import UsageError
-from dlsuite.apps.core.versions import check_export_name, resolve_version_dir, write_version_atomically
+from dlsuite.apps.core.versions import check_export_name, write_version_atomically
+from dlsuite.apps.vision import sources
 
 # What `ExportedClassifier.load` checks to tell our exports from other SavedModels.
-METADATA_FILE = "dlsuite.json"
+METADATA_FILE = exported.METADATA_FILE
 LABELS_FILE = "labels.txt"
 FORMAT = "dlsuite.image_classifier"
 FORMAT_VERSION = 1
 
 SIGNATURES = ("serving_default", "serving_float", "serving_bytes")
+EXPORT = exported.ExportFormat(
+    name=FORMAT, version=FORMAT_VERSION, signatures=SIGNATURES,
+    not_ours=(f"an image classifier exported by dlsuite (no valid assets/{METADATA_FILE}); "
+              "export it with export_classifier."),
+)
+
 
 def export_classifier(model, *, class_names, name, base_dir="saved_models", version=None, architecture=None,
                       facts=None):
@@ -162,18 +169,7 @@ def _write_saved_model(model, path, *, class_names, input_size, channels):
         return classify(images)
 
     def serving_bytes(image_bytes):
-        def decode(data):
-            # Decoded straight to the model's channels, as the training
-            # pipeline (image_dataset_from_directory) decodes its files.
-            image = tf.io.decode_image(data, channels=channels, expand_animations=False)
-            return tf.image.resize(tf.cast(image, tf.float32), input_size, method="bilinear")
-
-        # Files differ in size, so each is decoded and resized on its own.
-        pixels = tf.map_fn(
-            decode, image_bytes,
-            fn_output_signature=tf.TensorSpec((height, width, channels), tf.float32),
-        )
-        return predict(pixels)
+        return predict(decode_images(image_bytes, input_size, channels))
 
     any_images = (None, None, None, None)
     # No `archive.track(model)`: on the TensorFlow backend it stores every
@@ -194,6 +190,43 @@ def _write_saved_model(model, path, *, class_names, input_size, channels):
         input_signature=[tf.TensorSpec((None,), tf.string, name="image_bytes")],
     )
     archive.write_out(str(path), verbose=False)
+
+
+def decode_images(image_bytes, input_size, channels):
+    """Encoded images -> pixels, inside an export's serving graph.
+
+    Each file is decoded as the training pipeline decodes it
+    (`sources.decode_file`: through RGB, since TensorFlow decodes BMP and GIF
+    to 3 channels only, then gray for a 1-channel model) and resized
+    bilinearly on its own, since files differ in size. `decode_file` only
+    builds ops while the signature is traced; the SavedModel needs no dlsuite.
+
+    Args:
+        image_bytes: string (N,), JPEG, PNG, BMP or GIF (first frame) files.
+        input_size: the model's (height, width).
+        channels: the model's channel count, 1 or 3.
+
+    Returns:
+        float32 (N, height, width, channels), pixels in 0..255.
+    """
+    decode = sources.decode_file(channels)
+    height, width = input_size
+
+    def decode_resized(data):
+        return tf.image.resize(tf.cast(decode(data), tf.float32), (height, width), method="bilinear")
+
+    return tf.map_fn(decode_resized, image_bytes,
+                     fn_output_signature=tf.TensorSpec((height, width, channels), tf.float32))
+
+
+def first_undecodable(paths, contents):
+    """Names the file in a batch that failed to decode, for the error a caller raises."""
+    for path, data in zip(paths, contents):
+        try:
+            tf.io.decode_image(data, expand_animations=False)
+        except tf.errors.InvalidArgumentError:
+            return str(path)
+    return "one of " + ", ".join(str(path) for path in paths)
 
 
 def _to_channels(images, channels):
@@ -267,24 +300,9 @@ class ExportedClassifier:
             UsageError: nothing there, a SavedModel `export_classifier` did
                 not write, or one that is damaged or untrusted.
         """
-        path = resolve_version_dir(path)
-        metadata_file = path / "assets" / METADATA_FILE
-        try:
-            metadata = json.loads(metadata_file.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            metadata = None
-        if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
-            raise UsageError(
-                f"{path} is not an image classifier exported by dlsuite "
-                f"(no valid assets/{METADATA_FILE}); export it with export_classifier."
-            )
-        if metadata.get("format_version", 0) > FORMAT_VERSION:
-            raise UsageError(
-                f"{path} was exported by a newer dlsuite (format version "
-                f"{metadata['format_version']}); upgrade dlsuite to read it."
-            )
-        saved_model = saved_models.load(path, trust_model=trust_model, signatures=SIGNATURES)
-        return cls(path, saved_model, metadata)
+        found = exported.read(path, EXPORT)
+        saved_model = saved_models.load(found.path, trust_model=trust_model, signatures=found.signatures)
+        return cls(found.path, saved_model, found.metadata)
 
     def predict_pixels(self, images):
         """Returns the probabilities (N, K) for a batch of images of any size.
@@ -340,17 +358,7 @@ class ExportedClassifier:
             outputs = self._signatures["serving_bytes"](image_bytes=tf.constant(contents))
         except tf.errors.InvalidArgumentError:
             raise UsageError(
-                f"Cannot decode {_first_undecodable(paths, contents)}: "
+                f"Cannot decode {first_undecodable(paths, contents)}: "
                 "expected a JPEG, PNG, BMP or GIF image."
             ) from None
         return outputs["probabilities"].numpy()
-
-
-def _first_undecodable(paths, contents):
-    """Names the file in a failed batch that TensorFlow cannot decode."""
-    for path, data in zip(paths, contents):
-        try:
-            tf.io.decode_image(data, expand_animations=False)
-        except tf.errors.InvalidArgumentError:
-            return path
-    return "one of " + ", ".join(str(path) for path in paths)
