@@ -8,13 +8,12 @@ import csv
 import json
 import os
 import pathlib
-import socket
 import subprocess
-import sys
 
 import keras
 import pytest
 
+import multiworker_cluster
 from dlsuite.apps import cli
 from dlsuite.apps.core import lifecycle
 from dlsuite.apps import table
@@ -108,34 +107,15 @@ def test_resume_refuses_a_folder_without_a_run(tmp_path):
         lifecycle.resumed_config(lifecycle.train_args.TrainingConfig, tmp_path)
 
 
-def _free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 # classify's two workers: test_a_lost_worker_stops_the_other_with_one_line_and_both_resume.
 @pytest.mark.parametrize("app", [app for app in APPS if app != "classify"])
 def test_two_workers_leave_one_run_directory_and_one_export(app, tmp_path):
     """TF_CONFIG as on a cluster: the chief writes the run directory and the
     export; the other worker leaves nothing behind."""
-    ports = [_free_port(), _free_port()]
-    script = pathlib.Path(sys.executable).parent / "dlsuite"
-    workers = []
-    for index in range(2):
-        tf_config = {"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]}, "task": {"type": "worker", "index": index}}
-        env = {**os.environ, "TF_CONFIG": json.dumps(tf_config), "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "2"}
-        env = {k: v for k, v in env.items() if "proxy" not in k.lower()}
-        workers.append(subprocess.Popen(
-            [str(script), *TINY[app], *ONE_EPOCH.get(app, ["--epochs", "1"]), "--strategy", "multi-worker",
-             "--out", str(tmp_path / "run"),
-             "--export-dir", str(tmp_path / "exports")],
-            env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    try:
-        outputs = [worker.communicate(timeout=300)[0] for worker in workers]
-    finally:
-        for worker in workers:
-            worker.kill()
+    workers = multiworker_cluster.start(
+        [*TINY[app], *ONE_EPOCH.get(app, ["--epochs", "1"]), "--strategy", "multi-worker", "--out", tmp_path / "run",
+         "--export-dir", tmp_path / "exports"], tmp_path, ports=[multiworker_cluster.free_port() for _ in range(2)])
+    outputs = multiworker_cluster.outputs(workers)
     assert [worker.returncode for worker in workers] == [0, 0], outputs
     assert "2 workers, all-reduce (2 replicas)" in outputs[0]
     resolved = json.loads((tmp_path / "run" / "config.json").read_text())["resolved"]
@@ -151,19 +131,10 @@ def test_a_lost_worker_stops_the_other_with_one_line_and_both_resume(tmp_path):
     """SIGKILL one of two workers after the first epoch: the chief stops
     within the coordination service's heartbeat timeout, naming the lost
     task, and both started again with --resume finish the run."""
-    ports = [_free_port(), _free_port()]
-    script = pathlib.Path(sys.executable).parent / "dlsuite"
+    ports = [multiworker_cluster.free_port() for _ in range(2)]
 
     def start(argv):
-        workers = []
-        for index in range(2):
-            tf_config = {"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]},
-                         "task": {"type": "worker", "index": index}}
-            env = {**os.environ, "TF_CONFIG": json.dumps(tf_config), "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "3"}
-            env = {k: v for k, v in env.items() if "proxy" not in k.lower()}
-            workers.append(subprocess.Popen([str(script), *argv], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
-                                            stderr=subprocess.PIPE, text=True))
-        return workers
+        return multiworker_cluster.start(argv, tmp_path, ports=ports, stderr=subprocess.PIPE)
 
     workers = start([*TINY["classify"], "--epochs", "3", "--strategy", "multi-worker", "--out", str(tmp_path / "run"),
                      "--export-dir", str(tmp_path / "exports")])

@@ -319,33 +319,15 @@ def test_each_worker_reads_only_its_own_shard_files_and_takes_the_same_steps(tmp
 def test_two_workers_train_on_a_pack_each_reading_its_own_files(tmp_path):
     """A multi-worker run on packed shards as on a cluster (TF_CONFIG, two
     processes on localhost): each worker reads its own shard files."""
-    import json
-    import pathlib
-    import socket
+    import multiworker_cluster
 
     make_folder(tmp_path / "photos", per_class=12, corrupt=False)
     shards.pack(tmp_path / "photos", tmp_path / "packed", image_size=(32, 32), progress=lambda *_: None)
-    ports = []
-    for _ in range(2):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            ports.append(probe.getsockname()[1])
-    script = pathlib.Path(sys.executable).parent / "dlsuite"
-    workers = []
-    for index in range(2):
-        tf_config = {"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]}, "task": {"type": "worker", "index": index}}
-        env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
-        env.update(TF_CONFIG=json.dumps(tf_config), CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="3")
-        workers.append(subprocess.Popen(
-            [str(script), "classify", "train", "--dataset", str(tmp_path / "packed"), "--model", "lenet5",
-             "--image-size", "32", "--batch-size", "8", "--epochs", "2", "--cache", "none", "--strategy", "multi-worker",
-             "--out", str(tmp_path / "run"), "--no-export"],
-            env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    try:
-        outputs = [worker.communicate(timeout=300)[0] for worker in workers]
-    finally:
-        for worker in workers:
-            worker.kill()
+    workers = multiworker_cluster.start(
+        ["classify", "train", "--dataset", tmp_path / "packed", "--model", "lenet5", "--image-size", "32",
+         "--batch-size", "8", "--epochs", "2", "--cache", "none", "--strategy", "multi-worker",
+         "--out", tmp_path / "run", "--no-export"], tmp_path, ports=[multiworker_cluster.free_port() for _ in range(2)])
+    outputs = multiworker_cluster.outputs(workers)
     assert [worker.returncode for worker in workers] == [0, 0], outputs
     assert "each of the 2 workers reads only its own part of the training data files" in outputs[0], outputs[0]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
