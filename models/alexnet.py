@@ -11,7 +11,6 @@ ungrouped single-tower version (the paper split it over two GPUs).
 import dataclasses
 import functools
 
-import keras
 from keras import layers
 
 from dlsuite.models import common
@@ -116,18 +115,12 @@ def AlexNet(
         if spec.pool:
             x = layers.MaxPooling2D(3, strides=2, padding=spec.pool, name=f"pool{index}")(x)
 
-    if include_top:
-        x = layers.Flatten(name="flatten")(x)
-        for index, units in enumerate(config.dense_units, start=6):
-            x = common.dense_block(x, units, knobs=knobs, name=f"fc{index}", dropout=knobs.dropout)
-        x = common.classifier(
-            x, classes=classes, classifier_activation=classifier_activation, knobs=knobs
-        )
-    else:
-        x = common.global_pool(x, pooling)
-
-    model = keras.Model(inputs, x, name=name)
-    return common.load_weights(model, weights, architecture=variant, include_top=include_top)
+    return common.finish_model(
+        x, inputs, name=name, include_top=include_top, weights=weights, pooling=pooling,
+        classes=classes, classifier_activation=classifier_activation, knobs=knobs,
+        architecture=variant,
+        fc={f"fc{index}": units for index, units in enumerate(config.dense_units, start=6)},
+    )
 
 
 for _name, _config in ALEXNET_CONFIGS.items():

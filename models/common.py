@@ -1,5 +1,5 @@
 """Pieces every CNN builder shares: argument checks, the seed's knobs, input,
-conv/dense blocks with stable names, the classifier top and weight loading.
+conv/dense blocks with stable names, the top, the model and its weights.
 
 Every CNN builder accepts the keras.applications arguments
 (`include_top, weights, input_tensor, input_shape, pooling, classes,
@@ -199,6 +199,51 @@ def global_pool(x, pooling):
     if pooling == "max":
         return layers.GlobalMaxPooling2D(name="max_pool")(x)
     return x
+
+
+def top(x, *, include_top, pooling, classes, classifier_activation, knobs, fc=None):
+    """The end of every CNN: the classifier with include_top, else the features.
+
+    With include_top, `fc` names the family's classifier:
+    - a dict of hidden layer names to units (LeNet, AlexNet, VGG): `flatten`,
+      then a `dense_block` each, with Dropout(knobs.dropout) after each;
+    - None, the all-convolutional top (GoogLeNet, ResNet): `avg_pool` (global
+      average pooling), then `dropout` when knobs.dropout is set;
+    then `predictions`. Without include_top, `pooling` (None, "avg" or "max")
+    as in keras.applications.
+    """
+    if not include_top:
+        return global_pool(x, pooling)
+    if fc is None:
+        x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
+        if knobs.dropout:
+            x = layers.Dropout(knobs.dropout, name="dropout")(x)
+    else:
+        x = layers.Flatten(name="flatten")(x)
+        for layer_name, units in fc.items():
+            x = dense_block(x, units, knobs=knobs, name=layer_name, dropout=knobs.dropout)
+    return classifier(x, classes=classes, classifier_activation=classifier_activation, knobs=knobs)
+
+
+def finish_model(
+    x, inputs, *, name, include_top, weights, pooling, classes, classifier_activation, knobs,
+    architecture, fc=None, aux_outputs=(),
+):
+    """Adds the `top` to the features `x`, makes the model and loads `weights`.
+
+    The tail every CNN builder shares, as keras.applications writes it at the
+    end of each family: the top, `keras.Model(inputs, outputs, name=name)`,
+    then `load_weights` with the weights of `architecture`. `aux_outputs`
+    (GoogLeNet's auxiliary classifiers) follow the main output, which makes
+    the model's outputs a list.
+    """
+    x = top(
+        x, include_top=include_top, pooling=pooling, classes=classes,
+        classifier_activation=classifier_activation, knobs=knobs, fc=fc,
+    )
+    outputs = [x, *aux_outputs] if aux_outputs else x
+    model = keras.Model(inputs, outputs, name=name)
+    return load_weights(model, weights, architecture=architecture, include_top=include_top)
 
 
 def check_arguments(

@@ -121,19 +121,12 @@ def GoogLeNet(
                 knobs=knobs, name=AUX_AFTER[module],
             ))
 
-    if include_top:
-        x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
-        if knobs.dropout:
-            x = layers.Dropout(knobs.dropout, name="dropout")(x)
-        x = common.classifier(
-            x, classes=classes, classifier_activation=classifier_activation, knobs=knobs
-        )
-    else:
-        x = common.global_pool(x, pooling)
-
-    outputs = [x, *aux_outputs] if aux_outputs else x
-    model = keras.Model(inputs, outputs, name=name)
-    return common.load_weights(model, weights, architecture=name, include_top=include_top)
+    return common.finish_model(
+        x, inputs, name=name, include_top=include_top, weights=weights, pooling=pooling,
+        classes=classes, classifier_activation=classifier_activation, knobs=knobs,
+        architecture="googlenet", fc=None,  # all-convolutional: avg_pool, dropout, predictions
+        aux_outputs=aux_outputs,
+    )
 
 
 def aux_loss_weights(model):

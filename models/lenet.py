@@ -9,7 +9,6 @@ The paper squashes with tanh; the Caffe variant uses max pooling and ReLU.
 import dataclasses
 import functools
 
-import keras
 from keras import layers
 
 from dlsuite.models import common
@@ -79,18 +78,12 @@ def LeNet(
     if config.c5_filters:
         x = common.conv_block(x, config.c5_filters, 5, knobs=knobs, name="conv3")
 
-    if include_top:
-        x = layers.Flatten(name="flatten")(x)
-        for index, units in enumerate(config.dense_units, start=1):
-            x = common.dense_block(x, units, knobs=knobs, name=f"fc{index}", dropout=knobs.dropout)
-        x = common.classifier(
-            x, classes=classes, classifier_activation=classifier_activation, knobs=knobs
-        )
-    else:
-        x = common.global_pool(x, pooling)
-
-    model = keras.Model(inputs, x, name=name)
-    return common.load_weights(model, weights, architecture=variant, include_top=include_top)
+    return common.finish_model(
+        x, inputs, name=name, include_top=include_top, weights=weights, pooling=pooling,
+        classes=classes, classifier_activation=classifier_activation, knobs=knobs,
+        architecture=variant,
+        fc={f"fc{index}": units for index, units in enumerate(config.dense_units, start=1)},
+    )
 
 
 for _name, _config in LENET_CONFIGS.items():

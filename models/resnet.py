@@ -12,7 +12,6 @@ stride on the first 1x1 of a bottleneck) match keras.applications.ResNet50/
 import dataclasses
 import functools
 
-import keras
 from keras import layers
 
 from dlsuite.models import common
@@ -138,18 +137,11 @@ def ResNet(
             stride = 2 if index == 1 and stage > 2 else 1
             x = block(x, filters, stride=stride, knobs=knobs, name=f"conv{stage}_block{index}")
 
-    if include_top:
-        x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
-        if knobs.dropout:
-            x = layers.Dropout(knobs.dropout, name="dropout")(x)
-        x = common.classifier(
-            x, classes=classes, classifier_activation=classifier_activation, knobs=knobs
-        )
-    else:
-        x = common.global_pool(x, pooling)
-
-    model = keras.Model(inputs, x, name=name)
-    return common.load_weights(model, weights, architecture=variant, include_top=include_top)
+    return common.finish_model(
+        x, inputs, name=name, include_top=include_top, weights=weights, pooling=pooling,
+        classes=classes, classifier_activation=classifier_activation, knobs=knobs,
+        architecture=variant, fc=None,  # all-convolutional: avg_pool, dropout, predictions
+    )
 
 
 for _name, _config in RESNET_CONFIGS.items():

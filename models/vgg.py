@@ -9,7 +9,6 @@ weights load as they are.
 
 import functools
 
-import keras
 from keras import layers
 
 from dlsuite.models import common
@@ -72,18 +71,11 @@ def VGG(
             )
         x = layers.MaxPooling2D(2, strides=2, name=f"block{block}_pool")(x)
 
-    if include_top:
-        x = layers.Flatten(name="flatten")(x)
-        x = common.dense_block(x, 4096, knobs=knobs, name="fc1", dropout=knobs.dropout)
-        x = common.dense_block(x, 4096, knobs=knobs, name="fc2", dropout=knobs.dropout)
-        x = common.classifier(
-            x, classes=classes, classifier_activation=classifier_activation, knobs=knobs
-        )
-    else:
-        x = common.global_pool(x, pooling)
-
-    model = keras.Model(inputs, x, name=name)
-    return common.load_weights(model, weights, architecture=variant, include_top=include_top)
+    return common.finish_model(
+        x, inputs, name=name, include_top=include_top, weights=weights, pooling=pooling,
+        classes=classes, classifier_activation=classifier_activation, knobs=knobs,
+        architecture=variant, fc={"fc1": 4096, "fc2": 4096},
+    )
 
 
 for _name, _depths in VGG_DEPTHS.items():

@@ -12,10 +12,17 @@ state, so N tokens cost N steps:
 >>> logits, state = stepper.step(tf.constant([7]), state)  # (1, V)
 
 `generate` feeds a prompt through the stepper and samples from
-softmax(logits / temperature), yielding each token's text as it comes so a
-CLI can stream it. `prefix_generate` is the naive O(N^2) loop kept for the
-benchmark and the equality tests: both draw their randomness identically
-(`_sample`), so for the same seed they produce the same text.
+softmax(logits / temperature), yielding each token's text as it comes.
+`prefix_generate` is the naive O(N^2) loop: both draw their randomness
+identically (`_sample`), so for the same seed they produce the same text.
+
+No command samples here: `dlsuite lm generate` runs the sampling loop inside
+the exported SavedModel (`apps/lm/export.py`). These Python samplers stay as
+the benchmarks' baselines (#27): `benchmarks/lm_speed.py` times `generate`
+against `prefix_generate` (generate_stateful_vs_prefix) and the export against
+`generate` (generate_export_vs_stateful, and both against PyTorch);
+`benchmarks/serving_latency.py` times the export against `generate`. The
+tests check the export and both samplers against each other.
 
 The vocabulary is duck-typed (`dlsuite.apps.lm.text.Vocabulary`): `level`
 ("char" or "word"), `tokens` (index 0 the padding "", 1 "[UNK]"),
@@ -303,6 +310,10 @@ def _token_text(vocabulary, token_id):
 def generate(model, vocabulary, *, prompt="", length=500, temperature=0.8, top_k=None, seed=None):
     """Generates text after `prompt`, one model step per token (O(length)).
 
+    The Python baseline the benchmarks time the export's in-graph loop
+    against (`benchmarks/lm_speed.py`, `benchmarks/serving_latency.py`);
+    `dlsuite lm generate` does not call it.
+
     The prompt's tokens are fed through the model's cells one by one; an
     empty prompt starts from "\\n" when the vocabulary has it, else from the
     most common token (id 2), neither of which is yielded. Then `length`
@@ -357,7 +368,9 @@ def prefix_generate(
 
     Token t costs t cell steps, O(length^2) in all. Same arguments, same
     checks and the same random draws as `generate`, so for the same seed the
-    two yield the same text; kept for the benchmark and the equality tests.
+    two yield the same text. Kept as the baseline `benchmarks/lm_speed.py`
+    times `generate` against (generate_stateful_vs_prefix), and for the
+    equality tests (tests/test_generate.py).
     """
     check_sampling(length=length, temperature=temperature, top_k=top_k)
     stepper = Stepper(model)  # for its checks and its logits conversion
