@@ -12,12 +12,12 @@ LSTM decoder with 256 units, batch 64, Adam 0.002 with clipping. Results:
 * `caption_cached_features_vs_encoder`: one decoder training epoch (every
   (image, reference) pair once) on the cached feature maps, which is what
   `train` does (`caption.task.cache_features` runs the encoder once over each split,
-  `caption_data.caption_batches` feeds `fit`), against the same epoch on the
+  `caption.batches.caption_batches` feeds `fit`), against the same epoch on the
   cached pixels with the encoder inside the model (as `--fine-tune-encoder`
   builds it, `caption_model.build_training_model(..., encoder=...)`) but
   frozen, so every step runs the CNN forward again. Captions per second;
   ratio = cached / encoder. The one-off cost of the cache (the encoder over
-  the training images, written to .npy, `caption_data.cache_split`) is timed
+  the training images, written to .npy, `caption.feature_cache.cache_split`) is timed
   in the same repeats, and the break-even is that cost over the time one
   cached epoch saves: the cache pays for itself after that many epochs (an
   upper bound: the pixel cache the other side reads costs time once too).
@@ -103,7 +103,7 @@ def cached_vs_encoder(config, weights, *, work, repeats, mode):
     """The first result; returns what the beam result reuses (decoder, test cache, data, base)."""
     import dataclasses
 
-    from dlsuite.apps.caption import data as caption_data, model as caption_model, task as caption
+    from dlsuite.apps.caption import batches as pair_batches, feature_cache, model as caption_model, task as caption
     from dlsuite.apps.core import engine
 
     device = engine.device_kind()
@@ -133,7 +133,7 @@ def cached_vs_encoder(config, weights, *, work, repeats, mode):
     stalls = []
 
     def epoch(model, cache):
-        batches = caption_data.caption_batches(cache, pairs["train"], batch_size=batch_size, shuffle=True,
+        batches = pair_batches.caption_batches(cache, pairs["train"], batch_size=batch_size, shuffle=True,
                                                seed=config.seed)
         last_step = _last_step_callback()
 
@@ -146,7 +146,7 @@ def cached_vs_encoder(config, weights, *, work, repeats, mode):
 
     def cache_train_features():
         # The one-off cost: the encoder once over the training images, into a .npy file.
-        _quiet(caption_data.cache_split, data.train, path=work / "timed" / "train.npy", image_size=base.input_size,
+        _quiet(feature_cache.cache_split, data.train, path=work / "timed" / "train.npy", image_size=base.input_size,
                channels=base.channels, batch_size=config.batch_size, encoder=base.model, label="train")
         return len(data.train)
 

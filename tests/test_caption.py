@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dlsuite.apps.caption import data as caption_data, decode as caption_decode, export as caption_export, model as caption_model
+from dlsuite.apps.caption import batches as pair_batches, data as caption_data, decode as caption_decode
+from dlsuite.apps.caption import export as caption_export, model as caption_model
 from dlsuite.apps import cli
 
 SCENES = ["--scenes-count", "400", "--validation-fraction", "0.1", "--test-fraction", "0.15"]
@@ -87,13 +88,13 @@ def test_an_image_blind_decoder_scores_far_lower(trained):
                                                                                               "test")}
     seeing = keras.saving.load_model(trained["run"] / "model.keras").get_layer("caption_decoder")
     vocabulary = caption_model.Vocabulary(seeing.vocabulary)
-    pairs = caption_data.caption_pairs(data.train.captions, vocabulary, max_length=12)
+    pairs = pair_batches.caption_pairs(data.train.captions, vocabulary, max_length=12)
     blind = caption_model.CaptionDecoder(seeing.vocabulary, units=64, embedding=32, dropout=0.1, image_blind=True,
                                          feature_mean=seeing.feature_mean, feature_variance=seeing.feature_variance,
                                          name="caption_decoder")
     model = caption_model.build_training_model(blind, feature_shape=(4, 4, 512), caption_length=13)
     model.compile(optimizer=keras.optimizers.Adam(0.005, clipnorm=5.0), loss=caption_model.caption_loss())
-    model.fit(caption_data.caption_batches(cache["train"], pairs, batch_size=32, shuffle=True), epochs=12, verbose=0,
+    model.fit(pair_batches.caption_batches(cache["train"], pairs, batch_size=32, shuffle=True), epochs=12, verbose=0,
               shuffle=False)  # the dataset shuffles itself
     from dlsuite.apps.caption.task import evaluate_split
 

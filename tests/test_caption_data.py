@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dlsuite.apps.caption import data as caption_data, model as caption_model
+from dlsuite.apps.caption import caption_files, data as caption_data, folder as caption_folder, model as caption_model
+from dlsuite.apps.caption import scenes as caption_scenes
 from dlsuite.apps import cli
 from dlsuite.apps.core.errors import UsageError
 
@@ -24,9 +25,9 @@ def run_cli(argv, capsys):
 
 
 def test_scenes_are_deterministic_by_seed():
-    images, captions = caption_data.generate_scenes(count=12, size=48, seed=3)
-    again, captions_again = caption_data.generate_scenes(count=12, size=48, seed=3)
-    other, _ = caption_data.generate_scenes(count=12, size=48, seed=4)
+    images, captions = caption_scenes.generate_scenes(count=12, size=48, seed=3)
+    again, captions_again = caption_scenes.generate_scenes(count=12, size=48, seed=3)
+    other, _ = caption_scenes.generate_scenes(count=12, size=48, seed=4)
     assert images.shape == (12, 48, 48, 3) and images.dtype == np.uint8
     np.testing.assert_array_equal(images, again)
     assert captions == captions_again
@@ -43,11 +44,11 @@ def _centroid(image, colour):
 
 def test_scene_captions_say_where_things_are():
     """The first reference's relation matches the drawn objects (checked where the two colours differ)."""
-    images, captions = caption_data.generate_scenes(count=60, size=64, seed=0)
+    images, captions = caption_scenes.generate_scenes(count=60, size=64, seed=0)
     checked = 0
     for image, references in zip(images, captions):
         first = references[0].split()
-        relation = next((r for r in caption_data.RELATIONS if f" {r} " in references[0]), None)
+        relation = next((r for r in caption_scenes.RELATIONS if f" {r} " in references[0]), None)
         if relation is None:
             assert len(first) == 4 and first[0] == "a"  # "a small red circle"
             continue
@@ -55,7 +56,8 @@ def test_scene_captions_say_where_things_are():
         subject_colour, reference_colour = subject.split()[2], reference.split()[2]
         if subject_colour == reference_colour:
             continue
-        (sy, sx), (ry, rx) = (_centroid(image, caption_data.SCENE_COLOURS[c]) for c in (subject_colour, reference_colour))
+        colours = caption_scenes.SCENE_COLOURS
+        (sy, sx), (ry, rx) = (_centroid(image, colours[c]) for c in (subject_colour, reference_colour))
         expected = {"above": sy < ry, "below": sy > ry, "left of": sx < rx, "right of": sx > rx}
         assert expected[relation], (references[0], (sy, sx), (ry, rx))
         checked += 1
@@ -102,7 +104,7 @@ def test_vocabulary_adds_start_and_end_and_cuts_long_captions():
 def test_every_captions_format_gives_references_per_image(name, text, tmp_path):
     path = tmp_path / name
     path.write_text(text)
-    parsed = caption_data.read_captions_file(path)
+    parsed = caption_files.read_captions_file(path)
     assert sorted(parsed.captions) == ["a.jpg", "b.jpg"]
     assert len(parsed.captions["a.jpg"]) == 2 and parsed.captions["b.jpg"] == ["Two cats"]
     assert parsed.warnings == []
@@ -113,7 +115,7 @@ def test_every_captions_format_gives_references_per_image(name, text, tmp_path):
 @pytest.fixture()
 def flickr_folder(tmp_path):
     """Twelve scene PNGs, a token file for them plus two missing ones, an empty caption, an extra image."""
-    images, captions = caption_data.generate_scenes(count=13, size=48, seed=2)
+    images, captions = caption_scenes.generate_scenes(count=13, size=48, seed=2)
     folder = tmp_path / "images"
     folder.mkdir()
     lines = []
@@ -131,7 +133,7 @@ def flickr_folder(tmp_path):
 
 def test_missing_unreadable_and_uncaptioned_images_are_skipped_with_warnings(flickr_folder):
     folder, token_file, captions = flickr_folder
-    found = caption_data.captioned_images(folder, token_file)
+    found = caption_folder.captioned_images(folder, token_file)
     assert found.names == [f"{i:02d}.png" for i in range(12)]
     assert found.captions[3] == captions[3]
     warnings = "\n".join(found.warnings)
@@ -198,7 +200,7 @@ def test_coco_captions_loads_through_tfds_with_mock_data():
     import tensorflow as tf
     import tensorflow_datasets as tfds
 
-    images, captions = caption_data.generate_scenes(count=6, size=40, seed=5)
+    images, captions = caption_scenes.generate_scenes(count=6, size=40, seed=5)
     requested = []
 
     def as_dataset(self, split, decoders=None, read_config=None, shuffle_files=False):
@@ -236,7 +238,7 @@ def test_a_tfds_set_without_captions_is_named(capsys, tmp_path):
 
 
 def test_separate_validation_and_test_caption_files_are_those_splits_whole(tmp_path):
-    images, captions = caption_data.generate_scenes(count=20, size=32, seed=4)
+    images, captions = caption_scenes.generate_scenes(count=20, size=32, seed=4)
     folder = tmp_path / "images"
     folder.mkdir()
     files = {"train": [], "validation": [], "test": []}

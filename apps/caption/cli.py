@@ -194,7 +194,7 @@ def _search(args):
 
 
 def run_generate(args):
-    from dlsuite.apps.caption import data as caption_data, export as caption_export
+    from dlsuite.apps.caption import export as caption_export, folder as caption_folder
     from dlsuite.apps.vision import file_checks
 
     checks = file_checks.check_images(args.image, strict=False)
@@ -211,20 +211,20 @@ def run_generate(args):
         else:
             print(f"{path}\t{found['caption'][index]}")
     if bad:
-        raise UsageError(f"cannot read {len(bad)} of {len(checks)} images: {caption_data.list_some(bad)}; "
+        raise UsageError(f"cannot read {len(bad)} of {len(checks)} images: {caption_folder.list_some(bad)}; "
                          "pass JPEG, PNG, BMP or GIF files")
     return 0
 
 
 def run_evaluate(args):
-    from dlsuite.apps.caption import data as caption_data, export as caption_export
+    from dlsuite.apps.caption import export as caption_export, folder as caption_folder
 
     if (args.images is None) != (args.captions is None):
         raise UsageError("--images and --captions go together: the folder of images and the file of their captions")
     search = _search(args)
     captioner = caption_export.ExportedCaptioner.load(args.saved_model, trust_model=args.trust_model)
     if args.images is not None:
-        found = caption_data.captioned_images(args.images, args.captions, strict=args.strict)
+        found = caption_folder.captioned_images(args.images, args.captions, strict=args.strict)
         for warning in found.warnings:
             print(f"warning: {warning}", file=sys.stderr)
         names, references = found.names, found.captions

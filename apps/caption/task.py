@@ -16,6 +16,7 @@ import dataclasses
 import pathlib
 import sys
 
+from dlsuite.apps.caption import batches as pair_batches, feature_cache
 from dlsuite.apps.core import task, train_args
 from dlsuite.apps.core.errors import UsageError
 
@@ -76,7 +77,7 @@ def load_data_and_encoder(config, weights):
         weights: the encoder's weights, as `_check_config` resolved them.
 
     Returns:
-        (`caption_data.CaptionData`, `caption_model.Vocabulary`, `backbones.Base` cut at --encoder-layer).
+        (`splits.CaptionData`, `caption_model.Vocabulary`, `backbones.Base` cut at --encoder-layer).
     """
     from dlsuite.apps.vision import backbones, classifier, pipeline
     from dlsuite.apps.caption import data as caption_data, model as caption_model
@@ -111,11 +112,9 @@ def pair_captions(config, data, vocabulary):
     """Each training and validation image with its references as teacher-forcing ids.
 
     Returns:
-        ({"train"/"validation": caption_data.caption_pairs}, captions cut at --max-length).
+        ({"train"/"validation": batches.caption_pairs}, captions cut at --max-length).
     """
-    from dlsuite.apps.caption import data as caption_data
-
-    pairs = {key: caption_data.caption_pairs(getattr(data, key).captions, vocabulary, max_length=config.max_length)
+    pairs = {key: pair_batches.caption_pairs(getattr(data, key).captions, vocabulary, max_length=config.max_length)
              for key in ("train", "validation")}
     truncated = pairs["train"][3] + pairs["validation"][3]
     if truncated:
@@ -131,16 +130,14 @@ def cache_features(config, data, vocabulary, base, *, cache_dir, batch_size):
     Returns:
         {split: memory-mapped array}.
     """
-    from dlsuite.apps.caption import data as caption_data
-
     what = "pixels" if config.fine_tune_encoder else f"{base.name} features"
     print(f"{data.name}: {data.sizes['train']} train / {data.sizes['validation']} validation / {data.sizes['test']} "
           f"test images, {vocabulary.size} tokens; caching {what} "
           f"({base.input_size[0]}x{base.input_size[1]}x{base.channels} in) in {cache_dir}", flush=True)
     return {
-        key: caption_data.cache_split(getattr(data, key), path=pathlib.Path(cache_dir) / f"{key}.npy",
-                                      image_size=base.input_size, channels=base.channels, batch_size=batch_size,
-                                      encoder=None if config.fine_tune_encoder else base.model, label=key)
+        key: feature_cache.cache_split(getattr(data, key), path=pathlib.Path(cache_dir) / f"{key}.npy",
+                                       image_size=base.input_size, channels=base.channels, batch_size=batch_size,
+                                       encoder=None if config.fine_tune_encoder else base.model, label=key)
         for key in ("train", "validation", "test")
     }
 
@@ -346,12 +343,10 @@ class CaptionTask(task.Task):
                                      cache_dir=pathlib.Path(work_dir) / "cache", batch_size=self.config.batch_size or 64)
 
     def batches(self, batch_size):
-        from dlsuite.apps.caption import data as caption_data
-
         return task.Batches(
-            train=caption_data.caption_order(self.caches["train"], self.pairs["train"], batch_size=batch_size,
+            train=pair_batches.caption_order(self.caches["train"], self.pairs["train"], batch_size=batch_size,
                                              seed=self.config.seed),
-            validation=caption_data.caption_batches(self.caches["validation"], self.pairs["validation"],
+            validation=pair_batches.caption_batches(self.caches["validation"], self.pairs["validation"],
                                                     batch_size=batch_size, shuffle=False),
             steps_per_epoch=-(-self.train_examples() // batch_size), batch_size=batch_size,
             train_examples=self.train_examples())

@@ -89,6 +89,26 @@ def _outline(shape, radius, rotation, aspect):
     raise ValueError(f"Unknown shape {shape!r}.")
 
 
+def draw_shape(draw, shape, centre, radius, colour, *, rotation=0.0, aspect=0.55):
+    """Fills one shape of SHAPES on a PIL ImageDraw.
+
+    Args:
+        draw: a `PIL.ImageDraw.ImageDraw`.
+        shape: a name in SHAPES.
+        centre: (x, y) in pixels.
+        radius: the circumradius in pixels (the circle's radius).
+        colour: the fill, an RGB tuple of ints.
+        rotation: radians, in image coordinates (y down, so clockwise on screen).
+        aspect: the ellipse's minor/major axis ratio.
+    """
+    cx, cy = centre
+    outline = _outline(shape, radius, rotation, aspect)
+    if outline is None:
+        draw.ellipse((cx - radius, cy - radius, cx + radius, cy + radius), fill=colour)
+    else:
+        draw.polygon([(cx + x, cy + y) for x, y in outline], fill=colour)
+
+
 def _luma(rgb):
     return rgb @ np.array([0.299, 0.587, 0.114])
 
@@ -153,15 +173,8 @@ def generate(*, classes=4, size=64, count=1200, seed=0):
     images = np.empty((count, size, size, 3), dtype=np.uint8)
     for i in range(count):
         image = Image.new("RGB", (size, size), tuple(int(c) for c in background[i]))
-        draw = ImageDraw.Draw(image)
-        colour = tuple(int(c) for c in fill[i])
-        cx, cy = centre[i]
-        outline = _outline(SHAPES[labels[i]], radius[i], rotation[i], aspect[i])
-        if outline is None:
-            r = radius[i]
-            draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=colour)
-        else:
-            draw.polygon([(cx + x, cy + y) for x, y in outline], fill=colour)
+        draw_shape(ImageDraw.Draw(image), SHAPES[labels[i]], centre[i], radius[i], tuple(int(c) for c in fill[i]),
+                   rotation=rotation[i], aspect=aspect[i])
         images[i] = np.asarray(image)
 
     # One vectorised pass of noise is far cheaper than noise per image.
