@@ -2,6 +2,7 @@
 the strategies that would run here, where weights and datasets are cached."""
 
 import argparse
+import dataclasses
 import json
 import os
 import pathlib
@@ -39,7 +40,9 @@ def gather():
         "devices": {"cpu": len(tf.config.list_physical_devices("CPU")), "gpu": [gpu.name for gpu in gpus],
                     "tpu": bool(tf.config.list_logical_devices("TPU")), "trains_on": device},
         "defaults": {"batch_size": engine.default_batch_size(device),
-                     "mixed_precision_auto": "float16 on GPUs of compute capability 7.0+, bfloat16 on TPUs, off on CPUs"},
+                     "mixed_precision_auto": "float16 on GPUs of compute capability 7.0+, bfloat16 on TPUs and on "
+                                             "CPUs with avx512_bf16 or amx_bf16, else float32",
+                     "mixed_precision_auto_here": dataclasses.asdict(engine.choose_precision("auto", device))},
         "strategies": {name: distribute.strategy_availability(name) for name in distribute.STRATEGIES},
         "caches": {"keras_weights": str(keras_home / "models"),
                    "tfds_data": os.environ.get("TFDS_DATA_DIR", str(pathlib.Path.home() / "tensorflow_datasets"))},
@@ -56,6 +59,8 @@ def run(args):
     print(f"devices: {devices['cpu']} CPU, {len(devices['gpu'])} GPU{'' if len(devices['gpu']) == 1 else 's'}"
           f"{' (' + ', '.join(devices['gpu']) + ')' if devices['gpu'] else ''}, TPU {'yes' if devices['tpu'] else 'no'}; "
           f"training runs on the {devices['trains_on'].upper()}, default batch size {facts['defaults']['batch_size']}")
+    here = facts["defaults"]["mixed_precision_auto_here"]
+    print(f"--mixed-precision auto: {here['policy']} ({here['reason']})")
     print("strategies:")
     for name, availability in facts["strategies"].items():
         print(f"  {name:<13} {availability}")

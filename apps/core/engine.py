@@ -8,6 +8,7 @@ returns what happened.
 """
 
 import contextlib
+import dataclasses
 import os
 import pathlib
 import shutil
@@ -17,8 +18,8 @@ import keras
 import tensorflow as tf
 
 from dlsuite import callbacks as dl_callbacks
-from dlsuite.apps.core import (checkpoints, distribute, lbfgs, loop_parts, multi_worker, optim, parameter_server,
-                               rundir)
+from dlsuite.apps.core import (checkpoints, cpu_features, distribute, lbfgs, loop_parts, multi_worker, optim,
+                               parameter_server, rundir)
 from dlsuite.apps.core import epochs as epochs_lib
 from dlsuite.apps.core.choices import SWITCHES
 from dlsuite.apps.core.errors import UsageError
@@ -38,27 +39,73 @@ def default_batch_size(device=None):
     return {"cpu": 32, "gpu": 128, "tpu": 1024}[device or device_kind()]
 
 
-def set_precision(mode, device=None):
-    """Sets the global dtype policy for --mixed-precision auto|on|off.
+# The policies a run's config.json may record (resolved.policy).
+POLICIES = ("float32", "mixed_float16", "mixed_bfloat16")
 
-    auto turns mixed precision on where it pays: float16 on GPUs with tensor
-    cores (compute capability >= 7.0), bfloat16 on TPUs; off on CPUs, where
-    float16 arithmetic is emulated and slower. Returns the policy name.
+
+@dataclasses.dataclass(frozen=True)
+class Precision:
+    """The dtype policy a run trains in and why, as config.json records them."""
+
+    policy: str
+    reason: str
+
+
+def choose_precision(mode, device=None, *, recorded=None, cpuinfo=None):
+    """The policy for --mixed-precision auto|on|off on `device`, and why.
+
+    auto turns mixed precision on where the hardware computes it natively:
+    float16 on GPUs with tensor cores (compute capability >= 7.0), bfloat16
+    on TPUs and on CPUs whose flags show native bfloat16
+    (`cpu_features.bfloat16`: AVX512-BF16 or AMX, 1.5x faster ResNet-50
+    training, issue 28); float32 elsewhere, and where the CPU cannot tell.
+    on takes bfloat16 on CPUs and TPUs, float16 on GPUs; off keeps float32.
+
+    Args:
+        mode: "auto", "on" or "off".
+        device: "cpu", "gpu" or "tpu"; default `device_kind()`.
+        recorded: the `Precision` a resumed run's config.json holds; it wins
+            over `mode`, so a run goes on in the policy it started in (the
+            checkpoints hold that policy's optimizer state: a float16 run's
+            loss scale), on whatever machine resumes it (issue 28 item 5).
+        cpuinfo: the processor's flags file instead of /proc/cpuinfo (tests).
     """
     if mode not in SWITCHES:
         raise UsageError(f"mixed_precision must be one of {', '.join(SWITCHES)}, received {mode!r}.", option="mixed_precision")
+    if recorded is not None:
+        return recorded
     device = device or device_kind()
-    policy = "float32"
+    if mode == "off":
+        return Precision("float32", "off: float32")
     if mode == "on":
-        policy = "mixed_bfloat16" if device in ("tpu", "cpu") else "mixed_float16"
-    elif mode == "auto" and device == "tpu":
-        policy = "mixed_bfloat16"
-    elif mode == "auto" and device == "gpu":
+        if device == "gpu":
+            return Precision("mixed_float16", "on: float16 on a GPU")
+        return Precision("mixed_bfloat16", f"on: bfloat16 on a {device.upper()}")
+    if device == "tpu":
+        return Precision("mixed_bfloat16", "auto: TPUs compute bfloat16 natively")
+    if device == "gpu":
         details = tf.config.experimental.get_device_details(tf.config.list_physical_devices("GPU")[0])
-        if details.get("compute_capability", (0, 0)) >= (7, 0):
-            policy = "mixed_float16"
-    keras.mixed_precision.set_global_policy(policy)
-    return policy
+        capability = details.get("compute_capability", (0, 0))
+        if capability >= (7, 0):
+            return Precision("mixed_float16", f"auto: this GPU has tensor cores (compute capability "
+                                              f"{capability[0]}.{capability[1]})")
+        return Precision("float32", f"auto: this GPU has no tensor cores (compute capability "
+                                    f"{capability[0]}.{capability[1]}, below 7.0); float32")
+    support = cpu_features.bfloat16(cpuinfo)
+    if not support.native:
+        return Precision("float32", f"auto: {support.why}; float32")
+    if os.environ.get("TF_ENABLE_ONEDNN_OPTS") == "0":  # Eigen then emulates bfloat16, slower than float32
+        return Precision("float32", f"auto: {support.why}, but TF_ENABLE_ONEDNN_OPTS=0 turns off oneDNN, "
+                                    "which computes it; float32")
+    return Precision("mixed_bfloat16", f"auto: {support.why}")
+
+
+def set_precision(mode, device=None, *, recorded=None, cpuinfo=None):
+    """Sets Keras's global dtype policy as `choose_precision` decides (the
+    layers built next read it); returns the `Precision`."""
+    precision = choose_precision(mode, device, recorded=recorded, cpuinfo=cpuinfo)
+    keras.mixed_precision.set_global_policy(precision.policy)
+    return precision
 
 
 def jit_setting(mode):

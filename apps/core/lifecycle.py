@@ -12,7 +12,8 @@
     6. on the chief: curves, the best model, test scoring, model.keras,
        export, metrics.json
 
-`--resume RUN_DIR` goes through the same steps with the run's saved config:
+`--resume RUN_DIR` goes through the same steps with the run's saved config,
+in the precision policy it recorded (not one decided anew on this machine):
 a phase that finished is read back, the interrupted one continues from its
 last checkpoint (mid-epoch, exactly: `checkpoints`), a phase not reached yet
 starts. The checkpoints go only once metrics.json is written, so a run
@@ -58,6 +59,32 @@ def resumed_config(config_class, run_dir):
     config = train_args.saved_config(config_class, run_dir)
     check_resumable(run_dir)
     return config
+
+
+def recorded_precision(run_dir):
+    """The `engine.Precision` a run's config.json recorded (resolved.policy and
+    policy_reason), which its resume trains in; None where it holds none.
+
+    Raises:
+        UsageError: config.json records a policy that is not one of engine.POLICIES.
+    """
+    from dlsuite.apps.core import engine, rundir
+
+    path = pathlib.Path(run_dir) / "config.json"
+    try:
+        saved = rundir.read_json(path)
+    except (OSError, ValueError):  # no readable config: `resumed_config` says so
+        return None
+    resolved = saved.get("resolved") if isinstance(saved, dict) else None
+    policy = resolved.get("policy") if isinstance(resolved, dict) else None
+    if policy is None:
+        return None
+    if policy not in engine.POLICIES:
+        raise UsageError(f"resume {str(run_dir)!r}: {path} records the policy {policy!r}, not one of "
+                         f"{', '.join(engine.POLICIES)} (was config.json edited?)", option="resume")
+    why = resolved.get("policy_reason")
+    return engine.Precision(policy, f"resume: the policy this run started in; {why}" if why else
+                            "resume: the policy this run started in, from its config.json")
 
 
 def phase_state(phase_dir):
@@ -108,7 +135,8 @@ def run(task, *, run_dir=None):
     chief = distribute.is_chief(strategy)
     device = engine.device_kind()
     engine.set_seed(config.seed, deterministic=device == "cpu")
-    policy = engine.set_precision(config.mixed_precision, device)
+    precision = engine.set_precision(config.mixed_precision, device,
+                                     recorded=recorded_precision(run_dir) if run_dir is not None else None)
     task.load_data()
     batch_size = task.batch_size(config.batch_size or engine.default_batch_size(device))
 
@@ -124,7 +152,8 @@ def run(task, *, run_dir=None):
             from dlsuite.apps.core import rundir
 
             rundir.write_json(run_dir / "config.json", {"config": config, "resolved": {
-                **task.resolved(model, batches), "batch_size": batches.batch_size, "policy": policy, "device": device,
+                **task.resolved(model, batches), "batch_size": batches.batch_size, "policy": precision.policy,
+                "policy_reason": precision.reason, "device": device,
                 "strategy": type(strategy).__name__, "replicas": strategy.num_replicas_in_sync,
                 "parameters": model.count_params(),
                 "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads()}})  # 0: TensorFlow's choice
@@ -135,6 +164,7 @@ def run(task, *, run_dir=None):
         raise
     print(f"{task.describe(model, batches)}, {model.count_params():,} parameters, "
           f"{distribute.describe(strategy)}; run dir {run_dir}", flush=True)
+    print(f"precision: {precision.policy} ({precision.reason})", flush=True)
     if distribute.is_parameter_server(strategy):
         from dlsuite.apps.core import parameter_server
 

@@ -214,7 +214,11 @@ def add_training_arguments(parser, *, app, epochs, optimizer="adam", clip_norm=N
 
     hardware = parser.add_argument_group("hardware")
     hardware.add_argument("--strategy", default="auto", help=choices.strategy_help())
-    hardware.add_argument("--mixed-precision", choices=choices.SWITCHES, default="auto")
+    hardware.add_argument("--mixed-precision", choices=choices.SWITCHES, default="auto",
+                          help="auto (default): float16 on GPUs with tensor cores, bfloat16 on TPUs and on CPUs that "
+                               "compute it natively (avx512_bf16 or amx_bf16 in /proc/cpuinfo), else float32; on: "
+                               "bfloat16 on CPUs and TPUs, float16 on GPUs; off: float32. config.json records the "
+                               "policy and why; --resume keeps it")
     hardware.add_argument("--jit-compile", choices=choices.SWITCHES, default="auto")
     if model_parallel:
         hardware.add_argument("--model-parallel", type=positive_int, default=1, metavar="N",
