@@ -331,7 +331,8 @@ def test_language_model_answers_text_in_columnar_format(served):
     assert status == 200, answer
     assert isinstance(answer["outputs"]["text"], str) and len(answer["outputs"]["token_ids"]) == 40
     assert call(served, f"/v1/models/{LANGUAGE_MODEL}:predict", request)[1] == answer  # same seed, same text
-    # Scalar inputs have no batch dimension: row format is refused, as TensorFlow Serving refuses it.
+    # Scalar inputs have no batch dimension: the row format gives them one, which the graph refuses, as under
+    # TensorFlow Serving; the error says what to send instead.
     status, answer = call(served, f"/v1/models/{LANGUAGE_MODEL}:predict",
                           {"instances": [{"prompt": "a", "length": 5, "temperature": 1.0, "seed": 1}]})
     assert status == 400 and "columnar" in answer["error"]
@@ -358,7 +359,7 @@ KERAS_PREDICT = f"/v1/models/{KERAS_MODEL}:predict"
     (KERAS_PREDICT, {"signature_name": "serving_default"}, 400, "Missing 'inputs' or 'instances'"),
     (KERAS_PREDICT, {"instances": []}, 400, "No values in 'instances'"),
     (KERAS_PREDICT, {"instances": [["a", "b", "c"]]}, 400, "is not of expected type: DT_FLOAT"),
-    (KERAS_PREDICT, {"instances": [[1, 2]]}, 400, "expects shape [-1,3]"),
+    (KERAS_PREDICT, {"instances": [[1, 2]]}, 400, "Matrix size-incompatible"),  # the graph refuses it
     (KERAS_PREDICT, {"instances": [[1, 2, 3], [1, 2]]}, 400, "unexpected size"),
     (KERAS_PREDICT, {"signature_name": 7, "instances": [[1, 2, 3]]}, 400, "'signature_name' key must be a string"),
     (KERAS_PREDICT, {"inputs": {"other": [[1, 2, 3]]}}, 400, "Missing named input: features"),

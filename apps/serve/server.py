@@ -70,13 +70,26 @@ def predict(repository, name, version, body):
         raise invalid(f'Serving signature name: "{signature_name}" not found in signature def '
                       f"(this model has: {', '.join(sorted(served.signatures)) or 'none'})")
     arrays = tensors.inputs_from_request(request, signature.inputs)
+    # The arrays go to the graph in the request's shape, not held to the signature's: TensorFlow
+    # Serving feeds them to the session and the graph accepts or refuses (issue #26). A restored
+    # signature (TF 2.21: load._WrapperFunction for a TF2 SavedModel, the pruned WrappedFunction of a
+    # TF1 one) checks only the dtypes, so the refusal is the graph's own, an OpError from its kernel.
     try:
         outputs = served.predict(signature_name, arrays)
-    except tf.errors.OpError as error:  # e.g. bytes that are not an image: the client's data
-        raise ServingError(_op_message(error), code=op_error_name(error)) from None
+    except tf.errors.OpError as error:  # e.g. a shape the graph cannot take, bytes that are not an image
+        raise ServingError(_op_message(error) + _scalar_hint(request, signature), code=op_error_name(error)) from None
     except (TypeError, ValueError) as error:  # the function refused the arguments
-        raise invalid(" ".join(str(error).split())) from None
+        raise invalid(" ".join(str(error).split()) + _scalar_hint(request, signature)) from None
     return tensors.response(outputs, tensors.request_format(request))
+
+
+def _scalar_hint(request, signature):
+    """Why a row-format request to a signature with scalar inputs was refused: each was given a batch axis."""
+    scalars = sorted(name for name, spec in signature.inputs.items() if spec.shape == ())
+    if not scalars or tensors.request_format(request) != "row":
+        return ""
+    return (f" (the scalar input{'s' if len(scalars) > 1 else ''} {', '.join(scalars)} got a batch dimension from "
+            "the row format; send the columnar format, {\"inputs\": {...}})")
 
 
 def _predict_response(repository, name, version, body):
@@ -84,8 +97,24 @@ def _predict_response(repository, name, version, body):
 
 
 def _op_message(error):
-    # TensorFlow appends the graph node ("\n\t [[{{node ...}}]]"), noise to a client.
-    return " ".join(error.message.split("\n\t [[")[0].split())
+    """The kernel's own words, as TensorFlow Serving's session would give them.
+
+    Eager adds "Graph execution error:", "Detected at node N defined at ...:"
+    with the stack (or "<stack traces unavailable>"), and appends the graph
+    node ("\n\t [[{{node ...}}]]") and " [Op:...]": noise to a client.
+    """
+    message = error.message.split("\n\t [[")[0]
+    lines = message.split("\n")
+    if lines and lines[0].strip() == "Graph execution error:":
+        lines = lines[1:]
+    for index, line in enumerate(lines):
+        if line.startswith("Detected at node "):  # the traceback lines are indented or blank
+            rest = lines[index + 1:]
+            while rest and (not rest[0].strip() or rest[0][0].isspace() or rest[0] == "<stack traces unavailable>"):
+                rest = rest[1:]
+            lines = lines[:index] + rest
+            break
+    return re.sub(r"\s*\[Op:[^\]]*\]$", "", " ".join(" ".join(lines).split())) or error.message
 
 
 def metadata(repository, name, version):

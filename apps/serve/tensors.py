@@ -24,6 +24,11 @@ request either server accepts means the same thing to both:
   `:predict` to 0.47 of the in-process rate (benchmarks/serving_http.py).
   Anything the reader does not take goes the general way, so both ways
   accept and refuse the same requests (tests/test_serve.py compares them).
+* the shape is the JSON's, not the signature's: a TF1 graph whose `x` is
+  declared [-1, 1] gets `{"instances": [1.0, 2.0, 5.0]}` as shape [3], as
+  TensorFlow Serving feeds it (`json_tensor.cc` takes the shape from the
+  JSON, `predict_util.cc` runs the session without comparing it), and the
+  graph accepts it or refuses it (issue #26). The dtype is the signature's.
 * numbers keep their type: an integer input refuses 1.5 or `true`, a float
   input refuses strings; a value outside the integer type's range is refused
   rather than wrapped. NaN and Infinity are accepted and written as the
@@ -79,9 +84,6 @@ class TensorSpec:
     @property
     def is_string(self):
         return self.dtype_name == "DT_STRING"
-
-    def shape_text(self):
-        return "[?]" if self.shape is None else "[" + ",".join(str(-1 if d is None else d) for d in self.shape) + "]"
 
 
 def parse_request(body):
@@ -270,25 +272,17 @@ def inputs_from_request(request, specs):
         specs: {name: TensorSpec} of the signature's inputs.
 
     Returns:
-        {name: np.ndarray}, each of its spec's dtype and of a shape the spec accepts.
+        {name: np.ndarray}, each of its spec's dtype, in the shape the JSON
+        has: the shape is the graph's to accept or refuse, as TensorFlow
+        Serving leaves it (see the module's docstring).
 
     Raises:
-        ServingError: a value of the wrong type or shape, a missing or extra
-            input, an instances list that is not one.
+        ServingError: a value of the wrong type, a ragged list, a missing or
+            extra input, an instances list that is not one.
     """
     if request_format(request) == "row":
-        arrays = _rows_to_arrays(request["instances"], specs)
-    else:
-        arrays = _columns_to_arrays(request["inputs"], specs)
-    for name, array in arrays.items():
-        spec = specs[name]
-        if spec.shape is not None and not _shape_fits(spec.shape, array.shape):
-            shape = "[" + ",".join(str(d) for d in array.shape) + "]"
-            hint = " (scalar inputs need the columnar format, {\"inputs\": {...}})" if (
-                len(spec.shape) < len(array.shape) and request_format(request) == "row") else ""
-            raise invalid(f"input '{name}' expects shape {spec.shape_text()} of {spec.dtype_name}, "
-                          f"received shape {shape}{hint}")
-    return arrays
+        return _rows_to_arrays(request["instances"], specs)
+    return _columns_to_arrays(request["inputs"], specs)
 
 
 def _rows_to_arrays(instances, specs):
@@ -351,10 +345,6 @@ def _is_named_object(value):
 
 def _is_b64(value):
     return isinstance(value, dict) and len(value) == 1 and isinstance(value.get("b64"), str)
-
-
-def _shape_fits(expected, received):
-    return len(expected) == len(received) and all(e is None or e == r for e, r in zip(expected, received))
 
 
 def _to_array(value, spec, *, where):

@@ -1,0 +1,181 @@
+"""`dlsuite serve` answering as TensorFlow Serving answers (issue #26), seen by a client over HTTP.
+
+One server for the module, on a base folder holding:
+
+* `half_plus_two`, TensorFlow Serving's quickstart model rebuilt as it was
+  written: a TF1 graph (`tf.compat.v1` placeholder `x` of shape [None, 1],
+  `y = 0.5 * x + 2`) saved with `tf.compat.v1.saved_model.Builder`, and a
+  second signature, `matmul` (`x2` [None, 2] times a 2x1 matrix), for a
+  request its graph refuses;
+* `regressor`, a plain `keras.Model.export` (`features` [None, 3]).
+
+The request's shape goes to the graph as the JSON gives it: the graph
+accepts it or refuses it with its own error, a 400 like TensorFlow Serving's.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+TF1_MODEL = "half_plus_two"
+KERAS_MODEL = "regressor"
+POLL_SECONDS = 0.3
+
+
+def _write_half_plus_two(folder):
+    """TensorFlow Serving's half_plus_two as a TF1 graph: y = 0.5 * x + 2, x declared [None, 1]."""
+    import tensorflow as tf
+
+    graph = tf.Graph()
+    with graph.as_default():
+        x = tf.compat.v1.placeholder(tf.float32, shape=[None, 1], name="x")
+        a = tf.compat.v1.get_variable("a", initializer=0.5)
+        b = tf.compat.v1.get_variable("b", initializer=2.0)
+        y = tf.add(tf.multiply(a, x), b, name="y")
+        x2 = tf.compat.v1.placeholder(tf.float32, shape=[None, 2], name="x2")
+        y2 = tf.matmul(x2, tf.constant([[1.0], [1.0]]), name="y2")
+        with tf.compat.v1.Session(graph=graph) as session:
+            session.run(tf.compat.v1.global_variables_initializer())
+            builder = tf.compat.v1.saved_model.Builder(str(folder / "1"))
+            predict = tf.compat.v1.saved_model.predict_signature_def
+            builder.add_meta_graph_and_variables(
+                session, [tf.compat.v1.saved_model.tag_constants.SERVING],
+                signature_def_map={"serving_default": predict(inputs={"x": x}, outputs={"y": y}),
+                                   "matmul": predict(inputs={"x2": x2}, outputs={"y2": y2})})
+            builder.save()
+
+
+def _export_keras_model(folder):
+    """scores = features @ ones(3, 2), features declared [None, 3]."""
+    import keras
+
+    features = keras.Input((3,), name="features")
+    scores = keras.layers.Dense(2, kernel_initializer="ones", name="scores")(features)
+    keras.Model(features, scores).export(str(folder / "1"), verbose=False)
+
+
+class Server:
+    """A running `dlsuite serve` and the lines it printed."""
+
+    def __init__(self, process):
+        self.process = process
+        self.lines = []
+        self.port = None
+        self._ready = threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.process.stdout:
+            self.lines.append(line.rstrip("\n"))
+            match = re.search(r" on http://127\.0\.0\.1:(\d+)/", line)
+            if match:
+                self.port = int(match.group(1))
+                self._ready.set()
+        self._ready.set()  # exited
+
+    def wait_ready(self, names, timeout):
+        self._ready.wait(timeout)
+        assert self.port, "dlsuite serve did not start:\n" + self.output()
+        deadline = time.monotonic() + timeout
+        while not all(call(self, f"/v1/models/{name}")[0] == 200 for name in names):
+            assert time.monotonic() < deadline and self.process.poll() is None, self.output()
+            time.sleep(0.1)
+
+    def output(self):
+        return "\n".join(self.lines)
+
+
+def call(server, path, body=None, *, timeout=60):
+    """(status, decoded JSON or text) of GET path, or POST body (dict or str)."""
+    if isinstance(body, dict):
+        body = json.dumps(body)
+    if isinstance(body, str):
+        body = body.encode("utf-8")
+    request = urllib.request.Request(f"http://127.0.0.1:{server.port}{path}", data=body,
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            status, text, kind = response.status, response.read().decode("utf-8"), response.headers.get_content_type()
+    except urllib.error.HTTPError as error:
+        status, text, kind = error.code, error.read().decode("utf-8"), error.headers.get_content_type()
+    return status, (json.loads(text) if kind == "application/json" else text)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve_tf_serving")
+    base = root / "models"
+    _write_half_plus_two(base / TF1_MODEL)
+    _export_keras_model(base / KERAS_MODEL)
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dlsuite.apps.cli", "serve", str(base), "--port", "0",
+         "--poll-seconds", str(POLL_SECONDS)],
+        cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    server = Server(process)
+    try:
+        server.wait_ready([TF1_MODEL, KERAS_MODEL], timeout=120)
+        yield server
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+# -- the request's shape goes to the graph -----------------------------------------------------------------
+
+HALF_PLUS_TWO = f"/v1/models/{TF1_MODEL}:predict"
+
+
+def test_half_plus_two_answers_tensorflow_servings_quickstart(served):
+    # TensorFlow Serving's README: {"instances": [1.0, 2.0, 5.0]} -> {"predictions": [2.5, 3.0, 4.5]},
+    # although x is declared [-1, 1]: the graph takes shape [3].
+    assert call(served, HALF_PLUS_TWO, {"instances": [1.0, 2.0, 5.0]}) == (200, {"predictions": [2.5, 3.0, 4.5]})
+    # The declared shape works as well, and integers become the signature's DT_FLOAT.
+    assert call(served, HALF_PLUS_TWO, {"instances": [[1], [2], [5]]}) == (
+        200, {"predictions": [[2.5], [3.0], [4.5]]})
+
+
+def test_half_plus_two_in_columnar_format(served):
+    assert call(served, HALF_PLUS_TWO, {"inputs": [1.0, 2.0, 5.0]}) == (200, {"outputs": [2.5, 3.0, 4.5]})
+    assert call(served, HALF_PLUS_TWO, {"inputs": {"x": [[1.0], [2.0]]}}) == (200, {"outputs": [[2.5], [3.0]]})
+    assert call(served, HALF_PLUS_TWO, {"signature_name": "serving_default", "inputs": 4.0}) == (
+        200, {"outputs": 4.0})
+
+
+def test_metadata_still_declares_the_graphs_shape(served):
+    status, answer = call(served, f"/v1/models/{TF1_MODEL}/metadata")
+    assert status == 200, answer
+    x = answer["metadata"]["signature_def"]["signature_def"]["serving_default"]["inputs"]["x"]
+    assert x["dtype"] == "DT_FLOAT" and [d["size"] for d in x["tensor_shape"]["dim"]] == ["-1", "1"]
+
+
+@pytest.mark.parametrize("path, body, message", [
+    # Refused by the graph: MatMul takes matrices only, of matching sizes.
+    (HALF_PLUS_TWO, {"signature_name": "matmul", "instances": [1.0, 2.0, 5.0]}, "different ndims"),
+    (HALF_PLUS_TWO, {"signature_name": "matmul", "inputs": [[1.0, 2.0, 5.0]]}, "Matrix size-incompatible"),
+    (f"/v1/models/{KERAS_MODEL}:predict", {"instances": [[1, 2]]}, "Matrix size-incompatible"),
+    (f"/v1/models/{KERAS_MODEL}:predict", {"instances": [1, 2, 3]}, "different ndims"),
+    # Refused before the graph, as TensorFlow Serving's json_tensor.cc refuses it: the dtype is the signature's.
+    (HALF_PLUS_TWO, {"instances": ["a", "b"]}, "is not of expected type: DT_FLOAT"),
+    (HALF_PLUS_TWO, {"instances": [[1.0], [2.0, 3.0]]}, "unexpected size"),
+])
+def test_what_the_graph_refuses_is_a_400_with_its_own_words(served, path, body, message):
+    status, answer = call(served, path, body)
+    assert status == 400, answer
+    assert set(answer) == {"error"} and message in answer["error"], answer
+    # The kernel's words, without eager's preamble, the graph node or the op name.
+    assert not re.search(r"Graph execution error|Detected at node|\[\[|\[Op:", answer["error"]), answer
+    # The server goes on.
+    assert call(served, HALF_PLUS_TWO, {"instances": [0.0]}) == (200, {"predictions": [2.0]})
