@@ -179,3 +179,75 @@ def test_what_the_graph_refuses_is_a_400_with_its_own_words(served, path, body, 
     assert not re.search(r"Graph execution error|Detected at node|\[\[|\[Op:", answer["error"]), answer
     # The server goes on.
     assert call(served, HALF_PLUS_TWO, {"instances": [0.0]}) == (200, {"predictions": [2.0]})
+
+
+# -- Prometheus metrics ------------------------------------------------------------------------------------
+
+METRICS = "/monitoring/prometheus/metrics"
+
+
+def _metrics(server):
+    """{(sample name, frozenset(labels)): value} of the metrics page, parsed by prometheus_client."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    status, text = call(server, METRICS)
+    assert status == 200, text
+    return {(sample.name, frozenset(sample.labels.items())): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def _sum(samples, name, **labels):
+    return sum(value for (sample, sample_labels), value in samples.items()
+               if sample == name and set(labels.items()) <= sample_labels)
+
+
+def test_metrics_count_requests_by_status_and_time_every_one(served):
+    before = _metrics(served)
+    requests = [
+        (HALF_PLUS_TWO, {"instances": [1.0, 2.0, 5.0]}, 200),
+        ("/v1/models/nope:predict", {"instances": [1.0]}, 404),
+        (HALF_PLUS_TWO, {"instances": ["a"]}, 400),
+        (f"/v1/models/{TF1_MODEL}/versions/1:predict", {"inputs": [1.0]}, 200),
+        (f"/v1/models/{TF1_MODEL}/metadata", None, 200),
+    ]
+    for path, body, status in requests:
+        assert call(served, path, body)[0] == status
+    after = _metrics(served)
+
+    def added(name, **labels):
+        return _sum(after, name, **labels) - _sum(before, name, **labels)
+
+    requests_total = "dlsuite_serve_requests_total"
+    labels = {"model_name": TF1_MODEL, "api": "predict"}
+    assert added(requests_total, **labels, version="1", status="OK", code="200") == 2
+    assert added(requests_total, **labels, version="1", status="INVALID_ARGUMENT", code="400") == 1
+    # A name the server does not serve is counted without it, so made-up names add no series.
+    assert added(requests_total, model_name="", version="", api="predict", status="NOT_FOUND", code="404") == 1
+    assert not any("nope" in dict(sample_labels).values() for _, sample_labels in after)
+    assert added(requests_total, model_name=TF1_MODEL, api="metadata", version="1", status="OK") == 1
+    # The histogram times every request, whatever its status.
+    latency = "dlsuite_serve_request_latency_seconds"
+    assert added(f"{latency}_count") == len(requests)
+    assert added(f"{latency}_count", **labels) == 3
+    assert added(f"{latency}_bucket", **labels, le="+Inf") == 3
+    assert added(f"{latency}_sum", **labels) > 0
+    # Loaded versions: a gauge read at the scrape.
+    assert _sum(after, "dlsuite_serve_version_loaded", model_name=TF1_MODEL, version="1") == 1
+    assert _sum(after, "dlsuite_serve_version_loaded") == 2
+
+
+def test_metrics_page_is_the_text_exposition_format(served):
+    request = urllib.request.Request(f"http://127.0.0.1:{served.port}{METRICS}")
+    with urllib.request.urlopen(request, timeout=60) as response:
+        assert response.status == 200
+        assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        text = response.read().decode("utf-8")
+    assert "# TYPE dlsuite_serve_requests_total counter" in text
+    assert "# TYPE dlsuite_serve_request_latency_seconds histogram" in text
+    assert "# TYPE dlsuite_serve_version_loaded gauge" in text
+    # A scraper that asks for OpenMetrics gets it.
+    request = urllib.request.Request(f"http://127.0.0.1:{served.port}{METRICS}",
+                                     headers={"Accept": "application/openmetrics-text; version=1.0.0"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        assert response.headers.get_content_type() == "application/openmetrics-text"
+        assert response.read().decode("utf-8").endswith("# EOF\n")

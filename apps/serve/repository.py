@@ -302,6 +302,10 @@ class Repository:
     def names(self):
         return sorted(self._folders)
 
+    def loaded(self):
+        """{name: [version numbers loaded], ascending} of the models with at least one loaded."""
+        return {name: sorted(versions) for name, versions in self._versions.items() if versions}
+
     def get(self, name, version=None):
         """The Version a request names: `version`, or the highest loaded one.
 

@@ -24,8 +24,9 @@ insensitive):
 GET  /v1/models/NAME[/versions/N]                      model_version_status
 GET  /v1/models/NAME[/versions/N]/metadata             model_spec and signature_def
 POST /v1/models/NAME[/versions/N]:predict              predictions (instances) or outputs (inputs)
+GET  /monitoring/prometheus/metrics                    Prometheus metrics (`metrics.py`)
 GET  /                                                 the page for people (`page.py`)
-GET  /dlsuite/models                                   models, versions, kind, signatures (the page's)
+GET  /dlsuite/models                                   models, versions, kind, signatures, requests (the page's)
 =====================================================  =====================================
 
 Every error is `{"error": message}` with TensorFlow Serving's status for it
@@ -44,12 +45,13 @@ import re
 import signal
 import socket
 import sys
+import time
 import traceback
 
 import tensorflow as tf
 from aiohttp import web
 
-from dlsuite.apps.serve import page, tensors
+from dlsuite.apps.serve import metrics, page, tensors
 from dlsuite.apps.serve.errors import ServingError, invalid
 from dlsuite.apps.serve.repository import DEFAULT_SIGNATURE, op_error_name
 
@@ -58,12 +60,22 @@ _PREDICT = re.compile(r"/v1/models/([^/:]+)(?:/versions/(\d+))?:(classify|regres
 _STATUS = re.compile(r"/v1/models(?:/([^/:]+))?(?:/versions/(\d+))?(?:/(metadata))?", re.IGNORECASE)
 _INT64_MAX = (1 << 63) - 1
 MIB = 1 << 20
+# request[...] keys: the model call a request is (its metrics labels), and its error's canonical code.
+_CALL = "dlsuite.call"
+_STATUS_NAME = "dlsuite.status_name"
 
 
-def predict(repository, name, version, body):
-    """Answers one `:predict` body (bytes) with the JSON-ready response; raises ServingError."""
+def predict(repository, name, version, body, *, call=None):
+    """Answers one `:predict` body (bytes) with the JSON-ready response; raises ServingError.
+
+    Args:
+        call: a dict whose "version" is set to the version that answers, once
+            known (the metrics' label), whatever happens after.
+    """
     request = tensors.parse_request(body)
     served = repository.get(name, version)
+    if call is not None:
+        call["version"] = served.number
     signature_name = request.get("signature_name") or DEFAULT_SIGNATURE
     signature = served.signatures.get(signature_name)
     if signature is None:
@@ -92,8 +104,8 @@ def _scalar_hint(request, signature):
             "the row format; send the columnar format, {\"inputs\": {...}})")
 
 
-def _predict_response(repository, name, version, body):
-    return _json(predict(repository, name, version, body))
+def _predict_response(repository, name, version, body, call):
+    return _json(predict(repository, name, version, body, call=call))
 
 
 def _op_message(error):
@@ -117,9 +129,11 @@ def _op_message(error):
     return re.sub(r"\s*\[Op:[^\]]*\]$", "", " ".join(" ".join(lines).split())) or error.message
 
 
-def metadata(repository, name, version):
-    """GetModelMetadataResponse in TensorFlow Serving's JSON layout."""
+def metadata(repository, name, version, *, call=None):
+    """GetModelMetadataResponse in TensorFlow Serving's JSON layout (`call`: as `predict`'s)."""
     served = repository.get(name, version)
+    if call is not None:
+        call["version"] = served.number
     return {
         "model_spec": {"name": name, "signature_name": "", "version": str(served.number)},
         "metadata": {"signature_def": {"signature_def": served.signature_defs}},
@@ -150,22 +164,37 @@ class Server:
         self.max_body_bytes = int(max_body_bytes)
         self.poll_seconds = poll_seconds
         self._log = log
+        self.metrics = metrics.Metrics(repository)
         self._workers = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="serve")
         # Loads get their own thread: a slow load never holds up a request.
         self._scanner = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="serve-scan")
 
     def application(self):
-        app = web.Application(client_max_size=self.max_body_bytes, middlewares=[self._errors])
+        app = web.Application(client_max_size=self.max_body_bytes, middlewares=[self._count, self._errors])
         app.router.add_get("/", self._page)
         app.router.add_get("/dlsuite/models", self._models)
+        app.router.add_get(metrics.PATH, self._metrics)
         app.router.add_route("*", "/{path:.*}", self._dispatch)
         return app
+
+    @web.middleware
+    async def _count(self, request, handler):
+        """Counts each model call (`_dispatch` marks them) with the status `_errors` gave it."""
+        started = time.perf_counter()
+        response = await handler(request)
+        call = request.get(_CALL)
+        if call is not None:
+            self.metrics.record(model=call["model"], version=call["version"], api=call["api"],
+                                http_status=response.status, status_name=request.get(_STATUS_NAME),
+                                seconds=time.perf_counter() - started)
+        return response
 
     @web.middleware
     async def _errors(self, request, handler):
         try:
             return await handler(request)
         except ServingError as error:
+            request[_STATUS_NAME] = error.code
             return _error(error.message, error.http_status)
         except web.HTTPRequestEntityTooLarge:
             return self._too_large(None)
@@ -188,7 +217,15 @@ class Server:
         return web.Response(text=page.HTML, content_type="text/html", charset="utf-8")
 
     async def _models(self, request):
-        return _json(self.repository.describe())
+        described = self.repository.describe()
+        totals = self.metrics.request_totals()
+        for model in described["models"]:  # the page shows the rate from two of these
+            model["requests_total"] = totals.get(model["name"], 0)
+        return _json(described)
+
+    async def _metrics(self, request):
+        body, content_type = self.metrics.exposition(request.headers.get("Accept"))
+        return web.Response(body=body, headers={"Content-Type": content_type})
 
     async def _dispatch(self, request):
         path = request.path
@@ -197,11 +234,15 @@ class Server:
         if request.method == "POST":
             match = _PREDICT.fullmatch(path)
             if match:
+                request[_CALL] = {"model": match.group(1), "api": match.group(3).lower(), "version": None}
                 return await self._predict(request, match)
         elif request.method == "GET":
             match = _STATUS.fullmatch(path)
             if match:
-                return self._status(match)
+                if match.group(1):
+                    request[_CALL] = {"model": match.group(1), "api": "metadata" if match.group(3) else "status",
+                                      "version": None}
+                return self._status(match, request.get(_CALL))
         raise invalid(f"Malformed request: {request.method} {path}")
 
     async def _predict(self, request, match):
@@ -216,16 +257,19 @@ class Server:
         # One trip to the pool for the JSON in, the call and the JSON out: on a busy machine every
         # hand-over between threads waits for a core.
         return await asyncio.get_running_loop().run_in_executor(
-            self._workers, functools.partial(_predict_response, self.repository, name, version, body))
+            self._workers, functools.partial(_predict_response, self.repository, name, version, body,
+                                             request[_CALL]))
 
-    def _status(self, match):
+    def _status(self, match, call):
         name, version_text, subresource = match.groups()
         if not name:
             raise invalid("Missing model name in request.")
         version = _version(version_text)
         if subresource:
-            return _json(metadata(self.repository, name, version))
-        return _json({"model_version_status": self.repository.status(name, version)})
+            return _json(metadata(self.repository, name, version, call=call))
+        answer = {"model_version_status": self.repository.status(name, version)}
+        call["version"] = version
+        return _json(answer)
 
     # -- running -------------------------------------------------------------------------------------
 
