@@ -251,3 +251,22 @@ def test_metrics_page_is_the_text_exposition_format(served):
     with urllib.request.urlopen(request, timeout=60) as response:
         assert response.headers.get_content_type() == "application/openmetrics-text"
         assert response.read().decode("utf-8").endswith("# EOF\n")
+
+
+def test_the_page_shows_the_request_rate_from_the_same_counter(served):
+    def totals():
+        status, answer = call(served, "/dlsuite/models")
+        assert status == 200, answer
+        return {model["name"]: model["requests_total"] for model in answer["models"]}
+
+    before = totals()
+    for _ in range(3):
+        assert call(served, HALF_PLUS_TWO, {"instances": [1.0]})[0] == 200
+    assert call(served, HALF_PLUS_TWO, {"instances": ["a"]})[0] == 400
+    after = totals()
+    assert after[TF1_MODEL] - before[TF1_MODEL] == 4 and after[KERAS_MODEL] == before[KERAS_MODEL]
+    counted = _sum(_metrics(served), "dlsuite_serve_requests_total", model_name=TF1_MODEL)
+    assert after[TF1_MODEL] == counted  # the page's number is the metrics' counter
+    status, html = call(served, "/")
+    assert status == 200
+    assert 'id="rate"' in html and "requests_total" in html and "requests/s" in html

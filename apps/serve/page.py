@@ -6,6 +6,9 @@ and shows the top 5 classes; a captioner gets it on `serving_default` and
 shows the caption; a language model gets a prompt in the columnar format
 and the text is typed out as it arrives; any other SavedModel gets a JSON
 editor prefilled from its signature. Each panel shows the request it sent.
+The header shows the chosen model's live request rate: the change in its
+`requests_total` (the metrics' request counter, `metrics.py`) between two
+reads of `/dlsuite/models`, every `RATE_SECONDS`.
 """
 
 HTML = r"""<!doctype html>
@@ -50,6 +53,7 @@ HTML = r"""<!doctype html>
   <label>model <select id="model"></select></label>
   <label>version <select id="version"></select></label>
   <span id="kind" class="muted"></span>
+  <span id="rate" class="muted" title="requests answered per second, every API and status"></span>
 </header>
 <main>
   <div id="empty" class="card" hidden>No model is loaded yet. Export one (for example <code>dlsuite classify train</code>) into a folder this server watches; it appears here within a few seconds.</div>
@@ -98,9 +102,23 @@ function url(model) {
 }
 
 let listed = null;
+let counted = null;  // {time, totals: {model: requests_total}} at the previous read
+const RATE_SECONDS = 5;
+
+function showRate(answer) {
+  const now = performance.now();
+  const totals = Object.fromEntries(answer.models.map((m) => [m.name, m.requests_total]));
+  const model = current();
+  if (counted && model && model.name in counted.totals && model.name in totals) {
+    const rate = (totals[model.name] - counted.totals[model.name]) / ((now - counted.time) / 1000);
+    $("rate").textContent = `${rate.toFixed(1)} requests/s`;
+  }
+  counted = {time: now, totals};
+}
 
 async function load() {
   const answer = await fetch("/dlsuite/models").then((r) => r.json());
+  showRate(answer);
   const fresh = JSON.stringify(answer.models.map((m) => [m.name, m.versions]));
   if (fresh === listed) return;  // nothing new: leave the page as the user has it
   listed = fresh;
@@ -235,7 +253,7 @@ function escapeHtml(text) {
   return String(text).replace(/[&<>"']/g, (c) => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;"}[c]));
 }
 
-$("model").addEventListener("change", () => show());
+$("model").addEventListener("change", () => { $("rate").textContent = ""; counted = null; show(); });
 $("signature").addEventListener("change", template);
 $("generate").addEventListener("click", generate);
 $("send").addEventListener("click", sendGeneric);
@@ -249,7 +267,7 @@ drop.addEventListener("drop", (event) => {
   if (event.dataTransfer.files[0]) sendImage(event.dataTransfer.files[0]).catch(() => {});
 });
 load().catch((error) => { $("status").textContent = "cannot list models: " + error; });
-setInterval(() => load().catch(() => {}), 10000);  // new models and versions appear
+setInterval(() => load().catch(() => {}), RATE_SECONDS * 1000);  // the rate; new models and versions appear
 </script>
 </body>
 </html>
