@@ -7,6 +7,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # Caches the suite writes (manifests, image caches, token files) stay out of
 # ~/.cache/dlsuite; each test gets its own folder below (`_own_cache_folder`).
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="dlsuite-test-cache-")
+# --mixed-precision auto decides from the processor's flags (core/cpu_features): the suite's
+# thresholds were measured in float32, so every process it starts sees a CPU without native
+# bfloat16, on any machine; tests/test_cpu_bfloat16.py gives the decision its own files.
+_CPUINFO = os.path.join(tempfile.mkdtemp(prefix="dlsuite-test-cpuinfo-"), "cpuinfo")
+with open(_CPUINFO, "w", encoding="utf-8") as _file:
+    _file.write("processor\t: 0\nflags\t\t: fpu sse sse2 avx avx2 fma\n")
+os.environ["DLSUITE_CPUINFO"] = _CPUINFO
 
 import keras  # noqa: E402
 import pytest  # noqa: E402

@@ -23,6 +23,7 @@ from dlsuite.apps.core import (checkpoints, cpu_features, distribute, lbfgs, loo
 from dlsuite.apps.core import epochs as epochs_lib
 from dlsuite.apps.core.choices import SWITCHES
 from dlsuite.apps.core.errors import UsageError
+from dlsuite.models import compat
 
 
 def device_kind():
@@ -223,6 +224,10 @@ def fit(
     if compile:
         compile_model(model, strategy=strategy, optimizer_config=optimizer_config, loss=loss, metrics=metrics,
                       steps_per_epoch=steps_per_epoch, epochs=epochs, jit_compile=jit_compile)
+    # Outside a strategy scope Keras creates these variables inside the first traced step, and
+    # tf.function then traces the whole step a second time: made first, the step traces once.
+    with strategy.scope():
+        compat.build_training_state(model, train.element_spec)
     store = checkpoints.Store(paths["resume"])
     saved = checkpoints.Store(run_paths(resume_dir or run_dir)["resume"]).latest() if resume else None
     start_epoch, start_batch = (saved.epoch, saved.batch) if saved else (initial_epoch, 0)

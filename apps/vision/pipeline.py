@@ -56,7 +56,12 @@ def batches(split, *, image_size, channels, batch_size, training, seed=0, cache=
     if not isinstance(split, sources.Source):
         return _batched(_prepared_dataset(split, image_size, channels, cache), batch_size)
     read = _reader(split, image_size, channels, batch_size, cache)
-    return read(split.in_order()).prefetch(tf.data.AUTOTUNE) if split.random_access or _cached(cache) else read(None)
+    if _cached(cache):
+        # The cache knows which images are readable: with the count, Keras does not warn
+        # "Your input ran out of data" at the end of the first validation pass.
+        steps = -(-int(cache.readable.sum()) // int(batch_size))
+        return read(split.in_order()).apply(tf.data.experimental.assert_cardinality(steps)).prefetch(tf.data.AUTOTUNE)
+    return read(split.in_order()).prefetch(tf.data.AUTOTUNE) if split.random_access else read(None)
 
 
 def epoch_order(split, *, image_size, channels, batch_size, seed=0, cache=True, service=None, in_process=True):
