@@ -1,7 +1,8 @@
-"""`dlsuite serve`: serve SavedModels over TensorFlow Serving's REST API, and a page at `/`.
+"""`dlsuite serve`: serve SavedModels over TensorFlow Serving's REST and gRPC APIs, and a page at `/`.
 
 The work lives in `repository` (versions on disk), `tensors` (the JSON),
-`server` (HTTP) and `page` (the HTML); this module reads the command line,
+`calls` (the predict step), `server` (HTTP), `grpc_server` (gRPC) and `page`
+(the HTML); this module reads the command line,
 tells model folders from base folders, and starts the server.
 """
 
@@ -12,6 +13,7 @@ import pathlib
 from dlsuite.apps.core import train_args
 from dlsuite.apps.core.errors import UsageError
 
+GRPC_PORT = 8500  # TensorFlow Serving's gRPC port
 EPILOG = """examples:
   dlsuite serve                                        # every model under saved_models/
   dlsuite serve saved_models/lenet5_digits --port 8501
@@ -25,7 +27,8 @@ then, as against TensorFlow Serving:
       http://127.0.0.1:8501/v1/models/lenet5_digits:predict
   curl -d '{"inputs": {"prompt": "Return the ", "length": 200, "temperature": 0.7, "seed": 1}}' \\
       http://127.0.0.1:8501/v1/models/lstm_stdlib-docstrings:predict
-and open http://127.0.0.1:8501/ in a browser.
+and open http://127.0.0.1:8501/ in a browser. gRPC clients (tensorflow-serving-api's stubs) call
+127.0.0.1:8500, TensorFlow Serving's gRPC port (--grpc-port; docs/serving.md has a client).
 """
 
 
@@ -45,6 +48,10 @@ def add_parser(subparsers):
                         help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
     parser.add_argument("--port", type=train_args.port, default=8501, help="port (default 8501, TensorFlow Serving's REST "
                                                                  "port; 0: any free port)")
+    parser.add_argument("--grpc-port", type=grpc_port, default=None,
+                        help="port of TensorFlow Serving's gRPC API (PredictionService, ModelService) (default 8500, "
+                             "TensorFlow Serving's, or any free port when --port is 0; 0: any free port; "
+                             "off: no gRPC)")
     parser.add_argument("--model-name", help="the name to serve a single model folder under (default: its "
                                              "folder name)")
     parser.add_argument("--poll-seconds", type=train_args.positive_float("--poll-seconds"), default=2.0,
@@ -56,6 +63,32 @@ def add_parser(subparsers):
                              "PrintV2, what `saved_model_cli scan` flags); such versions are refused by default, "
                              "since a SavedModel is a program: pass it only for models you trust")
     parser.set_defaults(func=run)
+
+
+def grpc_port(text):
+    """argparse type of --grpc-port: a TCP port 0..65535 (0: any free port), or "off" (returned as -1)."""
+    if text.strip().lower() == "off":
+        return -1
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--grpc-port expects a port or 'off', received {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"--grpc-port must be 0..65535 (0: any free port) or 'off', "
+                                         f"received {text!r}")
+    return value
+
+
+def choose_grpc_port(grpc_port_arg, rest_port):
+    """The gRPC port to bind, or None for no gRPC.
+
+    Not given: 8500, TensorFlow Serving's, unless the REST port is 0 (any
+    free port): then any free port too, so that servers started side by
+    side (tests, benchmarks) do not fight over 8500.
+    """
+    if grpc_port_arg is None:
+        return 0 if rest_port == 0 else GRPC_PORT
+    return None if grpc_port_arg < 0 else grpc_port_arg
 
 
 def resolve_folders(paths, model_name=None):
@@ -109,6 +142,7 @@ def _has_versions(folder):
 
 def run(args):
     from dlsuite.apps.serve.repository import Repository, load_version
+    from dlsuite.apps.serve.grpc_server import BindError
     from dlsuite.apps.serve.server import MIB, Server, bind
     import asyncio
 
@@ -122,5 +156,12 @@ def run(args):
     except OSError as error:
         raise UsageError(f"cannot listen on {args.host}:{args.port}: {error.strerror or error}; pick another "
                          "--port or --host", option="port") from None
-    asyncio.run(server.serve(sock, host=args.host))
+    grpc_port_number = choose_grpc_port(args.grpc_port, args.port)
+    try:
+        asyncio.run(server.serve(sock, host=args.host, grpc_port=grpc_port_number))
+    except BindError as error:
+        raise UsageError(f"cannot listen for gRPC on {args.host}:{grpc_port_number}: {error}; pick another "
+                         "--grpc-port (or --grpc-port off)", option="grpc_port") from None
+    finally:
+        sock.close()
     return 0

@@ -4,14 +4,16 @@ Written and exposed by `prometheus_client`, each server with its own
 `CollectorRegistry`, so several servers in one process (tests) count apart:
 
 ==============================================  =========  ===============================================
-dlsuite_serve_requests_total                    counter    by model_name, version, api, status, code
-dlsuite_serve_request_latency_seconds           histogram  by model_name, api: every request, any status
+dlsuite_serve_requests_total                    counter    by model_name, version, api, status, code, protocol
+dlsuite_serve_request_latency_seconds           histogram  by model_name, api, protocol: every request, any status
 dlsuite_serve_version_loaded                    gauge      1 per loaded (model_name, version)
 ==============================================  =========  ===============================================
 
 `api` is predict, classify, regress, metadata or status; `status` the
 canonical error code name TensorFlow Serving's `status` label carries (OK,
-INVALID_ARGUMENT, NOT_FOUND, ...), `code` the HTTP status. `version` is the
+INVALID_ARGUMENT, NOT_FOUND, ...), `code` the HTTP status (REST) or the gRPC
+status code's number (gRPC: 0 OK, 3 INVALID_ARGUMENT, 5 NOT_FOUND, ...), and
+`protocol` "rest" or "grpc" (`grpc_server.py`). `version` is the
 version that answered (a request without one gets the highest), empty where
 none did (an unknown model or version, a status request for every version).
 A model name the server does not serve is counted as model_name="", so a
@@ -58,31 +60,35 @@ class Metrics:
         self._repository = repository
         self.registry = CollectorRegistry()
         self.requests = Counter(
-            "dlsuite_serve_requests", "Requests to /v1/models, by model, the version that answered, API and status.",
-            ["model_name", "version", "api", "status", "code"], registry=self.registry)
+            "dlsuite_serve_requests",
+            "Requests to /v1/models and to the gRPC API, by model, the version that answered, API, status and "
+            "protocol.",
+            ["model_name", "version", "api", "status", "code", "protocol"], registry=self.registry)
         self.latency = Histogram(
             "dlsuite_serve_request_latency_seconds",
-            "Wall time from the request's headers to its answer, every status, by model and API.",
-            ["model_name", "api"], buckets=LATENCY_BUCKETS, registry=self.registry)
+            "Wall time from the request's arrival to its answer, every status, by model, API and protocol.",
+            ["model_name", "api", "protocol"], buckets=LATENCY_BUCKETS, registry=self.registry)
         self.registry.register(_LoadedVersions(repository))
 
-    def record(self, *, model, version, api, http_status, status_name=None, seconds):
+    def record(self, *, model, version, api, code, status_name=None, seconds, protocol="rest"):
         """Counts one answered request.
 
         Args:
-            model: the model name in the URL.
+            model: the model name in the URL or the gRPC request's model_spec.
             version: the version that answered, or None.
             api: one of APIS.
-            http_status: the status sent.
+            code: the HTTP status sent (REST) or the gRPC status code's
+                number (gRPC).
             status_name: the canonical code name of its error, if known;
-                else derived from `http_status`.
+                else derived from `code` as an HTTP status (REST only).
             seconds: how long it took.
+            protocol: "rest" or "grpc".
         """
         model = model if model in self._repository.names() else ""
-        status_name = status_name or _STATUS_NAMES.get(http_status) or _NAMES_BY_HTTP.get(http_status, "UNKNOWN")
+        status_name = status_name or _STATUS_NAMES.get(code) or _NAMES_BY_HTTP.get(code, "UNKNOWN")
         self.requests.labels(model_name=model, version="" if version is None else str(version), api=api,
-                             status=status_name, code=str(http_status)).inc()
-        self.latency.labels(model_name=model, api=api).observe(seconds)
+                             status=status_name, code=str(code), protocol=protocol).inc()
+        self.latency.labels(model_name=model, api=api, protocol=protocol).observe(seconds)
 
     def exposition(self, accept=None):
         """(body bytes, content type) for a scrape whose Accept header is `accept`: the text format

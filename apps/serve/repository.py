@@ -38,7 +38,7 @@ from tensorflow.core.protobuf import error_codes_pb2
 from dlsuite.apps.core import saved_models
 from dlsuite.apps.core.errors import UsageError
 from dlsuite.apps.serve import tensors
-from dlsuite.apps.serve.errors import not_found
+from dlsuite.apps.serve.errors import invalid, not_found
 
 DEFAULT_SIGNATURE = "serving_default"
 _INT64_MAX = (1 << 63) - 1
@@ -306,12 +306,17 @@ class Repository:
         """{name: [version numbers loaded], ascending} of the models with at least one loaded."""
         return {name: sorted(versions) for name, versions in self._versions.items() if versions}
 
-    def get(self, name, version=None):
-        """The Version a request names: `version`, or the highest loaded one.
+    def get(self, name, version=None, *, label=None):
+        """The Version a request names: `version`, its version `label`, or the highest loaded one.
 
         Raises:
-            ServingError: NOT_FOUND, with TensorFlow Serving's message.
+            ServingError: NOT_FOUND, with TensorFlow Serving's message;
+                INVALID_ARGUMENT for a label no version carries (labels come
+                with a model config file, not yet: every label is unknown,
+                and TensorFlow Serving's ServerCore answers those so).
         """
+        if label is not None:
+            raise invalid(f"Unrecognized servable version label: {label}")
         versions = self._versions.get(name, {})
         if version is None:
             if not versions:

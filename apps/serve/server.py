@@ -29,6 +29,10 @@ GET  /                                                 the page for people (`pag
 GET  /dlsuite/models                                   models, versions, kind, signatures, requests (the page's)
 =====================================================  =====================================
 
+TensorFlow Serving's gRPC API (`--grpc-port`) is `grpc_server.py`, on the same
+event loop, repository, worker threads and metrics; the predict step both
+protocols run is `calls.run_signature`.
+
 Every error is `{"error": message}` with TensorFlow Serving's status for it
 (`errors.HTTP_STATUS`): 400 for malformed JSON, both `instances` and
 `inputs`, a wrong dtype or shape, an unknown signature (TensorFlow Serving
@@ -48,12 +52,11 @@ import sys
 import time
 import traceback
 
-import tensorflow as tf
 from aiohttp import web
 
-from dlsuite.apps.serve import metrics, page, tensors
+from dlsuite.apps.serve import calls, grpc_server, metrics, page, tensors
 from dlsuite.apps.serve.errors import ServingError, invalid
-from dlsuite.apps.serve.repository import DEFAULT_SIGNATURE, op_error_name
+from dlsuite.apps.serve.repository import DEFAULT_SIGNATURE
 
 _V1 = re.compile(r"/v1(/.*)?", re.IGNORECASE)
 _PREDICT = re.compile(r"/v1/models/([^/:]+)(?:/versions/(\d+))?:(classify|regress|predict)", re.IGNORECASE)
@@ -82,16 +85,7 @@ def predict(repository, name, version, body, *, call=None):
         raise invalid(f'Serving signature name: "{signature_name}" not found in signature def '
                       f"(this model has: {', '.join(sorted(served.signatures)) or 'none'})")
     arrays = tensors.inputs_from_request(request, signature.inputs)
-    # The arrays go to the graph in the request's shape, not held to the signature's: TensorFlow
-    # Serving feeds them to the session and the graph accepts or refuses (issue #26). A restored
-    # signature (TF 2.21: load._WrapperFunction for a TF2 SavedModel, the pruned WrappedFunction of a
-    # TF1 one) checks only the dtypes, so the refusal is the graph's own, an OpError from its kernel.
-    try:
-        outputs = served.predict(signature_name, arrays)
-    except tf.errors.OpError as error:  # e.g. a shape the graph cannot take, bytes that are not an image
-        raise ServingError(_op_message(error) + _scalar_hint(request, signature), code=op_error_name(error)) from None
-    except (TypeError, ValueError) as error:  # the function refused the arguments
-        raise invalid(" ".join(str(error).split()) + _scalar_hint(request, signature)) from None
+    outputs = calls.run_signature(served, signature_name, arrays, hint=_scalar_hint(request, signature))
     return tensors.response(outputs, tensors.request_format(request))
 
 
@@ -106,27 +100,6 @@ def _scalar_hint(request, signature):
 
 def _predict_response(repository, name, version, body, call):
     return _json(predict(repository, name, version, body, call=call))
-
-
-def _op_message(error):
-    """The kernel's own words, as TensorFlow Serving's session would give them.
-
-    Eager adds "Graph execution error:", "Detected at node N defined at ...:"
-    with the stack (or "<stack traces unavailable>"), and appends the graph
-    node ("\n\t [[{{node ...}}]]") and " [Op:...]": noise to a client.
-    """
-    message = error.message.split("\n\t [[")[0]
-    lines = message.split("\n")
-    if lines and lines[0].strip() == "Graph execution error:":
-        lines = lines[1:]
-    for index, line in enumerate(lines):
-        if line.startswith("Detected at node "):  # the traceback lines are indented or blank
-            rest = lines[index + 1:]
-            while rest and (not rest[0].strip() or rest[0][0].isspace() or rest[0] == "<stack traces unavailable>"):
-                rest = rest[1:]
-            lines = lines[:index] + rest
-            break
-    return re.sub(r"\s*\[Op:[^\]]*\]$", "", " ".join(" ".join(lines).split())) or error.message
 
 
 def metadata(repository, name, version, *, call=None):
@@ -185,7 +158,7 @@ class Server:
         call = request.get(_CALL)
         if call is not None:
             self.metrics.record(model=call["model"], version=call["version"], api=call["api"],
-                                http_status=response.status, status_name=request.get(_STATUS_NAME),
+                                code=response.status, status_name=request.get(_STATUS_NAME),
                                 seconds=time.perf_counter() - started)
         return response
 
@@ -256,9 +229,7 @@ class Server:
                                "send the same inputs to :predict", code="UNIMPLEMENTED")
         # One trip to the pool for the JSON in, the call and the JSON out: on a busy machine every
         # hand-over between threads waits for a core.
-        return await asyncio.get_running_loop().run_in_executor(
-            self._workers, functools.partial(_predict_response, self.repository, name, version, body,
-                                             request[_CALL]))
+        return await self.offload(_predict_response, self.repository, name, version, body, request[_CALL])
 
     def _status(self, match, call):
         name, version_text, subresource = match.groups()
@@ -271,20 +242,44 @@ class Server:
         call["version"] = version
         return _json(answer)
 
+    async def offload(self, function, *args):
+        """function(*args) on the worker threads: the CPU work of a request (REST's and gRPC's)."""
+        return await asyncio.get_running_loop().run_in_executor(self._workers, functools.partial(function, *args))
+
     # -- running -------------------------------------------------------------------------------------
 
-    async def serve(self, sock, *, host):
-        """Scans once, serves on the bound socket `sock` until SIGINT/SIGTERM, polling the folders."""
+    async def serve(self, sock, *, host, grpc_port=None):
+        """Scans once, serves on the bound socket `sock` until SIGINT/SIGTERM, polling the folders.
+
+        Args:
+            host: the address `sock` is bound to, for the start-up line (and gRPC's).
+            grpc_port: TensorFlow Serving's gRPC API on host:grpc_port too
+                (0: a free port; None: no gRPC).
+
+        Raises:
+            grpc_server.BindError: the gRPC port cannot be bound (before any model loads).
+        """
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._scanner, self.repository.scan)
-        runner = web.AppRunner(self.application(), access_log=None, handle_signals=False)
-        await runner.setup()
-        await web.SockSite(runner, sock).start()
+        grpc_api = None
+        if grpc_port is not None:
+            grpc_api = grpc_server.GrpcServer(self.repository, metrics=self.metrics, offload=self.offload,
+                                          max_message_bytes=self.max_body_bytes)
+            grpc_port = await grpc_api.start(host, grpc_port)
+        try:
+            await loop.run_in_executor(self._scanner, self.repository.scan)
+            runner = web.AppRunner(self.application(), access_log=None, handle_signals=False)
+            await runner.setup()
+            await web.SockSite(runner, sock).start()
+        except BaseException:
+            if grpc_api is not None:
+                await grpc_api.stop(grace=0)
+            raise
         port = sock.getsockname()[1]
         names = self.repository.names()
         where = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+        grpc_where = f"; gRPC API: {grpc_server.address(host, grpc_port)}" if grpc_api is not None else ""
         self._log(f"serve: {len(names)} model{'' if len(names) == 1 else 's'} ({', '.join(names) or 'none yet'}) "
-                  f"on {where}/ (REST API: {where}/v1/models/NAME)")
+                  f"on {where}/ (REST API: {where}/v1/models/NAME{grpc_where})")
         stop = asyncio.Event()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)
@@ -293,6 +288,8 @@ class Server:
             await stop.wait()
         finally:
             poller.cancel()
+            if grpc_api is not None:
+                await grpc_api.stop(grace=1.0)
             await runner.cleanup()
             self._workers.shutdown(wait=False, cancel_futures=True)
             self._scanner.shutdown(wait=False, cancel_futures=True)
