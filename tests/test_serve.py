@@ -72,12 +72,13 @@ class Server:
                 self._ready.set()
         self._ready.set()  # exited
 
-    def wait_ready(self, timeout):
+    def wait_ready(self, timeout, names=(KERAS_MODEL,)):
+        """Until every model of `names` answers its status, as a client would check readiness."""
         self._ready.wait(timeout)
-        assert self.port, "dlsuite serve did not start:\n" + "\n".join(self.lines)
+        assert self.port, "dlsuite serve did not start:\n" + self.output()
         deadline = time.monotonic() + timeout
-        while call(self, f"/v1/models/{KERAS_MODEL}")[0] != 200:  # readiness, as a client would check it
-            assert time.monotonic() < deadline and self.process.poll() is None, "\n".join(self.lines)
+        while not all(call(self, f"/v1/models/{name}")[0] == 200 for name in names):
+            assert time.monotonic() < deadline and self.process.poll() is None, self.output()
             time.sleep(0.1)
 
     def output(self):
@@ -98,6 +99,16 @@ def call(server, path, body=None, *, timeout=60):
     except urllib.error.HTTPError as error:
         status, text, kind = error.code, error.read().decode("utf-8"), error.headers.get_content_type()
     return status, (json.loads(text) if kind == "application/json" else text)
+
+
+def stop(process):
+    """Stops a server as a supervisor does: SIGTERM, then SIGKILL after 20 s."""
+    process.terminate()
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def _wait_for(condition, *, timeout=20, what="", server=None):
@@ -152,12 +163,7 @@ def served(tmp_path_factory):
             if training.poll() is None:
                 training.kill()
                 training.wait()
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process)
 
 
 def _png(color=(220, 40, 40)):

@@ -28,7 +28,7 @@ from tensorflow_serving.apis import (classification_pb2, get_model_metadata_pb2,
                                      model_service_pb2_grpc, predict_pb2, prediction_service_pb2_grpc)
 
 from dlsuite.apps.serve import cli
-from test_serve import CLASSIFIER, KERAS_MODEL, Server, _dlsuite, _environment, _png, _wait_for, call
+from test_serve import CLASSIFIER, KERAS_MODEL, Server, _dlsuite, _environment, _png, _wait_for, call, stop
 
 POLL_SECONDS = 0.3
 MAX_BODY_MB = 1
@@ -81,12 +81,7 @@ def served(tmp_path_factory):
         if training.poll() is None:
             training.kill()
             training.wait()
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process)
 
 
 def _predict_request(model, inputs, *, version=None, label=None, signature=None, output_filter=()):

@@ -13,17 +13,14 @@ The request's shape goes to the graph as the JSON gives it: the graph
 accepts it or refuses it with its own error, a 400 like TensorFlow Serving's.
 """
 
-import json
-import os
 import re
 import subprocess
 import sys
-import threading
-import time
-import urllib.error
 import urllib.request
 
 import pytest
+
+from test_serve import Server, _environment, _export_keras_model, call, stop
 
 TF1_MODEL = "half_plus_two"
 KERAS_MODEL = "regressor"
@@ -53,84 +50,23 @@ def _write_half_plus_two(folder):
             builder.save()
 
 
-def _export_keras_model(folder):
-    """scores = features @ ones(3, 2), features declared [None, 3]."""
-    import keras
-
-    features = keras.Input((3,), name="features")
-    scores = keras.layers.Dense(2, kernel_initializer="ones", name="scores")(features)
-    keras.Model(features, scores).export(str(folder / "1"), verbose=False)
-
-
-class Server:
-    """A running `dlsuite serve` and the lines it printed."""
-
-    def __init__(self, process):
-        self.process = process
-        self.lines = []
-        self.port = None
-        self._ready = threading.Event()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self):
-        for line in self.process.stdout:
-            self.lines.append(line.rstrip("\n"))
-            match = re.search(r" on http://127\.0\.0\.1:(\d+)/", line)
-            if match:
-                self.port = int(match.group(1))
-                self._ready.set()
-        self._ready.set()  # exited
-
-    def wait_ready(self, names, timeout):
-        self._ready.wait(timeout)
-        assert self.port, "dlsuite serve did not start:\n" + self.output()
-        deadline = time.monotonic() + timeout
-        while not all(call(self, f"/v1/models/{name}")[0] == 200 for name in names):
-            assert time.monotonic() < deadline and self.process.poll() is None, self.output()
-            time.sleep(0.1)
-
-    def output(self):
-        return "\n".join(self.lines)
-
-
-def call(server, path, body=None, *, timeout=60):
-    """(status, decoded JSON or text) of GET path, or POST body (dict or str)."""
-    if isinstance(body, dict):
-        body = json.dumps(body)
-    if isinstance(body, str):
-        body = body.encode("utf-8")
-    request = urllib.request.Request(f"http://127.0.0.1:{server.port}{path}", data=body,
-                                     headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            status, text, kind = response.status, response.read().decode("utf-8"), response.headers.get_content_type()
-    except urllib.error.HTTPError as error:
-        status, text, kind = error.code, error.read().decode("utf-8"), error.headers.get_content_type()
-    return status, (json.loads(text) if kind == "application/json" else text)
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve_tf_serving")
     base = root / "models"
     _write_half_plus_two(base / TF1_MODEL)
     _export_keras_model(base / KERAS_MODEL)
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""}
+    env = _environment()
     process = subprocess.Popen(
         [sys.executable, "-m", "dlsuite.apps.cli", "serve", str(base), "--port", "0",
          "--poll-seconds", str(POLL_SECONDS)],
         cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     server = Server(process)
     try:
-        server.wait_ready([TF1_MODEL, KERAS_MODEL], timeout=120)
+        server.wait_ready(timeout=120, names=[TF1_MODEL, KERAS_MODEL])
         yield server
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process)
 
 
 # -- the request's shape goes to the graph -----------------------------------------------------------------
