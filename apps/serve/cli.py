@@ -1,9 +1,10 @@
 """`dlsuite serve`: serve SavedModels over TensorFlow Serving's REST and gRPC APIs, and a page at `/`.
 
-The work lives in `repository` (versions on disk), `tensors` (the JSON),
-`calls` (the predict step), `server` (HTTP), `grpc_server` (gRPC) and `page`
-(the HTML); this module reads the command line,
-tells model folders from base folders, and starts the server.
+The work lives in `repository` (versions on disk), `model_config` (a
+--model-config-file), `tensors` (the JSON), `calls` (the predict step),
+`server` (HTTP), `grpc_server` (gRPC) and `page` (the HTML); this module
+reads the command line, tells model folders from base folders (or reads the
+model config file), and starts the server.
 """
 
 import argparse
@@ -19,6 +20,7 @@ EPILOG = """examples:
   dlsuite serve saved_models/lenet5_digits --port 8501
   dlsuite serve saved_models/lenet5_digits saved_models/lstm_stdlib-docstrings
   dlsuite serve exports/pets/ --model-name pets --host 0.0.0.0
+  dlsuite serve --model-config-file models.config      # TF Serving's ModelServerConfig: policies, labels
 
 then, as against TensorFlow Serving:
   curl http://127.0.0.1:8501/v1/models/lenet5_digits
@@ -41,9 +43,9 @@ def add_parser(subparsers):
                     "removed ones unloaded while serving. http://HOST:PORT/ is a page to try the models.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("export_dirs", nargs="*", metavar="EXPORT_DIR", default=["saved_models"],
+    parser.add_argument("export_dirs", nargs="*", metavar="EXPORT_DIR", default=[],
                         help="a model folder (holding version folders 1/, 2/, ...) or a folder of model folders "
-                             "(default: saved_models)")
+                             "(default: saved_models, or the models of --model-config-file)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
     parser.add_argument("--port", type=train_args.port, default=8501, help="port (default 8501, TensorFlow Serving's REST "
@@ -54,6 +56,13 @@ def add_parser(subparsers):
                              "off: no gRPC)")
     parser.add_argument("--model-name", help="the name to serve a single model folder under (default: its "
                                              "folder name)")
+    parser.add_argument("--model-config-file", metavar="FILE",
+                        help="TensorFlow Serving's ModelServerConfig in text format: the models to serve, their "
+                             "base_path, model_version_policy (latest N, all, specific) and version_labels; "
+                             "re-read on SIGHUP (docs/serving.md)")
+    parser.add_argument("--model-config-file-poll-wait-seconds", type=train_args.non_negative_float, default=0.0,
+                        metavar="SECONDS", help="also re-read --model-config-file every SECONDS (default 0: only "
+                                                "on SIGHUP)")
     parser.add_argument("--poll-seconds", type=train_args.positive_float("--poll-seconds"), default=2.0,
                         help="how often to look for new and removed versions (default 2)")
     parser.add_argument("--max-body-mb", type=train_args.positive_float("--max-body-mb"), default=16.0,
@@ -141,16 +150,28 @@ def _has_versions(folder):
 
 
 def run(args):
+    from dlsuite.apps.serve import model_config
     from dlsuite.apps.serve.repository import Repository, load_version
     from dlsuite.apps.serve.grpc_server import BindError
     from dlsuite.apps.serve.server import MIB, Server, bind
     import asyncio
 
-    models, bases = resolve_folders(args.export_dirs, args.model_name)
+    configs = None
+    if args.model_config_file is not None:
+        if args.export_dirs or args.model_name is not None:
+            raise UsageError("model_config_file names the models to serve; pass it without EXPORT_DIR and "
+                             "--model-name", option="model_config_file")
+        configs = model_config.read(args.model_config_file)  # a bad file: one line, before anything loads
+        models, bases = {}, []
+    else:
+        models, bases = resolve_folders(args.export_dirs or ["saved_models"], args.model_name)
     log = functools.partial(print, flush=True)
     loader = functools.partial(load_version, trust_model=args.trust_model)
-    repository = Repository(models=models, bases=bases, poll_seconds=args.poll_seconds, log=log, loader=loader)
-    server = Server(repository, max_body_bytes=args.max_body_mb * MIB, poll_seconds=args.poll_seconds, log=log)
+    repository = Repository(models=models, bases=bases, poll_seconds=args.poll_seconds, log=log, loader=loader,
+                            configs=configs)
+    server = Server(repository, max_body_bytes=args.max_body_mb * MIB, poll_seconds=args.poll_seconds, log=log,
+                    config_file=args.model_config_file, configs=configs,
+                    config_poll_seconds=args.model_config_file_poll_wait_seconds)
     try:
         sock = bind(args.host, args.port)
     except OSError as error:

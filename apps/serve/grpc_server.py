@@ -18,8 +18,9 @@ conversion and the TensorFlow call on the REST server's worker threads
 never blocks other requests of either protocol. Errors are TensorFlow
 Serving's status codes with its messages (`predict_util.cc`,
 `get_model_metadata_impl.cc`, `server_core.cc`): NOT_FOUND for an unknown
-model or version, INVALID_ARGUMENT for a wrong dtype, a missing or extra
-input, an unknown output_filter, an unknown version label, or a shape the
+model or version (also the version a label names, when it is not loaded),
+INVALID_ARGUMENT for a wrong dtype, a missing or extra input, an unknown
+output_filter, a version label the model does not have, or a shape the
 graph refuses; FAILED_PRECONDITION for an unknown signature (TensorFlow
 Serving's gRPC Predict says so; its REST API says INVALID_ARGUMENT);
 RESOURCE_EXHAUSTED for a message over `--max-body-mb` (gRPC's own check,
@@ -158,9 +159,9 @@ class GrpcServer:
         spec = request.model_spec
         if not spec.name:
             raise invalid("Missing model name in request.")
-        if spec.WhichOneof("version_choice") == "version_label":
-            self.repository.get(spec.name, label=spec.version_label)
         version = spec.version.value if spec.HasField("version") else None
+        if spec.WhichOneof("version_choice") == "version_label":  # the status of the version the label names
+            version = self.repository.label_version(spec.name, spec.version_label)
         call["version"] = version
         return json_format.ParseDict({"model_version_status": self.repository.status(spec.name, version)},
                                      get_model_status_pb2.GetModelStatusResponse())
@@ -260,4 +261,5 @@ class _ModelService(model_service_pb2_grpc.ModelServiceServicer):
         return await self._server.answer(context, api="status", model=request.model_spec.name,
                                          work=lambda call: self._server.status(request, call))
 
-    HandleReloadConfigRequest = _unimplemented("HandleReloadConfigRequest (there is no model config file yet)")
+    HandleReloadConfigRequest = _unimplemented("HandleReloadConfigRequest; edit the --model-config-file and send "
+                                               "the server SIGHUP")

@@ -6,6 +6,9 @@ and shows the top 5 classes; a captioner gets it on `serving_default` and
 shows the caption; a language model gets a prompt in the columnar format
 and the text is typed out as it arrives; any other SavedModel gets a JSON
 editor prefilled from its signature. Each panel shows the request it sent.
+The version menu lists the versions loaded, each with the version labels
+naming it (a --model-config-file's), then the labels themselves: choosing
+one sends the request to `/v1/models/NAME/labels/LABEL:predict`.
 The header shows the chosen model's live request rate: the change in its
 `requests_total` (the metrics' request counter, `metrics.py`) between two
 reads of `/dlsuite/models`, every `RATE_SECONDS`.
@@ -98,6 +101,7 @@ function current() { return models.find((m) => m.name === $("model").value); }
 function url(model) {
   const v = $("version").value;
   const base = "/v1/models/" + encodeURIComponent(model.name);
+  if (v.startsWith("label:")) return base + "/labels/" + encodeURIComponent(v.slice(6)) + ":predict";
   return (v && Number(v) !== model.default_version ? base + "/versions/" + v : base) + ":predict";
 }
 
@@ -119,7 +123,7 @@ function showRate(answer) {
 async function load() {
   const answer = await fetch("/dlsuite/models").then((r) => r.json());
   showRate(answer);
-  const fresh = JSON.stringify(answer.models.map((m) => [m.name, m.versions]));
+  const fresh = JSON.stringify(answer.models.map((m) => [m.name, m.versions, m.labels]));
   if (fresh === listed) return;  // nothing new: leave the page as the user has it
   listed = fresh;
   const chosen = $("model").value, version = $("version").value;
@@ -134,8 +138,13 @@ function show(version) {
   const model = current();
   for (const id of ["image-panel", "lm-panel", "generic-panel"]) $(id).hidden = true;
   if (!model) return;
-  $("version").innerHTML = model.versions.map((v) => `<option>${v}</option>`).join("");
-  if (model.versions.map(String).includes(version)) $("version").value = version;
+  const labels = Object.entries(model.labels || {});  // [label, version]: a model config file's version_labels
+  const named = (v) => labels.filter(([, n]) => n === v).map(([l]) => escapeHtml(l));
+  $("version").innerHTML = model.versions.map((v) => `<option value="${v}">${v}${named(v).length ?
+      " (" + named(v).join(", ") + ")" : ""}</option>`).join("")
+    + labels.map(([l, n]) => `<option value="label:${escapeHtml(l)}">label ${escapeHtml(l)} (version ${n})</option>`)
+      .join("");
+  if ([...$("version").options].some((option) => option.value === version)) $("version").value = version;
   $("kind").textContent = {classifier: "image classifier", captioner: "image captioner",
                            language_model: "language model"}[model.kind] || "SavedModel";
   $("bars").innerHTML = ""; $("caption").textContent = "";

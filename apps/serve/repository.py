@@ -17,9 +17,16 @@ the loaded versions match the folders:
 * a version whose folder is gone is unloaded: requests already running on
   it finish, new ones go to the versions left;
 * every version found is served (TensorFlow Serving's `all` version
-  policy); a request without a version gets the highest one loaded.
+  policy), unless a model config file (`model_config.py`, `configure`)
+  gives the model a version policy: then only the versions it selects are
+  loaded, and one it no longer selects is unloaded once a selected one
+  serves (availability first, as TensorFlow Serving's default);
+* a request without a version gets the highest one loaded; one with a
+  version label (from the config file) gets the version the label names.
 
-Each load and unload is one line through `log`.
+Each load and unload is one line through `log`; so is each version a
+`specific` policy names that is not on disk, and each label naming a
+version the policy does not serve (warnings, once per config).
 """
 
 import dataclasses
@@ -37,7 +44,7 @@ from tensorflow.core.protobuf import error_codes_pb2
 
 from dlsuite.apps.core import saved_models
 from dlsuite.apps.core.errors import UsageError
-from dlsuite.apps.serve import tensors
+from dlsuite.apps.serve import model_config, tensors
 from dlsuite.apps.serve.errors import invalid, not_found
 
 DEFAULT_SIGNATURE = "serving_default"
@@ -195,11 +202,16 @@ class Repository:
             long is settled.
         log: where the one line per load and unload goes.
         loader: `load_version`, replaceable in tests.
+        configs: `model_config.ModelConfig`s of a model config file, served
+            instead of `models` and `bases` (see `configure`).
     """
 
-    def __init__(self, *, models=None, bases=(), poll_seconds=2.0, log=print, loader=load_version):
+    def __init__(self, *, models=None, bases=(), poll_seconds=2.0, log=print, loader=load_version, configs=None):
         self._explicit = dict(models or {})
         self._bases = [pathlib.Path(base) for base in bases]
+        self._policies = {}  # name -> model_config.Policy; a model without one serves every version
+        self._labels = {}  # name -> {label: version}
+        self._warned = set()  # the warnings said since the last configure
         self._settle_seconds = poll_seconds
         self._log = log
         self._loader = loader
@@ -210,6 +222,27 @@ class Repository:
         self._loading = frozenset()  # (name, number)
         self._failures = {}  # (name, number) -> _Failure
         self._seen = {}  # (name, number) -> fingerprint at the previous scan
+        if configs is not None:
+            self.configure(configs)
+
+    def configure(self, configs):
+        """Serves exactly the models of a model config file from now on (the next `scan` applies it).
+
+        Args:
+            configs: `model_config.ModelConfig`s: each model's base path,
+                version policy and labels. Models not among them are
+                unloaded at the next scan, as are versions their policy
+                no longer selects.
+        """
+        with self._scan_lock:
+            for config in configs:  # a model moved to another base path starts over from there
+                if config.name in self._folders and self._folders[config.name] != config.base_path:
+                    self._unload_all(config.name, reason=f"base path changed to {config.base_path}")
+            self._explicit = {config.name: config.base_path for config in configs}
+            self._bases = []
+            self._policies = {config.name: config.policy for config in configs}
+            self._labels = {config.name: dict(config.labels) for config in configs if config.labels}
+            self._warned = set()
 
     # -- scanning ------------------------------------------------------------------------------------
 
@@ -228,9 +261,20 @@ class Repository:
             self._failures = {key: value for key, value in self._failures.items() if key[0] in folders}
             self._seen = {key: value for key, value in self._seen.items() if key[0] in folders}
             for name, folder in folders.items():
-                self._scan_model(name, folder)
+                wanted = self._scan_model(name, folder)
+                for label, number in sorted(self._labels.get(name, {}).items()):
+                    if number not in wanted:
+                        self._warn(f"serve: warning: label {label} of model {name} names version {number}, which "
+                                   f"its version policy does not serve from {folder}; requests on it are "
+                                   "answered NOT_FOUND")
+
+    def _warn(self, line):
+        if line not in self._warned:
+            self._warned.add(line)
+            self._log(line)
 
     def _scan_model(self, name, folder):
+        """Makes `name`'s loaded versions match its folder and policy; returns the versions it should serve."""
         found = {}
         for child in _subfolders(folder):
             number = _version_number(child)
@@ -239,11 +283,19 @@ class Repository:
         for number in sorted(self._versions.get(name, {})):
             if number not in found:
                 self._unload(name, number, reason="folder removed")
+        policy = self._policies.get(name)
+        wanted = set(found) if policy is None else set(model_config.select(policy, found))
+        if policy is not None and policy.kind == "specific":
+            for number in policy.versions:
+                if number not in found:  # TensorFlow Serving's FileSystemStoragePathSource warns so too
+                    self._warn(f"serve: warning: version {number} of model {name}, which its specific version "
+                               f"policy names, was not found in {folder}; serving "
+                               f"{', '.join(map(str, sorted(wanted))) or 'nothing of it until it appears'}")
         gone = {key for key in [*self._failures, *self._seen] if key[0] == name and key[1] not in found}
         self._failures = {key: value for key, value in self._failures.items() if key not in gone}
         self._seen = {key: value for key, value in self._seen.items() if key not in gone}
         now = time.monotonic()
-        for number in sorted(found, reverse=True):  # the default version first
+        for number in sorted(wanted, reverse=True):  # the default version first
             if number in self._versions.get(name, {}):
                 continue
             path = found[number]
@@ -260,6 +312,11 @@ class Repository:
             if failure and failure.fingerprint == fingerprint and now < failure.retry_at:
                 continue
             self._load(name, number, path, fingerprint, failure)
+        loaded = set(self._versions.get(name, {}))
+        if loaded & wanted or not wanted:  # availability first: keep the old until a wanted one serves
+            for number in sorted(loaded - wanted):
+                self._unload(name, number, reason=f"not in the version policy, {policy.describe()}")
+        return wanted
 
     def _load(self, name, number, path, fingerprint, failure):
         key = (name, number)
@@ -306,17 +363,32 @@ class Repository:
         """{name: [version numbers loaded], ascending} of the models with at least one loaded."""
         return {name: sorted(versions) for name, versions in self._versions.items() if versions}
 
+    def label_version(self, name, label):
+        """The version `label` names for model `name` (the model config file's version_labels).
+
+        Raises:
+            ServingError: INVALID_ARGUMENT for a label the model does not have,
+                with TensorFlow Serving's message (`ServerCore::GetModelVersionForLabel`).
+        """
+        number = self._labels.get(name, {}).get(label)
+        if number is None:
+            raise invalid(f"Unrecognized servable version label: {label}")
+        return number
+
+    def labels(self, name):
+        """{label: version} of model `name`."""
+        return dict(self._labels.get(name, {}))
+
     def get(self, name, version=None, *, label=None):
         """The Version a request names: `version`, its version `label`, or the highest loaded one.
 
         Raises:
-            ServingError: NOT_FOUND, with TensorFlow Serving's message;
-                INVALID_ARGUMENT for a label no version carries (labels come
-                with a model config file, not yet: every label is unknown,
-                and TensorFlow Serving's ServerCore answers those so).
+            ServingError: NOT_FOUND, with TensorFlow Serving's message, for an
+                unknown model or a version not loaded (also when a label names
+                it); INVALID_ARGUMENT for a label the model does not have.
         """
         if label is not None:
-            raise invalid(f"Unrecognized servable version label: {label}")
+            version = self.label_version(name, label)
         versions = self._versions.get(name, {})
         if version is None:
             if not versions:
@@ -360,6 +432,7 @@ class Repository:
                 "name": name,
                 "default_version": default.number,
                 "versions": sorted(versions, reverse=True),
+                "labels": self.labels(name),
                 "kind": default.kind,
                 "signatures": {
                     signature_name: {

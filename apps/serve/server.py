@@ -21,13 +21,17 @@ Routes, as TensorFlow Serving matches them (`http_rest_api_util.cc`, case
 insensitive):
 
 =====================================================  =====================================
-GET  /v1/models/NAME[/versions/N]                      model_version_status
-GET  /v1/models/NAME[/versions/N]/metadata             model_spec and signature_def
-POST /v1/models/NAME[/versions/N]:predict              predictions (instances) or outputs (inputs)
+GET  /v1/models/NAME[/versions/N|/labels/L]            model_version_status
+GET  /v1/models/NAME[/versions/N|/labels/L]/metadata   model_spec and signature_def
+POST /v1/models/NAME[/versions/N|/labels/L]:predict    predictions (instances) or outputs (inputs)
 GET  /monitoring/prometheus/metrics                    Prometheus metrics (`metrics.py`)
 GET  /                                                 the page for people (`page.py`)
 GET  /dlsuite/models                                   models, versions, kind, signatures, requests (the page's)
 =====================================================  =====================================
+
+With `--model-config-file` (`model_config.py`), SIGHUP and every
+`--model-config-file-poll-wait-seconds` re-read the file (`reload_config`)
+and apply it to the repository without a restart.
 
 TensorFlow Serving's gRPC API (`--grpc-port`) is `grpc_server.py`, on the same
 event loop, repository, worker threads and metrics; the predict step both
@@ -54,13 +58,18 @@ import traceback
 
 from aiohttp import web
 
-from dlsuite.apps.serve import calls, grpc_server, metrics, page, tensors
+from dlsuite.apps.core.errors import UsageError
+from dlsuite.apps.serve import calls, grpc_server, metrics, model_config, page, tensors
 from dlsuite.apps.serve.errors import ServingError, invalid
 from dlsuite.apps.serve.repository import DEFAULT_SIGNATURE
 
 _V1 = re.compile(r"/v1(/.*)?", re.IGNORECASE)
-_PREDICT = re.compile(r"/v1/models/([^/:]+)(?:/versions/(\d+))?:(classify|regress|predict)", re.IGNORECASE)
-_STATUS = re.compile(r"/v1/models(?:/([^/:]+))?(?:/versions/(\d+))?(?:/(metadata))?", re.IGNORECASE)
+# A version label (`model_config.py`) stands where a version number may: TensorFlow Serving's
+# http_rest_api_handler.cc matches (?:(?:/versions/(\d+))|(?:/labels/([^/:]+)))? too.
+_PREDICT = re.compile(r"/v1/models/([^/:]+)(?:/versions/(\d+)|/labels/([^/:]+))?:(classify|regress|predict)",
+                      re.IGNORECASE)
+_STATUS = re.compile(r"/v1/models(?:/([^/:]+))?(?:/versions/(\d+)|/labels/([^/:]+))?(?:/(metadata))?",
+                     re.IGNORECASE)
 _INT64_MAX = (1 << 63) - 1
 MIB = 1 << 20
 # request[...] keys: the model call a request is (its metrics labels), and its error's canonical code.
@@ -68,15 +77,16 @@ _CALL = "dlsuite.call"
 _STATUS_NAME = "dlsuite.status_name"
 
 
-def predict(repository, name, version, body, *, call=None):
+def predict(repository, name, version, body, *, label=None, call=None):
     """Answers one `:predict` body (bytes) with the JSON-ready response; raises ServingError.
 
     Args:
+        label: a version label, instead of `version`.
         call: a dict whose "version" is set to the version that answers, once
             known (the metrics' label), whatever happens after.
     """
     request = tensors.parse_request(body)
-    served = repository.get(name, version)
+    served = repository.get(name, version, label=label)
     if call is not None:
         call["version"] = served.number
     signature_name = request.get("signature_name") or DEFAULT_SIGNATURE
@@ -98,13 +108,13 @@ def _scalar_hint(request, signature):
             "the row format; send the columnar format, {\"inputs\": {...}})")
 
 
-def _predict_response(repository, name, version, body, call):
-    return _json(predict(repository, name, version, body, call=call))
+def _predict_response(repository, name, version, label, body, call):
+    return _json(predict(repository, name, version, body, label=label, call=call))
 
 
-def metadata(repository, name, version, *, call=None):
-    """GetModelMetadataResponse in TensorFlow Serving's JSON layout (`call`: as `predict`'s)."""
-    served = repository.get(name, version)
+def metadata(repository, name, version, *, label=None, call=None):
+    """GetModelMetadataResponse in TensorFlow Serving's JSON layout (`label`, `call`: as `predict`'s)."""
+    served = repository.get(name, version, label=label)
     if call is not None:
         call["version"] = served.number
     return {
@@ -130,12 +140,20 @@ class Server:
         poll_seconds: how often the model folders are scanned.
         workers: threads for the requests' CPU work.
         log: where the start and stop lines go.
+        config_file: the model config file the repository was configured
+            from (`model_config.py`), re-read on SIGHUP and every
+            `config_poll_seconds` (0: on SIGHUP only), or None.
+        configs: the ModelConfigs read from it at start-up.
     """
 
-    def __init__(self, repository, *, max_body_bytes=16 * MIB, poll_seconds=2.0, workers=None, log=print):
+    def __init__(self, repository, *, max_body_bytes=16 * MIB, poll_seconds=2.0, workers=None, log=print,
+                 config_file=None, configs=None, config_poll_seconds=0.0):
         self.repository = repository
         self.max_body_bytes = int(max_body_bytes)
         self.poll_seconds = poll_seconds
+        self.config_file = config_file
+        self.config_poll_seconds = config_poll_seconds
+        self._configs = configs
         self._log = log
         self.metrics = metrics.Metrics(repository)
         self._workers = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="serve")
@@ -207,19 +225,19 @@ class Server:
         if request.method == "POST":
             match = _PREDICT.fullmatch(path)
             if match:
-                request[_CALL] = {"model": match.group(1), "api": match.group(3).lower(), "version": None}
+                request[_CALL] = {"model": match.group(1), "api": match.group(4).lower(), "version": None}
                 return await self._predict(request, match)
         elif request.method == "GET":
             match = _STATUS.fullmatch(path)
             if match:
                 if match.group(1):
-                    request[_CALL] = {"model": match.group(1), "api": "metadata" if match.group(3) else "status",
+                    request[_CALL] = {"model": match.group(1), "api": "metadata" if match.group(4) else "status",
                                       "version": None}
                 return self._status(match, request.get(_CALL))
         raise invalid(f"Malformed request: {request.method} {path}")
 
     async def _predict(self, request, match):
-        name, version_text, method = match.groups()
+        name, version_text, label, method = match.groups()
         version = _version(version_text)
         if request.content_length is not None and request.content_length > self.max_body_bytes:
             return self._too_large(request.content_length)
@@ -229,15 +247,17 @@ class Server:
                                "send the same inputs to :predict", code="UNIMPLEMENTED")
         # One trip to the pool for the JSON in, the call and the JSON out: on a busy machine every
         # hand-over between threads waits for a core.
-        return await self.offload(_predict_response, self.repository, name, version, body, request[_CALL])
+        return await self.offload(_predict_response, self.repository, name, version, label, body, request[_CALL])
 
     def _status(self, match, call):
-        name, version_text, subresource = match.groups()
+        name, version_text, label, subresource = match.groups()
         if not name:
             raise invalid("Missing model name in request.")
         version = _version(version_text)
         if subresource:
-            return _json(metadata(self.repository, name, version, call=call))
+            return _json(metadata(self.repository, name, version, label=label, call=call))
+        if label is not None:  # the status of the version the label names
+            version = self.repository.label_version(name, label)
         answer = {"model_version_status": self.repository.status(name, version)}
         call["version"] = version
         return _json(answer)
@@ -283,11 +303,23 @@ class Server:
         stop = asyncio.Event()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)
-        poller = asyncio.create_task(self._poll())
+        tasks = set()  # held until done: the loop keeps only weak references to tasks
+
+        def start(coroutine):
+            task = asyncio.create_task(coroutine)
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+        start(self._poll())
+        if self.config_file is not None:
+            loop.add_signal_handler(signal.SIGHUP, lambda: start(self._reload("SIGHUP")))
+            if self.config_poll_seconds > 0:
+                start(self._poll_config())
         try:
             await stop.wait()
         finally:
-            poller.cancel()
+            for task in list(tasks):
+                task.cancel()
             if grpc_api is not None:
                 await grpc_api.stop(grace=1.0)
             await runner.cleanup()
@@ -303,6 +335,40 @@ class Server:
                 await loop.run_in_executor(self._scanner, self.repository.scan)
             except Exception:  # a bug in scanning: say so, keep serving and polling
                 traceback.print_exc(file=sys.stderr)
+
+
+    async def _poll_config(self):
+        while True:
+            await asyncio.sleep(self.config_poll_seconds)
+            await self._reload("poll")
+
+    async def _reload(self, why):
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._scanner, self.reload_config, why)
+        except Exception:  # a bug in reloading: say so, keep serving
+            traceback.print_exc(file=sys.stderr)
+
+    def reload_config(self, why):
+        """Re-reads the model config file and, when it changed, applies it and scans (on the scan thread).
+
+        A file that cannot be read or is not valid keeps the config in force,
+        with one line saying why. Returns whether the config changed.
+        """
+        try:
+            configs = model_config.read(self.config_file)
+        except UsageError as error:
+            line = re.sub(r"^model_config_file\b", "--model-config-file", str(error))
+            self._log(f"serve: cannot re-read the model config ({why}): {line}; keeping the previous config")
+            return False
+        if configs == self._configs:
+            return False
+        self._configs = configs
+        self.repository.configure(configs)
+        names = ", ".join(config.name for config in configs) or "none"
+        self._log(f"serve: model config {self.config_file} re-read ({why}): {len(configs)} "
+                  f"model{'' if len(configs) == 1 else 's'} ({names})")
+        self.repository.scan()
+        return True
 
 
 def _version(text):
