@@ -59,9 +59,9 @@ def test_the_default_path_is_read_when_none_is_given(tmp_path, monkeypatch):
     ("auto", [ZEN4], "mixed_bfloat16", "auto: this CPU computes bfloat16 natively (avx512_bf16)"),
     ("auto", [SAPPHIRE_RAPIDS], "mixed_bfloat16", "auto: this CPU computes bfloat16 natively (amx_bf16)"),
     ("auto", [NO_BF16], "float32",
-     "auto: this CPU has no native bfloat16 (no avx512_bf16 or amx_bf16 flag); float32"),
+     "auto: this CPU has no native bfloat16 (no avx512_bf16 or amx_bf16 flag)"),
     ("auto", [], "float32", "auto: whether this CPU computes bfloat16 natively is unknown"),
-    ("off", [ZEN4], "float32", "off: float32"),
+    ("off", [ZEN4], "float32", "off"),
     ("on", [NO_BF16], "mixed_bfloat16", "on: bfloat16 on a CPU"),
 ])
 def test_precision_on_a_cpu(mode, lines, policy, reason, tmp_path):
@@ -120,7 +120,7 @@ def test_a_float32_run_resumes_in_float32_on_a_bf16_cpu(tmp_path, monkeypatch, c
     monkeypatch.setattr(cpu_features, "CPUINFO", str(cpuinfo(tmp_path, NO_BF16, name="first")))
     interrupt_at_epoch_end(1)
     assert cli.main([*TINY, "--out", str(run_dir)]) == 130
-    reason = "auto: this CPU has no native bfloat16 (no avx512_bf16 or amx_bf16 flag); float32"
+    reason = "auto: this CPU has no native bfloat16 (no avx512_bf16 or amx_bf16 flag)"
     assert json.loads((run_dir / "config.json").read_text())["resolved"]["policy_reason"] == reason
     capsys.readouterr()
 

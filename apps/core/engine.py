@@ -77,7 +77,7 @@ def choose_precision(mode, device=None, *, recorded=None, cpuinfo=None):
         return recorded
     device = device or device_kind()
     if mode == "off":
-        return Precision("float32", "off: float32")
+        return Precision("float32", "off")
     if mode == "on":
         if device == "gpu":
             return Precision("mixed_float16", "on: float16 on a GPU")
@@ -91,13 +91,13 @@ def choose_precision(mode, device=None, *, recorded=None, cpuinfo=None):
             return Precision("mixed_float16", f"auto: this GPU has tensor cores (compute capability "
                                               f"{capability[0]}.{capability[1]})")
         return Precision("float32", f"auto: this GPU has no tensor cores (compute capability "
-                                    f"{capability[0]}.{capability[1]}, below 7.0); float32")
+                                    f"{capability[0]}.{capability[1]}, below 7.0)")
     support = cpu_features.bfloat16(cpuinfo)
     if not support.native:
-        return Precision("float32", f"auto: {support.why}; float32")
+        return Precision("float32", f"auto: {support.why}")
     if os.environ.get("TF_ENABLE_ONEDNN_OPTS") == "0":  # Eigen then emulates bfloat16, slower than float32
         return Precision("float32", f"auto: {support.why}, but TF_ENABLE_ONEDNN_OPTS=0 turns off oneDNN, "
-                                    "which computes it; float32")
+                                    "which computes it")
     return Precision("mixed_bfloat16", f"auto: {support.why}")
 
 
