@@ -1,6 +1,6 @@
 """`dlsuite serve` over HTTP: `:predict` against calling the same signature in-process.
 
-    python -m benchmarks.serving_http            # LeNet-5 and ResNet-50, batch 1, 1 and 8 clients
+    python -m benchmarks.serving_http            # LeNet-5 and ResNet-50, batch 1, 1, 8 and 32 clients
     python -m benchmarks.serving_http --quick    # LeNet-5 only, few requests
 
 Each model is the classify app's classifier with untrained weights, exported
@@ -16,6 +16,10 @@ cores little). Results, batch 1:
   `serving_default`, against N threads calling the loaded
   `serving_default` signature in this process on the same pixels (the
   ceiling: no HTTP, no JSON). Bar for ResNet-50 at 1 client: >= 0.8.
+* `http_{model}_batching_c{N}`: the same requests to a second server
+  started with `--enable-batching` (`BATCHING_FLAGS`), which joins the
+  concurrent requests into batches, against the same in-process single
+  calls; its details give the mean batch the server ran (from its metrics).
 * `http_{model}_png_c1`: one client sending the image as a PNG file,
   `{"signature_name": "serving_bytes", "instances": [{"b64": ...}]}`, the
   form a production client sends an image in (TensorFlow Serving's guide
@@ -48,8 +52,15 @@ from benchmarks import common
 from benchmarks.serving_latency import MODELS, _classifier
 
 # Requests each client sends per timed repeat: a repeat of about a second or more.
-REQUESTS = {"lenet5": {1: 100, 8: 25}, "resnet50": {1: 8, 8: 3}}
+REQUESTS = {"lenet5": {1: 100, 8: 25, 32: 8}, "resnet50": {1: 8, 8: 3}}
 QUICK_REQUESTS = {1: 10, 8: 3}
+BATCHING_REQUESTS = {"lenet5": {1: 100, 8: 25, 32: 8}, "resnet50": {8: 3}}
+QUICK_BATCHING_REQUESTS = {8: 3}
+# No timeout, a batch thread per core (TensorFlow Serving's default): a batch runs as soon as a thread is
+# free, and the requests that came while both were busy make up the next one, so one client waits for
+# nothing. A 1 ms timeout cost a third of the rate at 1 client here (340 against 520 requests/s) and
+# gained nothing sure at 8 or 32 clients.
+BATCHING_FLAGS = ("--enable-batching", "--max-batch-size", "32", "--batch-timeout-micros", "0")
 PNG_REQUESTS = {"lenet5": 100, "resnet50": 8}
 START_SECONDS = 300  # importing TensorFlow and loading ResNet-50 on a busy 2-core machine
 
@@ -57,13 +68,14 @@ START_SECONDS = 300  # importing TensorFlow and loading ResNet-50 on a busy 2-co
 class ServerProcess:
     """`dlsuite serve` in a subprocess; `port` once it listens, `stop()` to end it."""
 
-    def __init__(self, export_dir, name):
+    def __init__(self, export_dir, name, extra=()):
         dlsuite = pathlib.Path(sys.executable).with_name("dlsuite")
         program = [str(dlsuite)] if dlsuite.exists() else [sys.executable, "-m", "dlsuite.apps.cli"]
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
         self.name = name
         self.process = subprocess.Popen(
-            program + ["serve", str(export_dir), "--model-name", name, "--host", "127.0.0.1", "--port", "0"],
+            program + ["serve", str(export_dir), "--model-name", name, "--host", "127.0.0.1", "--port", "0",
+                       *extra],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         self.lines = []
         self._listening = queue.Queue()
@@ -193,8 +205,18 @@ def _percentiles(rounds, warmup):
     return {"p50": float(np.percentile(times, 50)), "p99": float(np.percentile(times, 99)), "requests": len(times)}
 
 
-def compare(name, *, port, path, body, call, clients, requests, repeats, mode, config, labels, bar=None):
+def batch_totals(port, name):
+    """(requests, batches) the server ran in batches for model `name` so far, from its metrics."""
+    status, page = request(port, "GET", "/monitoring/prometheus/metrics")
+    pattern = rf'^dlsuite_serve_batch_requests_(sum|count)\{{model_name="{re.escape(name)}"\}} (\S+)$'
+    values = dict(re.findall(pattern, page.decode(), re.MULTILINE)) if status == 200 else {}
+    return float(values.get("sum", 0)), float(values.get("count", 0))
+
+
+def compare(name, *, port, path, body, call, clients, requests, repeats, mode, config, labels, bar=None,
+            model=None):
     """One row: the HTTP rounds against the in-process rounds, interleaved."""
+    before = batch_totals(port, model) if model else None
     connections = [http.client.HTTPConnection("127.0.0.1", port, timeout=300) for _ in range(clients)]
     http_latencies, local_latencies = [], []
     warmup = 1
@@ -208,6 +230,11 @@ def compare(name, *, port, path, body, call, clients, requests, repeats, mode, c
         for connection in connections:
             connection.close()
     ours, reference = _percentiles(http_latencies, warmup), _percentiles(local_latencies, warmup)
+    batch_words = ""
+    if model:
+        after = batch_totals(port, model)
+        batches = after[1] - before[1]
+        batch_words = f"; mean batch {(after[0] - before[0]) / batches:.1f} requests" if batches else ""
     ours_rate, local_rate = statistics.median(rates["http"]), statistics.median(rates["local"])
     return common.report(
         name, ours=rates["http"], reference=rates["local"], mode=mode, unit="requests/s", bar=bar,
@@ -217,7 +244,7 @@ def compare(name, *, port, path, body, call, clients, requests, repeats, mode, c
         details=f"{clients} client{'s' if clients > 1 else ''}, batch 1, {len(body):,}-byte body: "
                 f"{ours_rate:.1f} req/s, p50 {ours['p50']:.1f} ms, p99 {ours['p99']:.1f} ms over HTTP; "
                 f"in-process {local_rate:.1f} calls/s, p50 {reference['p50']:.1f} ms, p99 {reference['p99']:.1f} ms "
-                f"({ours['requests']} timed requests each side)",
+                f"({ours['requests']} timed requests each side){batch_words}",
         **labels,
     )
 
@@ -231,7 +258,7 @@ def _png(pixels):
     return buffer.getvalue()
 
 
-def benchmark_model(name, *, requests, png_requests, repeats, mode, folder):
+def benchmark_model(name, *, requests, png_requests, repeats, mode, folder, batching_requests=None):
     """The rows of one model: JSON pixels at each client count, then a PNG file at 1 client."""
     import tensorflow as tf
 
@@ -282,6 +309,21 @@ def benchmark_model(name, *, requests, png_requests, repeats, mode, folder):
                         "reference_label": "the serving_bytes signature called in-process on the same PNG bytes"})
     finally:
         server.stop()
+    if batching_requests:
+        server = ServerProcess(model_dir, name, extra=BATCHING_FLAGS)
+        try:
+            for clients, count in batching_requests.items():
+                compare(f"http_{name}_batching_c{clients}", port=server.port, path=path, body=body,
+                        call=lambda: signatures["serving_default"](images=batch)["probabilities"].numpy(),
+                        clients=clients, requests=count, repeats=repeats, mode=mode, model=name,
+                        config={**config, "input": "instances: uint8 pixels as JSON numbers, serving_default",
+                                "server_flags": " ".join(BATCHING_FLAGS)}, labels={
+                            "ours_label": "POST :predict {\"instances\": [HxWxC pixels]} to `dlsuite serve "
+                                          + " ".join(BATCHING_FLAGS) + "`",
+                            "reference_label": "tf.saved_model.load(export).signatures['serving_default'] called "
+                                               "in-process at batch 1, same pixels, same number of threads"})
+        finally:
+            server.stop()
 
 
 def main(argv=None):
@@ -291,11 +333,11 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as folder:
         if args.quick:
             benchmark_model("lenet5", requests=QUICK_REQUESTS, png_requests=0, repeats=repeats, mode=mode,
-                            folder=folder)
+                            folder=folder, batching_requests=QUICK_BATCHING_REQUESTS)
             return
         for name in ("lenet5", "resnet50"):
             benchmark_model(name, requests=REQUESTS[name], png_requests=PNG_REQUESTS[name], repeats=repeats,
-                            mode=mode, folder=folder)
+                            mode=mode, folder=folder, batching_requests=BATCHING_REQUESTS[name])
 
 
 if __name__ == "__main__":

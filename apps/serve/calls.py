@@ -4,7 +4,10 @@ Both protocols turn their request into {input: np.ndarray} (`tensors` from
 JSON, `grpc_server` from TensorProtos), then come here, and both run this on
 the server's worker threads (`server.Server.offload`), never on the event
 loop: TensorFlow releases the GIL while it computes, so a slow graph does
-not hold up other requests.
+not hold up other requests. With `--enable-batching` the call goes through
+a `batching.Batcher`, which joins concurrent calls into one and runs them on
+its batch threads while this worker thread waits; its refusals and the
+graph's are mapped here the same way.
 """
 
 import re
@@ -15,7 +18,7 @@ from dlsuite.apps.serve.errors import ServingError, invalid
 from dlsuite.apps.serve.repository import op_error_name
 
 
-def run_signature(served, signature_name, arrays, *, hint=""):
+def run_signature(served, signature_name, arrays, *, hint="", batcher=None):
     """Runs a signature of a loaded version on {input: np.ndarray}, as TensorFlow Serving's session would.
 
     The arrays go to the graph in the request's shape, not held to the
@@ -30,15 +33,21 @@ def run_signature(served, signature_name, arrays, *, hint=""):
         signature_name: a key of `served.signatures` (the caller checked it).
         arrays: {input name: np.ndarray}, each of the input's dtype.
         hint: words appended to a refusal (REST: use the columnar format).
+        batcher: a `batching.Batcher` to join the call with concurrent ones
+            (`--enable-batching`), or None to call the signature at once.
 
     Returns:
         {output name: np.ndarray}.
 
     Raises:
         ServingError: the graph's refusal with its canonical code (usually
-            INVALID_ARGUMENT), or the function's refusal of the arguments.
+            INVALID_ARGUMENT), or the function's refusal of the arguments;
+            the batcher's UNAVAILABLE for a full queue, INVALID_ARGUMENT for
+            a request over its max_batch_size.
     """
     try:
+        if batcher is not None:
+            return batcher.run(served, signature_name, arrays)
         return served.predict(signature_name, arrays)
     except tf.errors.OpError as error:  # e.g. a shape the graph cannot take, bytes that are not an image
         raise ServingError(op_message(error) + hint, code=op_error_name(error)) from None

@@ -2,7 +2,8 @@
 
 The work lives in `repository` (versions on disk), `model_config` (a
 --model-config-file), `tensors` (the JSON), `calls` (the predict step),
-`server` (HTTP), `grpc_server` (gRPC) and `page` (the HTML); this module
+`server` (HTTP), `grpc_server` (gRPC), `batching` and `batching_config`
+(--enable-batching) and `page` (the HTML); this module
 reads the command line, tells model folders from base folders (or reads the
 model config file), and starts the server.
 """
@@ -21,6 +22,7 @@ EPILOG = """examples:
   dlsuite serve saved_models/lenet5_digits saved_models/lstm_stdlib-docstrings
   dlsuite serve exports/pets/ --model-name pets --host 0.0.0.0
   dlsuite serve --model-config-file models.config      # TF Serving's ModelServerConfig: policies, labels
+  dlsuite serve --enable-batching --max-batch-size 32 --batch-timeout-micros 2000
 
 then, as against TensorFlow Serving:
   curl http://127.0.0.1:8501/v1/models/lenet5_digits
@@ -71,7 +73,92 @@ def add_parser(subparsers):
                         help="serve SavedModels whose graph reads or writes files or prints (ReadFile, WriteFile, "
                              "PrintV2, what `saved_model_cli scan` flags); such versions are refused by default, "
                              "since a SavedModel is a program: pass it only for models you trust")
+    batching = parser.add_argument_group(
+        "request batching", "TensorFlow Serving's --enable_batching: concurrent requests to one signature, with the "
+                            "same inner shapes, run as one batch (docs/serving.md). Defaults are TensorFlow "
+                            "Serving's; a flag overrides the parameters file")
+    batching.add_argument("--enable-batching", action="store_true",
+                          help="join concurrent predict requests into batches (REST and gRPC)")
+    batching.add_argument("--batching-parameters-file", metavar="FILE",
+                          help="TensorFlow Serving's BatchingParameters in text format "
+                               "(max_batch_size { value: 32 } ...)")
+    batching.add_argument("--max-batch-size", type=positive_int("--max-batch-size"), metavar="N",
+                          help="most rows in a batch; a request of more is refused (default 1000)")
+    batching.add_argument("--batch-timeout-micros", type=non_negative_int("--batch-timeout-micros"), metavar="US",
+                          help="how long a batch that is not full waits for more requests (default 0: it runs "
+                               "as soon as a batch thread is free)")
+    batching.add_argument("--num-batch-threads", type=positive_int("--num-batch-threads"), metavar="N",
+                          help="batches run at once (default: one per core)")
+    batching.add_argument("--max-enqueued-batches", type=positive_int("--max-enqueued-batches"), metavar="N",
+                          help="batches waiting per signature before requests are refused with 503 / UNAVAILABLE "
+                               "(default 10)")
+    batching.add_argument("--allowed-batch-sizes", type=batch_sizes, metavar="N,N,...",
+                          help="pad each batch up to the next of these sizes (increasing, the last one "
+                               "--max-batch-size)")
     parser.set_defaults(func=run)
+
+
+BATCHING_FLAGS = ("max_batch_size", "batch_timeout_micros", "num_batch_threads", "max_enqueued_batches",
+                  "allowed_batch_sizes")
+
+
+def positive_int(option):
+    """argparse type: an integer >= 1, with `option` and the received text in the error."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{option} expects an integer, received {text!r}") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{option} must be at least 1, received {text!r}")
+        return value
+
+    return parse
+
+
+def non_negative_int(option):
+    """argparse type: an integer >= 0, with `option` and the received text in the error."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            value = -1
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"{option} expects an integer >= 0, received {text!r}")
+        return value
+
+    return parse
+
+
+def batch_sizes(text):
+    """argparse type of --allowed-batch-sizes: "8,16,32" -> (8, 16, 32)."""
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--allowed-batch-sizes expects integers separated by commas, received "
+                                         f"{text!r}") from None
+
+
+def batching_options(args):
+    """The BatchingOptions of --enable-batching and its flags and file, or None without it.
+
+    Raises:
+        UsageError: a bad parameters file or value, or a batching flag
+            without --enable-batching (TensorFlow Serving refuses its
+            --batching_parameters_file without --enable_batching too).
+    """
+    from dlsuite.apps.serve import batching_config
+
+    given = {name: getattr(args, name) for name in BATCHING_FLAGS}
+    if not args.enable_batching:
+        named = [name for name, value in given.items() if value is not None]
+        if args.batching_parameters_file is not None:
+            named.insert(0, "batching_parameters_file")
+        if named:
+            raise UsageError(f"{named[0]} is set without --enable-batching; add --enable-batching",
+                             option=named[0])
+        return None
+    return batching_config.options(parameters_file=args.batching_parameters_file, **given)
 
 
 def grpc_port(text):
@@ -165,13 +252,14 @@ def run(args):
         models, bases = {}, []
     else:
         models, bases = resolve_folders(args.export_dirs or ["saved_models"], args.model_name)
+    batching = batching_options(args)  # a bad file: one line, before anything loads
     log = functools.partial(print, flush=True)
     loader = functools.partial(load_version, trust_model=args.trust_model)
     repository = Repository(models=models, bases=bases, poll_seconds=args.poll_seconds, log=log, loader=loader,
                             configs=configs)
     server = Server(repository, max_body_bytes=args.max_body_mb * MIB, poll_seconds=args.poll_seconds, log=log,
                     config_file=args.model_config_file, configs=configs,
-                    config_poll_seconds=args.model_config_file_poll_wait_seconds)
+                    config_poll_seconds=args.model_config_file_poll_wait_seconds, batching_options=batching)
     try:
         sock = bind(args.host, args.port)
     except OSError as error:

@@ -25,8 +25,9 @@ graph refuses; FAILED_PRECONDITION for an unknown signature (TensorFlow
 Serving's gRPC Predict says so; its REST API says INVALID_ARGUMENT);
 RESOURCE_EXHAUSTED for a message over `--max-body-mb` (gRPC's own check,
 before any handler: such a request is not in the metrics) or a tensor that
-would unpack past it. Each answered request is counted in the metrics with
-protocol="grpc".
+would unpack past it; UNAVAILABLE when the batching queue is full
+(`--enable-batching`, `batching.py`). Each answered request is counted in
+the metrics with protocol="grpc".
 """
 
 import sys
@@ -60,13 +61,15 @@ class GrpcServer:
         offload: `await offload(function, *args)` runs a function on the
             worker threads (`server.Server.offload`).
         max_message_bytes: larger requests are refused (RESOURCE_EXHAUSTED).
+        batcher: the server's `batching.Batcher` (--enable-batching), or None.
     """
 
-    def __init__(self, repository, *, metrics, offload, max_message_bytes):
+    def __init__(self, repository, *, metrics, offload, max_message_bytes, batcher=None):
         self.repository = repository
         self.metrics = metrics
         self.offload = offload
         self.max_message_bytes = int(max_message_bytes)
+        self.batcher = batcher
         self._server = None
 
     async def start(self, host, port):
@@ -127,7 +130,7 @@ class GrpcServer:
                                f"{', '.join(sorted(served.signatures)) or 'none'})", code="FAILED_PRECONDITION")
         arrays = self._inputs(request.inputs, signature)
         names = _output_names(request.output_filter, signature)
-        outputs = calls.run_signature(served, signature_name, arrays)
+        outputs = calls.run_signature(served, signature_name, arrays, batcher=self.batcher)
         response = predict_pb2.PredictResponse()
         response.model_spec.name = request.model_spec.name
         response.model_spec.version.value = served.number

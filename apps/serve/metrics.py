@@ -7,7 +7,13 @@ Written and exposed by `prometheus_client`, each server with its own
 dlsuite_serve_requests_total                    counter    by model_name, version, api, status, code, protocol
 dlsuite_serve_request_latency_seconds           histogram  by model_name, api, protocol: every request, any status
 dlsuite_serve_version_loaded                    gauge      1 per loaded (model_name, version)
+dlsuite_serve_batch_size                        histogram  by model_name: rows of each batch run, padding in
+dlsuite_serve_batch_requests                    histogram  by model_name: requests joined in each batch run
 ==============================================  =========  ===============================================
+
+The two batch histograms fill with `--enable-batching` (`batching.py`), as
+TensorFlow Serving's `:tensorflow:serving:batching_session:processed_batch_size`
+(the size run, padding included) and the number of tasks in a batch.
 
 `api` is predict, classify, regress, metadata or status; `status` the
 canonical error code name TensorFlow Serving's `status` label carries (OK,
@@ -41,6 +47,8 @@ APIS = ("predict", "classify", "regress", "metadata", "status")
 # 0.1 ms to 105 s, doubling: a LeNet-5 request takes 3 ms here, a language model sampling 2,000 characters
 # tens of seconds. (TensorFlow Serving's: 10 us times 1.8**i, 33 buckets.)
 LATENCY_BUCKETS = tuple(0.0001 * 2 ** i for i in range(21))
+# 1, 2, 4, ... 1024: TensorFlow Serving's max_batch_size defaults to 1000.
+BATCH_BUCKETS = tuple(2.0 ** i for i in range(11))
 # HTTP statuses the server answers without a canonical code of its own.
 _STATUS_NAMES = {200: "OK", 413: "RESOURCE_EXHAUSTED"}
 _NAMES_BY_HTTP = {}
@@ -68,7 +76,20 @@ class Metrics:
             "dlsuite_serve_request_latency_seconds",
             "Wall time from the request's arrival to its answer, every status, by model, API and protocol.",
             ["model_name", "api", "protocol"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.batch_size = Histogram(
+            "dlsuite_serve_batch_size",
+            "Rows of each batch run with --enable-batching, padding to an allowed batch size included, by model.",
+            ["model_name"], buckets=BATCH_BUCKETS, registry=self.registry)
+        self.batch_requests = Histogram(
+            "dlsuite_serve_batch_requests",
+            "Requests joined in each batch run with --enable-batching, by model.",
+            ["model_name"], buckets=BATCH_BUCKETS, registry=self.registry)
         self.registry.register(_LoadedVersions(repository))
+
+    def record_batch(self, model, rows, requests):
+        """Counts one batch run (`batching.Batcher`'s observe): its rows, padding in, and its requests."""
+        self.batch_size.labels(model_name=model).observe(rows)
+        self.batch_requests.labels(model_name=model).observe(requests)
 
     def record(self, *, model, version, api, code, status_name=None, seconds, protocol="rest"):
         """Counts one answered request.

@@ -35,7 +35,8 @@ and apply it to the repository without a restart.
 
 TensorFlow Serving's gRPC API (`--grpc-port`) is `grpc_server.py`, on the same
 event loop, repository, worker threads and metrics; the predict step both
-protocols run is `calls.run_signature`.
+protocols run is `calls.run_signature`; with `--enable-batching` it joins
+concurrent calls through the server's `batching.Batcher`.
 
 Every error is `{"error": message}` with TensorFlow Serving's status for it
 (`errors.HTTP_STATUS`): 400 for malformed JSON, both `instances` and
@@ -49,6 +50,7 @@ version; 413 for a body over `--max-body-mb`. A bug in this server answers
 import asyncio
 import concurrent.futures
 import functools
+import os
 import re
 import signal
 import socket
@@ -59,7 +61,7 @@ import traceback
 from aiohttp import web
 
 from dlsuite.apps.core.errors import UsageError
-from dlsuite.apps.serve import calls, grpc_server, metrics, model_config, page, tensors
+from dlsuite.apps.serve import batching, calls, grpc_server, metrics, model_config, page, tensors
 from dlsuite.apps.serve.errors import ServingError, invalid
 from dlsuite.apps.serve.repository import DEFAULT_SIGNATURE
 
@@ -72,18 +74,21 @@ _STATUS = re.compile(r"/v1/models(?:/([^/:]+))?(?:/versions/(\d+)|/labels/([^/:]
                      re.IGNORECASE)
 _INT64_MAX = (1 << 63) - 1
 MIB = 1 << 20
+# Most worker threads set aside for requests waiting for their batch (--enable-batching).
+_MAX_WAITING = 256
 # request[...] keys: the model call a request is (its metrics labels), and its error's canonical code.
 _CALL = "dlsuite.call"
 _STATUS_NAME = "dlsuite.status_name"
 
 
-def predict(repository, name, version, body, *, label=None, call=None):
+def predict(repository, name, version, body, *, label=None, call=None, batcher=None):
     """Answers one `:predict` body (bytes) with the JSON-ready response; raises ServingError.
 
     Args:
         label: a version label, instead of `version`.
         call: a dict whose "version" is set to the version that answers, once
             known (the metrics' label), whatever happens after.
+        batcher: the server's `batching.Batcher` (--enable-batching), or None.
     """
     request = tensors.parse_request(body)
     served = repository.get(name, version, label=label)
@@ -95,7 +100,8 @@ def predict(repository, name, version, body, *, label=None, call=None):
         raise invalid(f'Serving signature name: "{signature_name}" not found in signature def '
                       f"(this model has: {', '.join(sorted(served.signatures)) or 'none'})")
     arrays = tensors.inputs_from_request(request, signature.inputs)
-    outputs = calls.run_signature(served, signature_name, arrays, hint=_scalar_hint(request, signature))
+    outputs = calls.run_signature(served, signature_name, arrays, hint=_scalar_hint(request, signature),
+                                  batcher=batcher)
     return tensors.response(outputs, tensors.request_format(request))
 
 
@@ -108,8 +114,8 @@ def _scalar_hint(request, signature):
             "the row format; send the columnar format, {\"inputs\": {...}})")
 
 
-def _predict_response(repository, name, version, label, body, call):
-    return _json(predict(repository, name, version, body, label=label, call=call))
+def _predict_response(repository, name, version, label, body, call, batcher):
+    return _json(predict(repository, name, version, body, label=label, call=call, batcher=batcher))
 
 
 def metadata(repository, name, version, *, label=None, call=None):
@@ -144,10 +150,12 @@ class Server:
             from (`model_config.py`), re-read on SIGHUP and every
             `config_poll_seconds` (0: on SIGHUP only), or None.
         configs: the ModelConfigs read from it at start-up.
+        batching_options: `batching_config.BatchingOptions` to join concurrent
+            predict calls into batches (--enable-batching), or None.
     """
 
     def __init__(self, repository, *, max_body_bytes=16 * MIB, poll_seconds=2.0, workers=None, log=print,
-                 config_file=None, configs=None, config_poll_seconds=0.0):
+                 config_file=None, configs=None, config_poll_seconds=0.0, batching_options=None):
         self.repository = repository
         self.max_body_bytes = int(max_body_bytes)
         self.poll_seconds = poll_seconds
@@ -156,6 +164,12 @@ class Server:
         self._configs = configs
         self._log = log
         self.metrics = metrics.Metrics(repository)
+        self.batcher = None
+        if batching_options is not None:
+            self.batcher = batching.Batcher(batching_options, observe=self.metrics.record_batch)
+            # A request waits for its batch on a worker thread: enough of them to fill a batch of
+            # one-row requests, besides those parsing and answering.
+            workers = workers or min(32, (os.cpu_count() or 1) + 4) + min(batching_options.max_batch_size, _MAX_WAITING)
         self._workers = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="serve")
         # Loads get their own thread: a slow load never holds up a request.
         self._scanner = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="serve-scan")
@@ -247,7 +261,8 @@ class Server:
                                "send the same inputs to :predict", code="UNIMPLEMENTED")
         # One trip to the pool for the JSON in, the call and the JSON out: on a busy machine every
         # hand-over between threads waits for a core.
-        return await self.offload(_predict_response, self.repository, name, version, label, body, request[_CALL])
+        return await self.offload(_predict_response, self.repository, name, version, label, body, request[_CALL],
+                                  self.batcher)
 
     def _status(self, match, call):
         name, version_text, label, subresource = match.groups()
@@ -283,7 +298,7 @@ class Server:
         grpc_api = None
         if grpc_port is not None:
             grpc_api = grpc_server.GrpcServer(self.repository, metrics=self.metrics, offload=self.offload,
-                                          max_message_bytes=self.max_body_bytes)
+                                              max_message_bytes=self.max_body_bytes, batcher=self.batcher)
             grpc_port = await grpc_api.start(host, grpc_port)
         try:
             await loop.run_in_executor(self._scanner, self.repository.scan)
@@ -323,6 +338,8 @@ class Server:
             if grpc_api is not None:
                 await grpc_api.stop(grace=1.0)
             await runner.cleanup()
+            if self.batcher is not None:
+                self.batcher.close()
             self._workers.shutdown(wait=False, cancel_futures=True)
             self._scanner.shutdown(wait=False, cancel_futures=True)
         self._log("serve: stopped")
