@@ -22,9 +22,10 @@ scheduling is TensorFlow Serving's `SharedBatchScheduler`
   INVALID_ARGUMENT, "Task size N is larger than maximum input batch size M",
   as TensorFlow Serving does unless `enable_large_batch_splitting` (which we
   do not do);
-* with `allowed_batch_sizes`, a batch is padded with copies of its first row
-  up to the next allowed size, and the padding's outputs dropped
-  (TensorFlow Serving's `BatchingSession` pads so too).
+* with `allowed_batch_sizes`, a batch is padded up to the next allowed size
+  with copies of the first row of its last request, and the padding's
+  outputs dropped (TensorFlow Serving's `BatchingSession` pads so,
+  `batching_session.cc`).
 
 Only signatures whose inputs and outputs all have a leading None dimension
 are batched, and only requests whose inputs agree on their number of rows;
@@ -224,11 +225,11 @@ def _rows(arrays):
 
 
 def _concatenate(requests, padding):
-    """{input: the requests' rows joined, then `padding` copies of the first row}."""
+    """{input: the requests' rows joined, then `padding` copies of the last one's first row}."""
     arrays = {}
     for name in requests[0]:
         parts = [request[name] for request in requests]
         if padding:
-            parts.append(np.repeat(parts[0][:1], padding, axis=0))
+            parts.append(np.repeat(parts[-1][:1], padding, axis=0))
         arrays[name] = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
     return arrays
