@@ -26,9 +26,10 @@ import dataclasses
 import os
 import pathlib
 
-from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, text_format, wrappers_pb2
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, wrappers_pb2
 
 from dlsuite.apps.core.errors import UsageError
+from dlsuite.apps.serve import text_proto
 
 OPTION = "batching_parameters_file"
 # TensorFlow Serving's defaults (shared_batch_scheduler.h).
@@ -88,15 +89,7 @@ def parse(text, *, path):
             (enable_large_batch_splitting, pad_variable_length_inputs).
     """
     message = BatchingParameters()
-    try:
-        text_format.Parse(text, message)
-    except text_format.ParseError as error:
-        where = f"line {error.GetLine()} column {error.GetColumn()}" if error.GetLine() else "parse error"
-        detail = str(error).split(" : ", 1)[-1] if error.GetLine() else str(error)
-        lines = text.splitlines()
-        if error.GetLine() and error.GetLine() <= len(lines):  # some errors quote the whole line first
-            detail = detail.removeprefix(f"'{lines[error.GetLine() - 1]}': ")
-        raise UsageError(f"{OPTION} {path}: {where}: {' '.join(detail.split())}", option=OPTION) from None
+    text_proto.parse(text, message, path=path, option=OPTION)
     if message.enable_large_batch_splitting.value:
         raise UsageError(f"{OPTION} {path}: enable_large_batch_splitting is not supported; a request larger than "
                          "max_batch_size is refused (INVALID_ARGUMENT), as TensorFlow Serving does without it",
@@ -112,13 +105,7 @@ def parse(text, *, path):
 
 def read(path):
     """`parse` of the file at `path`; an unreadable file is a UsageError too."""
-    path = pathlib.Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        reason = getattr(error, "strerror", None) or error
-        raise UsageError(f"{OPTION} {path}: cannot read it: {reason}", option=OPTION) from None
-    return parse(text, path=path)
+    return parse(text_proto.read(path, option=OPTION), path=pathlib.Path(path))
 
 
 def options(*, parameters_file=None, **flags):

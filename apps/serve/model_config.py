@@ -30,10 +30,10 @@ the version folders found.
 import dataclasses
 import pathlib
 
-from google.protobuf import text_format
 from tensorflow_serving.config import model_server_config_pb2
 
 from dlsuite.apps.core.errors import UsageError
+from dlsuite.apps.serve import text_proto
 
 OPTION = "model_config_file"
 
@@ -88,15 +88,7 @@ def parse(text, *, path):
             parse error), for anything the server would not serve as written.
     """
     message = model_server_config_pb2.ModelServerConfig()
-    try:
-        text_format.Parse(text, message)
-    except text_format.ParseError as error:
-        where = f"line {error.GetLine()} column {error.GetColumn()}" if error.GetLine() else "parse error"
-        detail = str(error).split(" : ", 1)[-1] if error.GetLine() else str(error)
-        lines = text.splitlines()
-        if error.GetLine() and error.GetLine() <= len(lines):  # some errors quote the whole line first
-            detail = detail.removeprefix(f"'{lines[error.GetLine() - 1]}': ")
-        raise UsageError(f"{OPTION} {path}: {where}: {' '.join(detail.split())}", option=OPTION) from None
+    text_proto.parse(text, message, path=path, option=OPTION)
     if message.WhichOneof("config") == "custom_model_config":
         raise UsageError(f"{OPTION} {path}: custom_model_config is not supported; write a model_config_list",
                          option=OPTION)
@@ -112,13 +104,7 @@ def parse(text, *, path):
 
 def read(path):
     """`parse` of the file at `path`; an unreadable file is a UsageError too."""
-    path = pathlib.Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        reason = getattr(error, "strerror", None) or error
-        raise UsageError(f"{OPTION} {path}: cannot read it: {reason}", option=OPTION) from None
-    return parse(text, path=path)
+    return parse(text_proto.read(path, option=OPTION), path=pathlib.Path(path))
 
 
 def _model(entry, index, path):
