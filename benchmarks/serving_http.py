@@ -1,7 +1,8 @@
 """`dlsuite serve` over HTTP: `:predict` against calling the same signature in-process.
 
-    python -m benchmarks.serving_http            # LeNet-5 and ResNet-50, batch 1, 1, 8 and 32 clients
-    python -m benchmarks.serving_http --quick    # LeNet-5 only, few requests
+    python -m benchmarks.serving_http               # LeNet-5 and ResNet-50, batch 1, 1, 8 and 32 clients
+    python -m benchmarks.serving_http --quick       # LeNet-5 only, few requests
+    python -m benchmarks.serving_http --part grpc   # only the gRPC rows (parts: http, grpc)
 
 Each model is the classify app's classifier with untrained weights, exported
 by `apps.vision.export.export_classifier` (as `serving_latency` does). The
@@ -25,6 +26,13 @@ cores little). Results, batch 1:
   form a production client sends an image in (TensorFlow Serving's guide
   does), against the `serving_bytes` signature called in-process on the
   same file's bytes.
+* `grpc_{model}_c{N}` (part `grpc`): N clients, each with its own channel
+  and `PredictionServiceStub` (the `tensorflow-serving-api` package's),
+  sending blocking `Predict` calls with the pixels as a uint8 `TensorProto`
+  to the server's gRPC port, against the same N clients sending the REST
+  requests of `http_{model}_c{N}` to the same server, so the ratio is
+  gRPC / REST. Bar at 1 client: >= 1.5 (issue #26: no JSON); the details
+  give gRPC's p99 / p50, which the issue wants within 2.
 
 The two sides alternate repeat by repeat (the server idles while the
 in-process side runs, and the other way round), and the rows report the
@@ -46,6 +54,7 @@ import tempfile
 import threading
 import time
 
+import grpc
 import numpy as np
 
 from benchmarks import common
@@ -54,6 +63,8 @@ from benchmarks.serving_latency import MODELS, _classifier
 # Requests each client sends per timed repeat: a repeat of about a second or more.
 REQUESTS = {"lenet5": {1: 100, 8: 25, 32: 8}, "resnet50": {1: 8, 8: 3}}
 QUICK_REQUESTS = {1: 10, 8: 3}
+GRPC_REQUESTS = {"lenet5": {1: 200, 8: 50}}  # both sides of a gRPC row send these: about 0.4 s a repeat
+QUICK_GRPC_REQUESTS = {1: 10}
 BATCHING_REQUESTS = {"lenet5": {1: 100, 8: 25, 32: 8}, "resnet50": {8: 3}}
 QUICK_BATCHING_REQUESTS = {8: 3}
 # No timeout, a batch thread per core (TensorFlow Serving's default): a batch runs as soon as a thread is
@@ -63,10 +74,11 @@ QUICK_BATCHING_REQUESTS = {8: 3}
 BATCHING_FLAGS = ("--enable-batching", "--max-batch-size", "32", "--batch-timeout-micros", "0")
 PNG_REQUESTS = {"lenet5": 100, "resnet50": 8}
 START_SECONDS = 300  # importing TensorFlow and loading ResNet-50 on a busy 2-core machine
+PARTS = ("http", "grpc")
 
 
 class ServerProcess:
-    """`dlsuite serve` in a subprocess; `port` once it listens, `stop()` to end it."""
+    """`dlsuite serve` in a subprocess; `port` (REST) and `grpc_port` once it listens, `stop()` to end it."""
 
     def __init__(self, export_dir, name, extra=()):
         dlsuite = pathlib.Path(sys.executable).with_name("dlsuite")
@@ -81,7 +93,7 @@ class ServerProcess:
         self._listening = queue.Queue()
         # Drains the server's output for as long as it runs, so a full pipe never stalls it.
         threading.Thread(target=self._read, daemon=True).start()
-        self.port = self._wait_for_port()
+        self.port, self.grpc_port = self._wait_for_port()
         self._wait_until_available()
 
     def _read(self):
@@ -89,18 +101,20 @@ class ServerProcess:
             self.lines.append(line.rstrip("\n"))
             match = re.search(r"on http://127\.0\.0\.1:(\d+)/", line)
             if match:
-                self._listening.put(int(match.group(1)))
+                # With --port 0 and no --grpc-port, gRPC takes a free port too; the same line names it.
+                grpc_match = re.search(r"gRPC API: 127\.0\.0\.1:(\d+)\)", line)
+                self._listening.put((int(match.group(1)), int(grpc_match.group(1)) if grpc_match else None))
         self._listening.put(None)
 
     def _wait_for_port(self):
         try:
-            port = self._listening.get(timeout=START_SECONDS)
+            ports = self._listening.get(timeout=START_SECONDS)
         except queue.Empty:
-            port = None
-        if port is None:
+            ports = None
+        if ports is None:
             self.stop()
             raise RuntimeError("dlsuite serve did not start:\n" + "\n".join(self.lines[-30:]))
-        return port
+        return ports
 
     def _wait_until_available(self):
         deadline = time.monotonic() + START_SECONDS
@@ -184,6 +198,22 @@ def http_round(port, path, body, *, clients, requests, connections, latencies):
     return clients * requests, seconds
 
 
+def grpc_round(stubs, predict_request, *, clients, requests, latencies):
+    """`clients` clients each sending `requests` blocking `Predict` calls on its own stub; as `http_round`."""
+    def client(index):
+        stub = stubs[index]
+        times = []
+        for _ in range(requests):
+            start = time.perf_counter()
+            stub.Predict(predict_request, timeout=300)  # a failed call raises grpc.RpcError
+            times.append(time.perf_counter() - start)
+        return times
+
+    per_client, seconds = _concurrently(clients, client)
+    latencies.append([t for times in per_client for t in times])
+    return clients * requests, seconds
+
+
 def local_round(call, *, clients, requests, latencies):
     """`clients` threads each calling the signature `requests` times; as `http_round`."""
     def client(_):
@@ -249,6 +279,46 @@ def compare(name, *, port, path, body, call, clients, requests, repeats, mode, c
     )
 
 
+def compare_grpc(name, *, server, path, body, predict_request, clients, requests, repeats, mode, config, labels,
+                 bar=None):
+    """One row: gRPC Predict rounds against the REST rounds of the same requests to the same server, interleaved."""
+    from tensorflow_serving.apis import prediction_service_pb2_grpc
+
+    channels = [grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") for _ in range(clients)]
+    stubs = [prediction_service_pb2_grpc.PredictionServiceStub(channel) for channel in channels]
+    connections = [http.client.HTTPConnection("127.0.0.1", server.port, timeout=300) for _ in range(clients)]
+    grpc_latencies, http_latencies = [], []
+    warmup = 1
+    try:
+        rates = common.interleaved({
+            "grpc": lambda: grpc_round(stubs, predict_request, clients=clients, requests=requests,
+                                       latencies=grpc_latencies),
+            "http": lambda: http_round(server.port, path, body, clients=clients, requests=requests,
+                                       connections=connections, latencies=http_latencies),
+        }, warmup=warmup, repeats=repeats)
+    finally:
+        for connection in connections:
+            connection.close()
+        for channel in channels:
+            channel.close()
+    ours, reference = _percentiles(grpc_latencies, warmup), _percentiles(http_latencies, warmup)
+    ours_rate, http_rate = statistics.median(rates["grpc"]), statistics.median(rates["http"])
+    tail = ours["p99"] / ours["p50"]
+    message_bytes = predict_request.ByteSize()
+    return common.report(
+        name, ours=rates["grpc"], reference=rates["http"], mode=mode, unit="requests/s", bar=bar,
+        config={**config, "clients": clients, "requests_per_client": requests, "repeats": repeats,
+                "warmup_repeats": warmup, "request_message_bytes": message_bytes, "body_bytes": len(body)},
+        latency_ms={"ours": ours, "reference": reference}, p99_over_p50=tail,
+        details=f"{clients} client{'s' if clients > 1 else ''}, batch 1: {ours_rate:.1f} req/s, "
+                f"p50 {ours['p50']:.2f} ms, p99 {ours['p99']:.2f} ms (p99/p50 {tail:.2f}, target <= 2) over gRPC "
+                f"({message_bytes:,}-byte message); REST {http_rate:.1f} req/s, p50 {reference['p50']:.2f} ms, "
+                f"p99 {reference['p99']:.2f} ms ({len(body):,}-byte body) ({ours['requests']} timed requests "
+                f"each side)",
+        **labels,
+    )
+
+
 def _png(pixels):
     from PIL import Image
 
@@ -258,8 +328,10 @@ def _png(pixels):
     return buffer.getvalue()
 
 
-def benchmark_model(name, *, requests, png_requests, repeats, mode, folder, batching_requests=None):
-    """The rows of one model: JSON pixels at each client count, then a PNG file at 1 client."""
+def benchmark_model(name, *, requests, png_requests, repeats, mode, folder, batching_requests=None,
+                    grpc_requests=None):
+    """The rows of one model: JSON pixels at each client count, a PNG file at 1 client, gRPC against REST at
+    each client count of `grpc_requests`, then the batching server's rows."""
     import tensorflow as tf
 
     from dlsuite.apps.vision import export
@@ -274,17 +346,17 @@ def benchmark_model(name, *, requests, png_requests, repeats, mode, folder, batc
     config = {"model": name, "image_size": size, "channels": channels, "classes": classes, "batch": 1,
               "weights": "untrained (random init)", "client": "http.client, kept-alive, body encoded once"}
     path = f"/v1/models/{name}:predict"
-    server = ServerProcess(model_dir, name)
+    body = json.dumps({"instances": [pixels.tolist()]}).encode()
+    batch = tf.constant(pixels[np.newaxis])
+    server = ServerProcess(model_dir, name) if requests or png_requests or grpc_requests else None
     try:
         # The same answer both ways, or the comparison means nothing.
-        status, answer = request(server.port, "POST", path, json.dumps({"instances": [pixels.tolist()]}))
-        served = np.asarray(json.loads(answer)["predictions"][0]["probabilities"])
-        local = signatures["serving_default"](images=tf.constant(pixels[np.newaxis]))["probabilities"].numpy()[0]
-        if status != 200 or np.abs(served - local).max() > 1e-5:
-            raise AssertionError(f"{name}: the server answered {status} {answer[:300]!r}, not the local answer")
-
-        body = json.dumps({"instances": [pixels.tolist()]}).encode()
-        batch = tf.constant(pixels[np.newaxis])
+        local = signatures["serving_default"](images=batch)["probabilities"].numpy()[0]
+        if server is not None:
+            status, answer = request(server.port, "POST", path, body)
+            served = np.asarray(json.loads(answer)["predictions"][0]["probabilities"])
+            if status != 200 or np.abs(served - local).max() > 1e-5:
+                raise AssertionError(f"{name}: the server answered {status} {answer[:300]!r}, not the local answer")
         for clients, count in requests.items():
             compare(f"http_{name}_c{clients}", port=server.port, path=path, body=body,
                     call=lambda: signatures["serving_default"](images=batch)["probabilities"].numpy(),
@@ -307,8 +379,24 @@ def benchmark_model(name, *, requests, png_requests, repeats, mode, folder, batc
                         "ours_label": "POST :predict {\"signature_name\": \"serving_bytes\", \"instances\": "
                                       "[{\"b64\": PNG}]} to `dlsuite serve`",
                         "reference_label": "the serving_bytes signature called in-process on the same PNG bytes"})
+        if grpc_requests:
+            predict_request = _predict_request(name, pixels)
+            check_grpc(server, predict_request, local, name=name)
+            for clients, count in grpc_requests.items():
+                compare_grpc(f"grpc_{name}_c{clients}", server=server, path=path, body=body,
+                             predict_request=predict_request, clients=clients, requests=count, repeats=repeats,
+                             mode=mode, bar=1.5 if clients == 1 else None,
+                             config={**config, "input": "uint8 pixels: a TensorProto over gRPC, JSON numbers over REST",
+                                     "grpc_client": "grpcio, a channel and PredictionServiceStub per client, "
+                                                    "blocking Predict, request message built once"},
+                             labels={
+                                 "ours_label": "PredictionService.Predict over gRPC to `dlsuite serve` "
+                                               "(serving_default, uint8 TensorProto, tensorflow-serving-api stubs)",
+                                 "reference_label": "POST :predict {\"instances\": [HxWxC pixels]} to the same server "
+                                                    "over REST, same clients, interleaved"})
     finally:
-        server.stop()
+        if server is not None:
+            server.stop()
     if batching_requests:
         server = ServerProcess(model_dir, name, extra=BATCHING_FLAGS)
         try:
@@ -326,18 +414,49 @@ def benchmark_model(name, *, requests, png_requests, repeats, mode, folder, batc
             server.stop()
 
 
+def _predict_request(name, pixels):
+    """The gRPC PredictRequest of one image to `name`'s serving_default signature."""
+    import tensorflow as tf
+    from tensorflow_serving.apis import predict_pb2
+
+    predict_request = predict_pb2.PredictRequest()
+    predict_request.model_spec.name = name
+    predict_request.model_spec.signature_name = "serving_default"
+    predict_request.inputs["images"].CopyFrom(tf.make_tensor_proto(pixels[np.newaxis]))
+    return predict_request
+
+
+def check_grpc(server, predict_request, local, *, name):
+    """Raises unless the server's gRPC answer is the in-process answer `local`."""
+    import tensorflow as tf
+    from tensorflow_serving.apis import prediction_service_pb2_grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        response = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(predict_request, timeout=120)
+    served = tf.make_ndarray(response.outputs["probabilities"])[0]
+    if np.abs(served - local).max() > 1e-5:
+        raise AssertionError(f"{name}: the gRPC answer {served} is not the local answer {local}")
+
+
 def main(argv=None):
-    args = common.parse_args(__doc__, argv)
+    args = common.parse_args(__doc__, argv, parts=PARTS)
     mode = "quick" if args.quick else "full"
     repeats = common.MIN_REPEATS if args.quick else 7
+    rest_part, grpc_part = "http" in args.part, "grpc" in args.part
     with tempfile.TemporaryDirectory() as folder:
         if args.quick:
-            benchmark_model("lenet5", requests=QUICK_REQUESTS, png_requests=0, repeats=repeats, mode=mode,
-                            folder=folder, batching_requests=QUICK_BATCHING_REQUESTS)
+            benchmark_model("lenet5", requests=QUICK_REQUESTS if rest_part else {}, png_requests=0, repeats=repeats,
+                            mode=mode, folder=folder, batching_requests=QUICK_BATCHING_REQUESTS if rest_part else {},
+                            grpc_requests=QUICK_GRPC_REQUESTS if grpc_part else {})
             return
         for name in ("lenet5", "resnet50"):
-            benchmark_model(name, requests=REQUESTS[name], png_requests=PNG_REQUESTS[name], repeats=repeats,
-                            mode=mode, folder=folder, batching_requests=BATCHING_REQUESTS[name])
+            grpc_requests = GRPC_REQUESTS.get(name, {}) if grpc_part else {}
+            if not rest_part and not grpc_requests:
+                continue
+            benchmark_model(name, requests=REQUESTS[name] if rest_part else {},
+                            png_requests=PNG_REQUESTS[name] if rest_part else 0,
+                            repeats=repeats, mode=mode, folder=folder,
+                            batching_requests=BATCHING_REQUESTS[name] if rest_part else {}, grpc_requests=grpc_requests)
 
 
 if __name__ == "__main__":
