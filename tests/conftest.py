@@ -14,19 +14,19 @@ _CPUINFO = os.path.join(tempfile.mkdtemp(prefix="dlsuite-test-cpuinfo-"), "cpuin
 with open(_CPUINFO, "w", encoding="utf-8") as _file:
     _file.write("processor\t: 0\nflags\t\t: fpu sse sse2 avx avx2 fma\n")
 os.environ["DLSUITE_CPUINFO"] = _CPUINFO
+# pytest-xdist workers share the cores: TensorFlow's default intra-op pool (a thread a core)
+# in each made them spin against each other. A share each ran test_caption.py and
+# test_diagnose.py on 2 workers and 2 cores in 123 s, not 162 s. Through the environment, so
+# that the runs a test starts compute as the test's own process does: a killed-and-resumed
+# run must end with the weights of one never killed, to the bit, and a sum split over
+# another number of threads rounds differently (CI failed on exactly that with the setting
+# in this process only).
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ.setdefault("TF_NUM_INTRAOP_THREADS", str(max(1, len(os.sched_getaffinity(0)) // _WORKERS)))
 
 import keras  # noqa: E402
 import pytest  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
-# pytest-xdist workers share the cores: TensorFlow's default intra-op pool (a thread a core)
-# in each made them spin against each other. A share each ran test_caption.py and
-# test_diagnose.py on 2 workers and 2 cores in 123 s, not 162 s. Set here, before the first
-# op; the processes tests start keep TensorFlow's default (a killed run, a cluster, a
-# benchmark), since they often run while the other worker waits.
-_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-if _WORKERS > 1 and not os.environ.get("TF_NUM_INTRAOP_THREADS"):
-    tf.config.threading.set_intra_op_parallelism_threads(max(1, len(os.sched_getaffinity(0)) // _WORKERS))
 
 # The README runs the suite on two pytest-xdist workers, a file at a time, in
 # collection order: the longest files go first, so that no long file starts

@@ -21,7 +21,9 @@ def start(argv, cwd, *, ports, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     workers = []
     for index in range(len(ports)):
         tf_config = {"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]}, "task": {"type": "worker", "index": index}}
-        env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+        # Each worker picks its threads as on a user's machine (the lm app sets its own):
+        # not the share of the cores conftest gives the pytest workers.
+        env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower() and k != "TF_NUM_INTRAOP_THREADS"}
         env.update(TF_CONFIG=json.dumps(tf_config), CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="3")
         workers.append(subprocess.Popen([str(script), *map(str, argv)], env=env, cwd=cwd, stdout=stdout,
                                         stderr=stderr, text=True))
