@@ -6,14 +6,24 @@ result lines and writes a Markdown table of the latest figures to
 benchmarks/RESULTS.md, with their data in RESULTS.json beside it. A result
 replaces the stored one of the same name and mode (full or quick); results
 of benchmarks not run this time are kept.
+
+`--quick` checks that every benchmark runs and reports, not how fast: it runs
+them one after another in this process, which starts TensorFlow once instead
+of once per benchmark (about 6 s of CPU each), except those in OWN_PROCESS.
 """
 
 import argparse
+import contextlib
+import importlib
+import io
 import json
 import os
 import pathlib
 import subprocess
 import sys
+import traceback
+
+from benchmarks import common
 
 # Benchmark modules in this package, run in this order; a new one is one entry.
 BENCHMARKS = ("train_throughput", "input_pipeline", "lm_speed", "lstm_tuning", "serving_latency", "serving_http",
@@ -22,6 +32,9 @@ BENCHMARKS = ("train_throughput", "input_pipeline", "lm_speed", "lstm_tuning", "
               "startup", "memory", "model_parallel",
               "data_scale",
               "gpu_check")  # without a GPU (and in --quick) it prints one line and no results
+# Benchmarks that configure TensorFlow before it starts (model_parallel makes logical CPU
+# devices), so that --quick too runs each in a process of its own.
+OWN_PROCESS = ("model_parallel",)
 
 PACKAGE = pathlib.Path(__file__).resolve().parent
 DEFAULT_RESULTS = PACKAGE / "RESULTS.md"
@@ -48,10 +61,24 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def _result(line):
+    """The result a benchmark printed on `line`, or None for any other line."""
+    if not line.startswith("{"):
+        return None
+    try:
+        result = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return result if isinstance(result, dict) and "name" in result and "ratio" in result else None
+
+
+def _arguments(quick, parts):
+    return (["--quick"] if quick else []) + [option for part in parts for option in ("--part", part)]
+
+
 def run_benchmark(name, *, quick, parts=()):
-    """Runs one benchmark module; echoes its stdout and returns (exit status, results)."""
-    command = [sys.executable, "-m", f"{PACKAGE.name}.{name}"] + (["--quick"] if quick else [])
-    command += [option for part in parts for option in ("--part", part)]
+    """Runs one benchmark module in a process of its own; echoes its stdout and returns (exit status, results)."""
+    command = [sys.executable, "-m", f"{PACKAGE.name}.{name}", *_arguments(quick, parts)]
     env = dict(os.environ)
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter
     env[RUNNER_ENV] = "1"
@@ -61,14 +88,52 @@ def run_benchmark(name, *, quick, parts=()):
         for line in process.stdout:
             sys.stdout.write(line)
             sys.stdout.flush()
-            if line.startswith("{"):
-                try:
-                    result = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if isinstance(result, dict) and "name" in result and "ratio" in result:
-                    results.append(result)
+            if (result := _result(line)) is not None:
+                results.append(result)
     return process.returncode, results
+
+
+class _Echo(io.TextIOBase):
+    """stdout that passes everything through and keeps the result lines."""
+
+    def __init__(self, out):
+        self.out, self.results, self.pending = out, [], ""
+
+    def write(self, text):
+        self.out.write(text)
+        lines = (self.pending + text).split("\n")
+        self.pending = lines.pop()
+        self.results += [result for line in lines if (result := _result(line)) is not None]
+        return len(text)
+
+    def flush(self):
+        self.out.flush()
+
+
+def run_here(name, *, quick, parts=()):
+    """Runs one benchmark module's `main` in this process; returns (exit status, results) as run_benchmark does.
+
+    A failure prints its traceback and gives status 1, as the module's own process would, and the
+    next benchmark still runs.
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ[RUNNER_ENV] = "1"
+    module, argv = f"{PACKAGE.name}.{name}", _arguments(quick, parts)
+    echo = _Echo(sys.stdout)
+    with contextlib.redirect_stdout(echo), common.running(module, argv):
+        try:
+            status = importlib.import_module(module).main(argv) or 0
+        except SystemExit as exit:
+            status = exit.code if isinstance(exit.code, int) else int(exit.code is not None)
+        except Exception:  # noqa: BLE001  (reported as its own process's crash would be)
+            traceback.print_exc()
+            status = 1
+    if "keras" in sys.modules:  # the next benchmark starts from Keras's defaults
+        import keras
+
+        keras.backend.clear_session()
+        keras.mixed_precision.set_global_policy("float32")
+    return status, echo.results
 
 
 def read_stored(path):
@@ -168,7 +233,8 @@ def main(argv=None):
     mode = "quick" if args.quick else "full"
     results, completed, failed = [], set(), []
     for name in args.only or BENCHMARKS:
-        status, produced = run_benchmark(name, quick=args.quick, parts=args.part or ())
+        run = run_here if args.quick and name not in OWN_PROCESS else run_benchmark
+        status, produced = run(name, quick=args.quick, parts=args.part or ())
         results += produced
         if status != 0:
             failed.append(f"{name} (exit status {status})")

@@ -16,6 +16,7 @@ benchmarks` collects those lines and writes RESULTS.md from them.
 """
 
 import argparse
+import contextlib
 import datetime
 import json
 import math
@@ -146,12 +147,35 @@ def matmul_rates(*, n=2048, chain=4, warmup=1, repeats=MIN_REPEATS, dtype="float
     return interleaved({"matmul": run}, warmup=warmup, repeats=repeats)["matmul"]
 
 
+# (module, argv) of the benchmark `python -m benchmarks --quick` runs in its own process now;
+# None when a benchmark runs as its own script.
+_running = None
+
+
+@contextlib.contextmanager
+def running(module, argv):
+    """Results reported inside this block belong to benchmark `module` run with `argv`."""
+    global _running
+    _running = (module, list(argv))
+    try:
+        yield
+    finally:
+        _running = None
+
+
+def _module_and_argv():
+    """(the running benchmark's module name or None, its arguments)."""
+    if _running is not None:
+        return _running
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return (spec.name if spec is not None else None), sys.argv[1:]
+
+
 def command():
     """The command line that reproduces this process's results."""
-    main = sys.modules.get("__main__")
-    spec = getattr(main, "__spec__", None)
-    program = f"python -m {spec.name}" if spec is not None else f"python {sys.argv[0]}"
-    return " ".join([program, *sys.argv[1:]])
+    module, argv = _module_and_argv()
+    program = f"python -m {module}" if module is not None else f"python {sys.argv[0]}"
+    return " ".join([program, *argv])
 
 
 def _significant(value, digits=4):
@@ -184,10 +208,10 @@ def report(name, *, ours, reference, mode, config, unit="images/s", bar=None, **
         if len(samples) < MIN_REPEATS:
             raise ValueError(f"{name}: {side} has {len(samples)} repeats; a figure needs {MIN_REPEATS}.")
     ours_median, reference_median = statistics.median(ours), statistics.median(reference)
-    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    module, _ = _module_and_argv()
     result = {
         "name": name,
-        "benchmark": spec.name.rpartition(".")[2] if spec is not None else None,
+        "benchmark": module.rpartition(".")[2] if module is not None else None,
         "mode": mode,
         "ours": _significant(ours_median),
         "reference": _significant(reference_median),

@@ -1,7 +1,7 @@
 """Text at scale: the memory and time of `lm train --text FILE --max-chars 0`'s data step.
 
     python -m benchmarks.text_scale             # 10, 100 and 500 MB of text
-    python -m benchmarks.text_scale --quick     # 1 and 5 MB
+    python -m benchmarks.text_scale --quick     # 1 MB
     python -m benchmarks.text_scale --sizes 50  # any sizes, in MB
 
 For each size a text file is written (the standard library's docstrings,
@@ -32,7 +32,7 @@ import time
 from benchmarks import common
 
 FULL_SIZES_MB = (10, 100, 500)
-QUICK_SIZES_MB = (1, 5)
+QUICK_SIZES_MB = (1,)
 BAR_MIB = 2048  # #25: 500 MB of text under 2 GB
 MB = 10**6
 MIB = 2**20
@@ -102,7 +102,7 @@ def text_rows(sizes_mb=FULL_SIZES_MB, quick=False, *, level="char"):
 
     Args:
         sizes_mb: the sizes of the texts, in MB (10**6 bytes).
-        quick: 1 and 5 MB instead of `sizes_mb`.
+        quick: 1 MB instead of `sizes_mb`.
         level: "char" or "word".
 
     Returns:
