@@ -7,6 +7,7 @@ import pathlib
 import socket
 import subprocess
 import sys
+import zygote
 
 
 def free_port():
@@ -25,7 +26,7 @@ def start(argv, cwd, *, ports, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         # not the share of the cores conftest gives the pytest workers.
         env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower() and k != "TF_NUM_INTRAOP_THREADS"}
         env.update(TF_CONFIG=json.dumps(tf_config), CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="3")
-        workers.append(subprocess.Popen([str(script), *map(str, argv)], env=env, cwd=cwd, stdout=stdout,
+        workers.append(zygote.Popen([str(script), *map(str, argv)], env=env, cwd=cwd, stdout=stdout,
                                         stderr=stderr, text=True))
     return workers
 

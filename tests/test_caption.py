@@ -7,7 +7,6 @@ its export and its feature cache.
 
 import json
 import os
-import subprocess
 import sys
 
 import keras
@@ -15,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import zygote
 from dlsuite.apps.caption import batches as pair_batches, data as caption_data, decode as caption_decode
 from dlsuite.apps.caption import export as caption_export, model as caption_model
 from dlsuite.apps import cli
@@ -138,7 +138,7 @@ print('|'.join(c.decode() for c in out['caption'].numpy()))
 print('dlsuite loaded:', any(name.startswith('dlsuite') for name in sys.modules))
 """
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    result = zygote.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     captions, loaded = result.stdout.strip().splitlines()[-2:]
     assert loaded == "dlsuite loaded: False"

@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+import zygote
 from dlsuite.apps import cli
 from test_image_scale import photo_folder
 
@@ -38,13 +39,13 @@ def wait_for(port, process, timeout=120):
 def service():
     """grpc://localhost:PORT of a dispatcher with two workers, all subprocesses of the CLI."""
     port = free_port()
-    processes = [subprocess.Popen([*DLSUITE, "data", "dispatcher", "--port", str(port)], stdout=subprocess.PIPE,
+    processes = [zygote.Popen([*DLSUITE, "data", "dispatcher", "--port", str(port)], stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True)]
     try:
         wait_for(port, processes[0])
         for _ in range(2):
             worker_port = free_port()
-            processes.append(subprocess.Popen(
+            processes.append(zygote.Popen(
                 [*DLSUITE, "data", "worker", "--dispatcher", f"grpc://localhost:{port}", "--port", str(worker_port),
                  "--worker-address", f"localhost:{worker_port}"],
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import zygote
 from dlsuite.apps.core.errors import UsageError
 from dlsuite.apps.core.distribute import STRATEGIES, is_chief, make_strategy, needs_custom_loop, worker_dir
 from dlsuite.apps.core.loop_parts import NonFiniteLoss
@@ -271,7 +272,7 @@ def _run_all(commands, tmp_path):
     try:
         for name, argv, env in commands:
             logs[name] = open(tmp_path / f"{name}.log", "w+")
-            processes[name] = subprocess.Popen(argv, env=env, stdout=logs[name], stderr=subprocess.STDOUT)
+            processes[name] = zygote.Popen(argv, env=env, stdout=logs[name], stderr=subprocess.STDOUT)
         deadline = time.monotonic() + WORKER_TIMEOUT_S
         for name, process in processes.items():
             try:

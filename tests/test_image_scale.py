@@ -6,13 +6,13 @@ import json
 import os
 import pathlib
 import signal
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
+import zygote
 from dlsuite.apps import cli
 from dlsuite.apps.vision import datasets, file_checks, image_cache, manifest, pipeline, sources
 from test_kill_resume import killed, weights
@@ -147,7 +147,7 @@ np.memmap.flush = die
 image_cache.build(data.sources["train"], sources.prepared({SIZE}, 3), image_size={SIZE}, channels=3, kind="disk",
                   cache_dir={str(cache_dir)!r})
 """
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+    done = zygote.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
                           env=os.environ)
     assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
     assert [p.name for p in cache_dir.iterdir() if ".tmp-" in p.name]  # what the killed writer left
@@ -160,9 +160,9 @@ image_cache.build(data.sources["train"], sources.prepared({SIZE}, 3), image_size
 
 
 def dlsuite(*arguments, cwd):
-    """A `dlsuite` command in a fresh process: TensorFlow's thread pools as in
+    """A `dlsuite` command in a process of its own (`zygote`): TensorFlow's thread pools as in
     the killed run (a test process may hold other ones, set by an earlier test)."""
-    done = subprocess.run([sys.executable, "-c", "import sys; from dlsuite.apps.cli import main; sys.exit(main())",
+    done = zygote.run([sys.executable, "-c", "import sys; from dlsuite.apps.cli import main; sys.exit(main())",
                            *map(str, arguments)], cwd=cwd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout

@@ -1,6 +1,7 @@
 """Kill -9 anywhere and resume exactly (#15), for every app that trains.
 
-Each app's tiny run is killed with SIGKILL (`kill_worker.py`) mid-epoch,
+Each app's tiny run is killed with SIGKILL (`kill_worker.py`, in a process of
+its own forked from `zygote`) mid-epoch,
 then its resume is killed inside a checkpoint's write (half a file on
 disk); a last `--resume` finishes it. The run must end with the weights and
 the history of the same run never interrupted: equal, not close, because on
@@ -12,13 +13,13 @@ import csv
 import json
 import os
 import pathlib
-import subprocess
 import sys
 
 import keras
 import numpy as np
 import pytest
 
+import zygote
 from dlsuite.apps import cli
 from test_lifecycle import TINY
 
@@ -37,8 +38,8 @@ def argv(app, run_dir, exports):
 
 
 def killed(point, count, arguments, cwd):
-    done = subprocess.run([sys.executable, str(WORKER), point, str(count), *arguments], cwd=cwd,
-                          capture_output=True, text=True, timeout=300)
+    done = zygote.run([sys.executable, str(WORKER), point, str(count), *arguments], cwd=cwd,
+                      capture_output=True, text=True, timeout=300)
     assert done.returncode == -9, f"not killed at {point} {count}: {done.returncode}\n{done.stderr[-2000:]}"
     return done
 

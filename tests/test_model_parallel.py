@@ -10,11 +10,11 @@ process's TensorFlow may have started already (another test file).
 import json
 import os
 import pathlib
-import subprocess
 import sys
 
 import pytest
 
+import zygote
 from dlsuite.apps import cli
 
 WORKER = pathlib.Path(__file__).with_name("model_parallel_worker.py")
@@ -23,7 +23,7 @@ WORKER = pathlib.Path(__file__).with_name("model_parallel_worker.py")
 @pytest.fixture(scope="module")
 def worker():
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    result = subprocess.run([sys.executable, str(WORKER)], capture_output=True, text=True, env=env, timeout=300)
+    result = zygote.run([sys.executable, str(WORKER)], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 

@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
+import zygote
 from dlsuite.apps.core.errors import UsageError
 
 CLASSIFIER = "lenet5_shapes"
@@ -73,11 +74,11 @@ class Server:
         self._ready.set()  # exited
 
     def wait_ready(self, timeout, names=(KERAS_MODEL,)):
-        """Until every model of `names` answers its status, as a client would check readiness."""
+        """Until a version of every model of `names` is loaded, as a client would check readiness."""
         self._ready.wait(timeout)
         assert self.port, "dlsuite serve did not start:\n" + self.output()
         deadline = time.monotonic() + timeout
-        while not all(call(self, f"/v1/models/{name}")[0] == 200 for name in names):
+        while not all(_available(self, name) for name in names):
             assert time.monotonic() < deadline and self.process.poll() is None, self.output()
             time.sleep(0.1)
 
@@ -111,6 +112,12 @@ def stop(process):
         process.wait()
 
 
+def _available(server, name):
+    """Whether a version of model `name` is loaded (its status answers 200 while it still loads)."""
+    status, body = call(server, f"/v1/models/{name}")
+    return status == 200 and any(version["state"] == "AVAILABLE" for version in body["model_version_status"])
+
+
 def _wait_for(condition, *, timeout=20, what="", server=None):
     deadline = time.monotonic() + timeout
     while not condition():
@@ -139,12 +146,12 @@ def served(tmp_path_factory):
     trainings = {}
     for app, command in commands.items():
         log = open(root / f"{app}.log", "w")
-        trainings[app] = subprocess.Popen(
+        trainings[app] = zygote.Popen(
             _dlsuite(*command, "--export-dir", str(base), "--out", str(root / f"run_{app}")),
             cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
         log.close()
     _export_keras_model(keras_folder)
-    process = subprocess.Popen(
+    process = zygote.Popen(
         _dlsuite("serve", str(base), str(keras_folder), "--port", "0", "--poll-seconds", str(POLL_SECONDS),
                  "--max-body-mb", str(MAX_BODY_MB)),
         cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -153,8 +160,7 @@ def served(tmp_path_factory):
         for app, training in trainings.items():
             assert training.wait(timeout=300) == 0, (root / f"{app}.log").read_text()
         server.wait_ready(timeout=120)
-        _wait_for(lambda: all(call(server, f"/v1/models/{name}")[0] == 200 for name in (CLASSIFIER, LANGUAGE_MODEL,
-                                                                                          CAPTIONER)),
+        _wait_for(lambda: all(_available(server, name) for name in (CLASSIFIER, LANGUAGE_MODEL, CAPTIONER)),
                   timeout=60, what="the apps' exports to be loaded", server=server)
         server.keras_folder = keras_folder
         yield server

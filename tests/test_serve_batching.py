@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import zygote
 from dlsuite.apps.core.errors import UsageError
 from dlsuite.apps.serve import batching_config, calls
 from dlsuite.apps.serve.batching import Batcher
@@ -316,7 +317,7 @@ def test_a_real_server_joins_concurrent_rest_and_grpc_requests(tmp_path):
     folder = tmp_path / KERAS_MODEL
     _export_keras_model(folder)
     # A batch runs when 8 rows are in, or 2 s after its first request: the 8 requests sent together are joined.
-    process = subprocess.Popen(
+    process = zygote.Popen(
         _dlsuite("serve", str(folder), "--port", "0", "--enable-batching", "--max-batch-size", "8",
                  "--batch-timeout-micros", "2000000", "--num-batch-threads", "1"),
         cwd=tmp_path, env=_environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -21,6 +21,7 @@ import grpc
 import numpy as np
 import pytest
 import tensorflow as tf
+import zygote
 from tensorflow_serving.apis import (get_model_status_pb2, model_service_pb2_grpc, predict_pb2,
                                      prediction_service_pb2_grpc)
 
@@ -141,7 +142,7 @@ def test_a_bad_file_exits_2_before_anything_loads(tmp_path, capsys):
 
 
 def _start(root, config, *extra):
-    process = subprocess.Popen(
+    process = zygote.Popen(
         _dlsuite("serve", "--model-config-file", str(config), "--port", "0", "--grpc-port", "0",
                  "--poll-seconds", str(POLL_SECONDS), *extra),
         cwd=root, env=_environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -159,8 +160,8 @@ def served(tmp_path_factory):
     channel = None
     try:
         server.wait_ready(timeout=120, names=["scaler", "doubler"])
-        _wait_for(lambda: len(call(server, "/v1/models/scaler")[1]["model_version_status"]) == 2, timeout=30,
-                  what="both versions of scaler", server=server)
+        _wait_for(lambda: [version["state"] for version in call(server, "/v1/models/scaler")[1]["model_version_status"]]
+                  == ["AVAILABLE", "AVAILABLE"], timeout=30, what="both versions of scaler", server=server)
         server.grpc_port = int(re.search(r"gRPC API: 127\.0\.0\.1:(\d+)\)", server.output()).group(1))
         channel = grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}")
         server.predictions = prediction_service_pb2_grpc.PredictionServiceStub(channel)

@@ -22,13 +22,15 @@ import grpc
 import numpy as np
 import pytest
 import tensorflow as tf
+import zygote
 from google.protobuf import json_format
 from tensorflow.core.framework import tensor_pb2
 from tensorflow_serving.apis import (classification_pb2, get_model_metadata_pb2, get_model_status_pb2,
                                      model_service_pb2_grpc, predict_pb2, prediction_service_pb2_grpc)
 
 from dlsuite.apps.serve import cli
-from test_serve import CLASSIFIER, KERAS_MODEL, Server, _dlsuite, _environment, _png, _wait_for, call, stop
+from test_serve import (CLASSIFIER, KERAS_MODEL, Server, _available, _dlsuite, _environment, _png, _wait_for, call,
+                        stop)
 
 POLL_SECONDS = 0.3
 MAX_BODY_MB = 1
@@ -50,14 +52,14 @@ def served(tmp_path_factory):
     base.mkdir()
     env = _environment()
     log = open(root / "classify.log", "w")
-    training = subprocess.Popen(
+    training = zygote.Popen(
         _dlsuite("classify", "train", "--dataset", "shapes", "--shapes-size", "32", "--shapes-count", "120",
                  "--epochs", "1", "--export-dir", str(base), "--out", str(root / "run")),
         cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
     log.close()
     _export_keras_model(base / KERAS_MODEL, 1, 1.0)
     _export_keras_model(base / KERAS_MODEL, 2, 2.0)
-    process = subprocess.Popen(
+    process = zygote.Popen(
         _dlsuite("serve", str(base), "--port", "0", "--grpc-port", "0", "--poll-seconds", str(POLL_SECONDS),
                  "--max-body-mb", str(MAX_BODY_MB)),
         cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -69,7 +71,7 @@ def served(tmp_path_factory):
         assert match, server.output()
         server.grpc_port = int(match.group(1))
         assert training.wait(timeout=300) == 0, (root / "classify.log").read_text()
-        _wait_for(lambda: call(server, f"/v1/models/{CLASSIFIER}")[0] == 200, timeout=60,
+        _wait_for(lambda: _available(server, CLASSIFIER), timeout=60,
                   what="the classifier's export to be loaded", server=server)
         channel = grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}")
         server.predictions = prediction_service_pb2_grpc.PredictionServiceStub(channel)
@@ -307,7 +309,7 @@ def test_grpc_port_choice_and_a_taken_port_is_one_line(served, tmp_path):
     with pytest.raises(SystemExit):
         parser.parse_args(["--grpc-port", "70000"])
     (tmp_path / "models").mkdir()
-    result = subprocess.run(
+    result = zygote.run(
         _dlsuite("serve", str(tmp_path / "models"), "--port", "0", "--grpc-port", str(served.grpc_port)),
         env=_environment(), capture_output=True, text=True, timeout=120)
     assert result.returncode == 2, result.stdout + result.stderr
@@ -318,7 +320,7 @@ def test_grpc_port_choice_and_a_taken_port_is_one_line(served, tmp_path):
 def test_grpc_off_serves_rest_alone(tmp_path):
     models = tmp_path / "models"
     _export_keras_model(models / KERAS_MODEL, 1, 1.0)
-    process = subprocess.Popen(_dlsuite("serve", str(models), "--port", "0", "--grpc-port", "off"),
+    process = zygote.Popen(_dlsuite("serve", str(models), "--port", "0", "--grpc-port", "off"),
                                env=_environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     server = Server(process)
     try:

@@ -20,6 +20,7 @@ import urllib.request
 
 import pytest
 
+import zygote
 from test_serve import Server, _environment, _export_keras_model, call, stop
 
 TF1_MODEL = "half_plus_two"
@@ -57,7 +58,7 @@ def served(tmp_path_factory):
     _write_half_plus_two(base / TF1_MODEL)
     _export_keras_model(base / KERAS_MODEL)
     env = _environment()
-    process = subprocess.Popen(
+    process = zygote.Popen(
         [sys.executable, "-m", "dlsuite.apps.cli", "serve", str(base), "--port", "0",
          "--poll-seconds", str(POLL_SECONDS)],
         cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

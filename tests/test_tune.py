@@ -16,6 +16,7 @@ import tempfile
 import numpy as np
 import pytest
 
+import zygote
 from dlsuite.apps import cli
 from dlsuite.apps.tune import space as search_space
 
@@ -323,7 +324,7 @@ def test_distributed_search_shares_the_trials_between_workers(tmp_path):
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "KERASTUNER_TUNER_ID": tuner_id,
                "KERASTUNER_ORACLE_IP": "127.0.0.1", "KERASTUNER_ORACLE_PORT": str(port)}
         logs[tuner_id] = open(tmp_path / f"{tuner_id}.log", "w")
-        processes[tuner_id] = subprocess.Popen(argv, env=env, cwd=tmp_path, stdout=logs[tuner_id], stderr=subprocess.STDOUT)
+        processes[tuner_id] = zygote.Popen(argv, env=env, cwd=tmp_path, stdout=logs[tuner_id], stderr=subprocess.STDOUT)
 
     def output(tuner_id):
         return (tmp_path / f"{tuner_id}.log").read_text()
