@@ -21,6 +21,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import time
 import traceback
 
 from benchmarks import common
@@ -234,7 +235,9 @@ def main(argv=None):
     results, completed, failed = [], set(), []
     for name in args.only or BENCHMARKS:
         run = run_here if args.quick and name not in OWN_PROCESS else run_benchmark
+        started = time.perf_counter()
         status, produced = run(name, quick=args.quick, parts=args.part or ())
+        print(f"benchmarks: {name} took {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
         results += produced
         if status != 0:
             failed.append(f"{name} (exit status {status})")

@@ -31,12 +31,13 @@ import pytest  # noqa: E402
 # The README runs the suite on two pytest-xdist workers, a file at a time, in
 # collection order: the longest files go first, so that no long file starts
 # last while the other worker sits idle (measured on 2 cores: 10:21 with the
-# benchmarks' 3-minute quick run starting last).
-LONGEST_FIRST = ("test_benchmarks.py", "test_lifecycle.py", "test_kill_resume.py", "test_tune.py", "test_serve.py",
-                 "test_classify.py", "test_caption.py", "test_transfer.py", "test_distribute.py",
-                 "test_parameter_server.py", "test_cnn_models.py", "test_diagnose.py", "test_lm.py",
-                 "test_bad_inputs.py", "test_checkpoints.py", "test_outputs.py", "test_model_parallel.py",
-                 "test_divergence.py")
+# benchmarks' 3-minute quick run starting last). Ordered by the files' times in
+# a run of the whole suite (`--durations=0`, summed per file).
+LONGEST_FIRST = ("test_benchmarks.py", "test_transfer.py", "test_classify.py", "test_lifecycle.py",
+                 "test_cnn_models.py", "test_parameter_server.py", "test_kill_resume.py", "test_caption.py",
+                 "test_tune.py", "test_diagnose.py", "test_lm.py", "test_lm_export.py", "test_image_scale.py",
+                 "test_export.py", "test_serve.py", "test_monitors.py", "test_fused_rnn.py", "test_shards.py",
+                 "test_features.py", "test_precise_bn.py", "test_distribute.py")
 
 
 def pytest_collection_modifyitems(items):
