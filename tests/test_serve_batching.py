@@ -190,6 +190,50 @@ def test_a_request_over_max_batch_size_is_refused_as_tensorflow_serving_does(obs
     assert served.calls == []
 
 
+def test_large_batch_splitting_fills_the_open_batch_and_joins_the_pieces_answers(observed):
+    """enable_large_batch_splitting, batches of at most 4 rows: after a request of 2 rows opened a
+    batch, one of 7 rows fills it with its first 2 and runs its other 5 as batches of 4 and 1;
+    each request gets its own rows' answers, in order, as alone."""
+    served = _version()
+    batcher = _batcher(observed, max_batch_size=8, enable_large_batch_splitting=True, max_execution_batch_size=4,
+                       batch_timeout_micros=0)
+    blocker, small, large = _rows(2, 3, 0), _rows(2, 3, 1), _rows(7, 3, 2)
+    served.gate.clear()
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        try:
+            futures = [pool.submit(calls.run_signature, served, "serving_default", blocker, batcher=batcher)]
+            assert served.entered.wait(timeout=60)  # the one batch thread waits at the gate
+            for arrays, queued in ((small, 1), (large, 4)):
+                futures.append(pool.submit(calls.run_signature, served, "serving_default", arrays, batcher=batcher))
+                deadline = time.monotonic() + 60
+                while batcher.queued() < queued:
+                    assert time.monotonic() < deadline, f"{queued} pieces never reached the queue"
+                    time.sleep(0.01)
+        finally:
+            served.gate.set()
+        answers = [future.result(timeout=120) for future in futures]
+    batcher.close()
+    assert [rows for _, rows, _ in served.calls] == [2, 4, 4, 1]
+    assert observed == [("model", 2, 1), ("model", 4, 2), ("model", 4, 1), ("model", 1, 1)]
+    for arrays, answer in zip((blocker, small, large), answers):
+        for output, value in _alone(served, "serving_default", arrays).items():
+            np.testing.assert_allclose(answer[output], value, rtol=1e-6)
+    assert answers[2]["y"].shape == (7, 3)
+
+
+def test_split_pieces_that_overflow_the_queue_answer_unavailable(observed):
+    served = _version()
+    batcher = _batcher(observed, max_batch_size=8, enable_large_batch_splitting=True, max_execution_batch_size=2,
+                       max_enqueued_batches=3)
+    try:
+        with pytest.raises(ServingError) as refused:  # 4 batches of 2 rows where 3 may wait
+            calls.run_signature(served, "serving_default", _rows(8, 3, 0), batcher=batcher)
+    finally:
+        batcher.close()
+    assert refused.value.code == "UNAVAILABLE" and "max_enqueued_batches is 3" in refused.value.message
+    assert served.calls == [] and batcher.queued() == 0
+
+
 def test_a_signature_without_a_batch_dimension_runs_alone(observed):
     served = _version()
     batcher = _batcher(observed, max_batch_size=8)
@@ -247,6 +291,13 @@ def test_a_good_parameters_file_gives_its_values_and_flags_override_it(tmp_path)
     assert (mixed.batch_timeout_micros, mixed.num_batch_threads) == (0, 4)
     defaults = batching_config.options()
     assert (defaults.max_batch_size, defaults.batch_timeout_micros, defaults.max_enqueued_batches) == (1000, 0, 10)
+    assert defaults.execution_batch_size == 1000 and not defaults.enable_large_batch_splitting
+    path.write_text("max_batch_size { value: 64 }\nenable_large_batch_splitting { value: true }\n")
+    split = batching_config.options(parameters_file=path)
+    assert split.enable_large_batch_splitting and split.execution_batch_size == 64  # TF Serving's default
+    assert batching_config.options(parameters_file=path, max_execution_batch_size=16).execution_batch_size == 16
+    # Without splitting, TensorFlow Serving ignores max_execution_batch_size: so do we.
+    assert batching_config.options(max_batch_size=8, max_execution_batch_size=4).execution_batch_size == 8
 
 
 @pytest.mark.parametrize("text, message", [
@@ -256,7 +307,12 @@ def test_a_good_parameters_file_gives_its_values_and_flags_override_it(tmp_path)
     ("max_batch_size { value: 32 }\nallowed_batch_sizes: 8\nallowed_batch_sizes: 16",
      "last entry in allowed_batch_sizes must match max_batch_size; last entry was 16; expected 32"),
     ("num_batch_threads { value: 0 }", "num_batch_threads must be at least 1, received 0"),
-    ("enable_large_batch_splitting { value: true }", "enable_large_batch_splitting is not supported"),
+    ("max_batch_size { value: 8 }\nenable_large_batch_splitting { value: true }\nmax_execution_batch_size { value: 16 }",
+     "max_execution_batch_size must be at most max_batch_size (8), received 16"),
+    ("max_batch_size { value: 32 }\nenable_large_batch_splitting { value: true }\nmax_execution_batch_size { value: 8 }"
+     "\nallowed_batch_sizes: 4\nallowed_batch_sizes: 32",
+     "last entry in allowed_batch_sizes must be equal to max_execution_batch_size; last entry was 32; expected 8"),
+    ("pad_variable_length_inputs: true", "pad_variable_length_inputs is not supported"),
 ])
 def test_a_bad_parameters_file_is_one_line_naming_the_file(tmp_path, text, message):
     path = tmp_path / "batching.config"
@@ -280,6 +336,9 @@ def test_bad_batching_options_exit_2_with_one_line(tmp_path, capsys):
     assert "--batching-parameters-file is set without --enable-batching" in capsys.readouterr().err
     assert cli.main(["serve", str(tmp_path), "--enable-batching", "--max-batch-size", "0"]) == 2
     assert "--max-batch-size must be at least 1" in capsys.readouterr().err
+    assert cli.main(["serve", str(tmp_path), "--enable-batching", "--enable-large-batch-splitting", "--max-batch-size",
+                     "8", "--max-execution-batch-size", "16"]) == 2
+    assert "--max-execution-batch-size must be at most max_batch_size (8), received 16" in capsys.readouterr().err
 
 
 # -- a real server ---------------------------------------------------------------------------------------
@@ -341,5 +400,27 @@ def test_a_real_server_joins_concurrent_rest_and_grpc_requests(tmp_path):
         assert batches < 12, f"12 concurrent requests ran in {batches:g} batches, none joined:\n{page}"
         assert sizes[float("inf")] - sizes[1.0] >= 1  # a batch of more than one row
         assert sizes["sum"] == requests["sum"] == 13  # rows run = requests answered: no padding
+    finally:
+        stop(process)
+
+
+def test_a_real_server_splits_a_request_larger_than_its_batches(tmp_path):
+    """--enable-large-batch-splitting: 10 rows run as batches of 4, 4 and 2, and answer as one request."""
+    folder = tmp_path / KERAS_MODEL
+    _export_keras_model(folder)
+    process = zygote.Popen(
+        _dlsuite("serve", str(folder), "--port", "0", "--grpc-port", "off", "--enable-batching",
+                 "--enable-large-batch-splitting", "--max-batch-size", "16", "--max-execution-batch-size", "4"),
+        cwd=tmp_path, env=_environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    server = Server(process)
+    try:
+        server.wait_ready(timeout=120)
+        features = [[float(index), 1.0, -2.0] for index in range(10)]
+        path = f"/v1/models/{KERAS_MODEL}:predict"
+        assert call(server, path, {"instances": features}) == (200, {"predictions": [[sum(row)] * 2 for row in features]})
+        status, body = call(server, path, {"instances": features * 2})
+        assert status == 400 and body["error"] == "Task size 20 is larger than maximum input batch size 16"
+        sizes = _histogram(call(server, "/monitoring/prometheus/metrics")[1], "dlsuite_serve_batch_size", KERAS_MODEL)
+        assert sizes[float("inf")] == 3 and sizes["sum"] == 10 and sizes[4.0] == 3  # three batches of at most 4
     finally:
         stop(process)

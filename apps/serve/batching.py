@@ -19,9 +19,12 @@ scheduling is TensorFlow Serving's `SharedBatchScheduler`
   "The batch scheduling queue to which this task was submitted is full"
   (REST 503), never a wait without end;
 * a request of more rows than `max_batch_size` is refused with
-  INVALID_ARGUMENT, "Task size N is larger than maximum input batch size M",
-  as TensorFlow Serving does unless `enable_large_batch_splitting` (which we
-  do not do);
+  INVALID_ARGUMENT, "Task size N is larger than maximum input batch size M";
+* with `enable_large_batch_splitting`, a request that does not fit in the
+  newest batch is cut into pieces: the first fills that batch, the others
+  open batches of at most `max_execution_batch_size` rows; its answer is
+  the pieces' answers joined, in order (TensorFlow Serving's
+  `SplitInputTask`, `batching_session.cc`);
 * with `allowed_batch_sizes`, a batch is padded up to the next allowed size
   with copies of the first row of its last request, and the padding's
   outputs dropped (TensorFlow Serving's `BatchingSession` pads so,
@@ -114,7 +117,6 @@ class Batcher:
             raise invalid(f"Task size {rows} is larger than maximum input batch size {limit}")
         key = (id(served), signature_name,
                tuple((name, array.dtype.str, array.shape[1:]) for name, array in sorted(arrays.items())))
-        task = _Task(arrays=arrays, rows=rows, future=concurrent.futures.Future())
         with self._condition:
             if self._closed:
                 raise ServingError("The batch scheduler is stopping", code="UNAVAILABLE")
@@ -122,16 +124,43 @@ class Batcher:
             if queue is None or queue.served is not served:
                 queue = self._queues[key] = _Queue(served=served, signature_name=signature_name, batches=[])
             batches = queue.batches
-            if not batches or batches[-1].rows + rows > limit:
-                if len(batches) >= self.options.max_enqueued_batches:  # TensorFlow Serving's words
-                    raise ServingError("The batch scheduling queue to which this task was submitted is full; "
-                                       f"currently {len(batches)} batches enqueued and max_enqueued_batches is "
-                                       f"{self.options.max_enqueued_batches}", code="UNAVAILABLE")
-                batches.append(_Batch(opened=time.monotonic(), tasks=[]))
-            batches[-1].tasks.append(task)
-            batches[-1].rows += rows
+            pieces, opened = self._pieces(batches, rows)
+            if len(batches) + opened > self.options.max_enqueued_batches:  # TensorFlow Serving's words
+                raise ServingError("The batch scheduling queue to which this task was submitted is full; "
+                                   f"currently {len(batches)} batches enqueued and max_enqueued_batches is "
+                                   f"{self.options.max_enqueued_batches}", code="UNAVAILABLE")
+            tasks, start = [], 0
+            for index, piece in enumerate(pieces):
+                if index > 0 or opened == len(pieces):  # the first piece goes to the newest batch when it fits
+                    batches.append(_Batch(opened=time.monotonic(), tasks=[]))
+                part = arrays if piece == rows else {name: array[start:start + piece] for name, array in arrays.items()}
+                tasks.append(_Task(arrays=part, rows=piece, future=concurrent.futures.Future()))
+                batches[-1].tasks.append(tasks[-1])
+                batches[-1].rows += piece
+                start += piece
             self._condition.notify()
-        return task.future.result()
+        answers = [task.future.result() for task in tasks]
+        if len(answers) == 1:
+            return answers[0]
+        return {name: np.concatenate([answer[name] for answer in answers], axis=0) for name in answers[0]}
+
+    def _pieces(self, batches, rows):
+        """([rows of each piece], how many batches they open) for a request of `rows` rows.
+
+        Without splitting the request is one piece, in the newest batch if it fits, else in a
+        batch of its own. With it, a request that does not fit fills the newest batch with its
+        first piece and opens batches of at most the execution batch size for the rest.
+        """
+        size = self.options.execution_batch_size
+        room = size - batches[-1].rows if batches else 0
+        if rows <= room:
+            return [rows], 0
+        if not self.options.enable_large_batch_splitting:
+            return [rows], 1
+        pieces = [room] if room > 0 else []
+        rest = rows - sum(pieces)
+        pieces += [min(size, rest - start) for start in range(0, rest, size)]
+        return pieces, len(pieces) - (1 if room > 0 else 0)
 
     def queued(self):
         """How many requests wait in a batch not yet running."""
@@ -172,7 +201,7 @@ class Batcher:
         for key, queue in self._queues.items():
             batch = queue.batches[0]
             due = batch.opened + self._timeout
-            if len(queue.batches) > 1 or batch.rows >= self.options.max_batch_size or due <= now:
+            if len(queue.batches) > 1 or batch.rows >= self.options.execution_batch_size or due <= now:
                 if ready is None or batch.opened < ready[1].opened:
                     ready = (key, batch)
             else:

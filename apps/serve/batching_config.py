@@ -10,6 +10,8 @@ The file is TensorFlow Serving's `--batching_parameters_file`, a
     num_batch_threads { value: 4 }
     allowed_batch_sizes: 8
     allowed_batch_sizes: 32
+    enable_large_batch_splitting { value: true }
+    max_execution_batch_size { value: 32 }
 
 The `tensorflow-serving-api` package ships the config messages but not
 `session_bundle_config_pb2`, so the message is declared here, field for
@@ -20,6 +22,12 @@ Serving's default (`SharedBatchScheduler::QueueOptions` and `Options` in
 TensorFlow's `shared_batch_scheduler.h`): max_batch_size 1000,
 batch_timeout_micros 0, max_enqueued_batches 10, num_batch_threads one per
 core. A flag given on the command line overrides the file.
+
+With `enable_large_batch_splitting`, as in TensorFlow Serving
+(`bundle_factory_util.h`, `GetQueueOptions`), `max_batch_size` bounds a
+request and `max_execution_batch_size` (default: max_batch_size) a batch
+run: a larger request is split to fill batches. Without it,
+`max_execution_batch_size` is ignored, as there.
 """
 
 import dataclasses
@@ -52,6 +60,15 @@ class BatchingOptions:
     max_enqueued_batches: int = DEFAULT_MAX_ENQUEUED_BATCHES
     num_batch_threads: int = dataclasses.field(default_factory=lambda: os.cpu_count() or 1)
     allowed_batch_sizes: tuple = ()
+    enable_large_batch_splitting: bool = False
+    max_execution_batch_size: int = None  # with splitting; None: max_batch_size
+
+    @property
+    def execution_batch_size(self):
+        """The most rows a batch runs with: max_execution_batch_size when requests are split, else max_batch_size."""
+        if self.enable_large_batch_splitting and self.max_execution_batch_size is not None:
+            return self.max_execution_batch_size
+        return self.max_batch_size
 
     def padded_size(self, rows):
         """The batch size `rows` rows run at: the next allowed size, or `rows` itself when none are given."""
@@ -86,18 +103,15 @@ def parse(text, *, path):
     Raises:
         UsageError: one line naming the file (and protobuf's line and column
             for a parse error), also for what we do not do
-            (enable_large_batch_splitting, pad_variable_length_inputs).
+            (pad_variable_length_inputs).
     """
     message = BatchingParameters()
     text_proto.parse(text, message, path=path, option=OPTION)
-    if message.enable_large_batch_splitting.value:
-        raise UsageError(f"{OPTION} {path}: enable_large_batch_splitting is not supported; a request larger than "
-                         "max_batch_size is refused (INVALID_ARGUMENT), as TensorFlow Serving does without it",
-                         option=OPTION)
     if message.pad_variable_length_inputs:
         raise UsageError(f"{OPTION} {path}: pad_variable_length_inputs is not supported; requests of different "
                          "shapes are batched apart", option=OPTION)
-    values = {name: getattr(message, name).value for name, _, _ in _WRAPPED[:4] if message.HasField(name)}
+    values = {name: getattr(message, name).value for name, _, _ in _WRAPPED if message.HasField(name)
+              and name != "thread_pool_name"}  # one pool of batch threads here
     if message.allowed_batch_sizes:
         values["allowed_batch_sizes"] = tuple(message.allowed_batch_sizes)
     return values
@@ -114,8 +128,10 @@ def options(*, parameters_file=None, **flags):
     Raises:
         UsageError: a bad file, or values TensorFlow Serving would refuse:
             a size, count or thread number below 1, a negative timeout,
-            allowed_batch_sizes not increasing or not ending at
-            max_batch_size (its own check, `WrapSessionForBatching`).
+            max_execution_batch_size above max_batch_size, allowed_batch_sizes
+            not increasing or not ending at the largest batch that runs
+            (max_batch_size, or max_execution_batch_size when requests are
+            split: its own checks, `batching_session.cc`).
     """
     values = read(parameters_file) if parameters_file is not None else {}
     source = {name: f"{OPTION} {parameters_file}: {name}" for name in values}
@@ -123,7 +139,7 @@ def options(*, parameters_file=None, **flags):
         if value is not None:
             values[name] = tuple(value) if name == "allowed_batch_sizes" else value
             source[name] = name
-    for name in ("max_batch_size", "max_enqueued_batches", "num_batch_threads"):
+    for name in ("max_batch_size", "max_enqueued_batches", "num_batch_threads", "max_execution_batch_size"):
         if name in values and values[name] < 1:
             raise UsageError(f"{source[name]} must be at least 1, received {values[name]}",
                              option=_option(source[name]))
@@ -131,13 +147,21 @@ def options(*, parameters_file=None, **flags):
         raise UsageError(f"{source['batch_timeout_micros']} must be 0 or more, received "
                          f"{values['batch_timeout_micros']}", option=_option(source["batch_timeout_micros"]))
     result = BatchingOptions(**values)
+    if result.execution_batch_size > result.max_batch_size:
+        where = source["max_execution_batch_size"]
+        raise UsageError(f"{where} must be at most max_batch_size ({result.max_batch_size}), received "
+                         f"{result.execution_batch_size}", option=_option(where))
     sizes = result.allowed_batch_sizes
     if sizes:
         where = source["allowed_batch_sizes"]
         if any(size < 1 for size in sizes) or list(sizes) != sorted(set(sizes)):
             raise UsageError(f"{where} must be increasing sizes of at least 1, received "
                              f"{','.join(map(str, sizes))}", option=_option(where))
-        if sizes[-1] != result.max_batch_size:  # TensorFlow Serving's words
+        if result.enable_large_batch_splitting and sizes[-1] != result.execution_batch_size:  # TensorFlow Serving's words
+            raise UsageError(f"{where}: last entry in allowed_batch_sizes must be equal to max_execution_batch_size; "
+                             f"last entry was {sizes[-1]}; expected {result.execution_batch_size}",
+                             option=_option(where))
+        if sizes[-1] != result.execution_batch_size:
             raise UsageError(f"{where}: last entry in allowed_batch_sizes must match max_batch_size; last entry was "
                              f"{sizes[-1]}; expected {result.max_batch_size}", option=_option(where))
     return result

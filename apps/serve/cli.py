@@ -83,7 +83,14 @@ def add_parser(subparsers):
                           help="TensorFlow Serving's BatchingParameters in text format "
                                "(max_batch_size { value: 32 } ...)")
     batching.add_argument("--max-batch-size", type=positive_int("--max-batch-size"), metavar="N",
-                          help="most rows in a batch; a request of more is refused (default 1000)")
+                          help="most rows in a batch; a request of more is refused (default 1000); with "
+                               "--enable-large-batch-splitting, most rows in a request")
+    batching.add_argument("--enable-large-batch-splitting", action="store_const", const=True, default=None,
+                          help="split a request into pieces that fill the open batch and then batches of "
+                               "--max-execution-batch-size rows; its answer is the pieces' joined")
+    batching.add_argument("--max-execution-batch-size", type=positive_int("--max-execution-batch-size"),
+                          metavar="N", help="with --enable-large-batch-splitting: most rows in a batch run "
+                                            "(default --max-batch-size)")
     batching.add_argument("--batch-timeout-micros", type=non_negative_int("--batch-timeout-micros"), metavar="US",
                           help="how long a batch that is not full waits for more requests (default 0: it runs "
                                "as soon as a batch thread is free)")
@@ -94,12 +101,12 @@ def add_parser(subparsers):
                                "(default 10)")
     batching.add_argument("--allowed-batch-sizes", type=batch_sizes, metavar="N,N,...",
                           help="pad each batch up to the next of these sizes (increasing, the last one "
-                               "--max-batch-size)")
+                               "--max-batch-size, or --max-execution-batch-size when requests are split)")
     parser.set_defaults(func=run)
 
 
 BATCHING_FLAGS = ("max_batch_size", "batch_timeout_micros", "num_batch_threads", "max_enqueued_batches",
-                  "allowed_batch_sizes")
+                  "allowed_batch_sizes", "enable_large_batch_splitting", "max_execution_batch_size")
 
 
 def positive_int(option):
