@@ -115,6 +115,18 @@ def test_a_lost_task_is_named_from_the_error_text(monkeypatch):
         "another task (RuntimeError: Socket closed)"
 
 
+def test_a_task_tells_a_chief_that_ended_from_one_that_answers():
+    """A worker or ps exits soon after its chief's process ends (the port refuses) and waits
+    CHIEF_GONE_S for a host that went silent."""
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        address = "127.0.0.1:%d" % listening.getsockname()[1]
+        assert distribute.reach(address) == "answered"
+        assert distribute.reach("grpc://" + address) == "answered"
+    assert distribute.reach(address) == "refused"
+
+
 def test_a_valid_tf_config_gives_its_cluster_and_task():
     config = distribute.check_ps_tf_config(
         '{"cluster": {"chief": ["a:1"], "worker": ["b:1", "b:2"], "ps": ["c:1"]}, "task": {"type": "worker", "index": 1}}')

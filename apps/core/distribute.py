@@ -338,6 +338,10 @@ MIN_SHARD_BYTES = 256 << 10
 # this long: the chief's run is over (or it died; start every task again
 # and the chief with --resume).
 CHIEF_GONE_S = 10.0
+# ... or once the chief's host refused the connection this many polls in a
+# row: its process is gone (its run ended), where a host that stopped
+# answering, perhaps for a moment, times out instead and gets CHIEF_GONE_S.
+CHIEF_REFUSED_POLLS = 2
 
 
 def check_ps_tf_config(raw):
@@ -395,34 +399,41 @@ def _parameter_server_strategy(*, min_shard_bytes=MIN_SHARD_BYTES):
 
 def serve_cluster_task(resolver, *, chief, gone_after=CHIEF_GONE_S, poll=1.0):
     """Runs this worker or ps task's server until `chief` ("host:port") has
-    answered once and then stopped answering for `gone_after` seconds."""
+    answered once and then refused CHIEF_REFUSED_POLLS polls in a row or
+    stopped answering for `gone_after` seconds."""
     task = f"{resolver.task_type} {resolver.task_id}"
     address = resolver.cluster_spec().task_address(resolver.task_type, resolver.task_id)
     tf.distribute.Server(resolver.cluster_spec(), job_name=resolver.task_type, task_index=resolver.task_id,
                          protocol=resolver.rpc_layer or "grpc", start=True)
     print(f"parameter-server cluster: {task} serving at {address}; the chief at {chief} drives the run",
           flush=True)
-    seen, silent_since = False, None
+    seen, silent_since, refused = False, None, 0
     while True:
-        if _answers(chief):
+        reached = reach(chief)
+        if reached == "answered":
             if not seen:
                 print(f"parameter-server cluster: {task}: the chief connected", flush=True)
-            seen, silent_since = True, None
+            seen, silent_since, refused = True, None, 0
         elif seen:
             silent_since = silent_since or time.monotonic()
-            if time.monotonic() - silent_since >= gone_after:
+            refused = refused + 1 if reached == "refused" else 0
+            if refused >= CHIEF_REFUSED_POLLS or time.monotonic() - silent_since >= gone_after:
                 print(f"parameter-server cluster: {task}: the chief at {chief} is gone; exiting", flush=True)
                 return
         time.sleep(poll)
 
 
-def _answers(address):
+def reach(address):
+    """"answered" when a TCP connection to "host:port" opens, "refused" when the host
+    refuses it (nothing listens there), "silent" otherwise (a timeout, no route)."""
     host, _, port = address.removeprefix("grpc://").rpartition(":")
     try:
         with socket.create_connection((host, int(port)), timeout=2.0):
-            return True
+            return "answered"
+    except ConnectionRefusedError:
+        return "refused"
     except OSError:
-        return False
+        return "silent"
 
 
 def cluster_size():

@@ -9,8 +9,8 @@ variables from the ps and sending its updates back.
 
 Every task runs the same command. On a `worker` or `ps` task
 `distribute.serve_cluster_task` starts the task's `tf.distribute.Server` and
-waits until the chief's run is over (its address stops answering for
-`distribute.CHIEF_GONE_S`); only the chief loads data, builds the model and
+waits until the chief's run is over (its address refuses connections, or
+stops answering for `distribute.CHIEF_GONE_S`); only the chief loads data, builds the model and
 writes the run directory. The workers need no data: the
 chief ships the input pipeline's graph to them.
 
