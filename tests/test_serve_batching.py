@@ -151,6 +151,14 @@ def test_a_batch_is_padded_to_the_next_allowed_size_and_the_padding_dropped(obse
     np.testing.assert_allclose(answer_five["y"], 2 * five["x"] + 1, rtol=1e-6)
 
 
+def _wait_queued(batcher, count):
+    """Until `count` requests (or pieces) wait in the batcher's queues."""
+    deadline = time.monotonic() + 60
+    while batcher.queued() < count:
+        assert time.monotonic() < deadline, f"{count} requests never reached the queue"
+        time.sleep(0.01)
+
+
 def test_a_full_queue_answers_unavailable_at_once(observed):
     served = _version()
     batcher = _batcher(observed, max_batch_size=2, max_enqueued_batches=1, batch_timeout_micros=0)
@@ -160,10 +168,7 @@ def test_a_full_queue_answers_unavailable_at_once(observed):
             running = pool.submit(calls.run_signature, served, "serving_default", _rows(2, 3, 0), batcher=batcher)
             assert served.entered.wait(timeout=60)  # the batch thread is busy with the first batch
             queued = pool.submit(calls.run_signature, served, "serving_default", _rows(2, 3, 1), batcher=batcher)
-            deadline = time.monotonic() + 60
-            while batcher.queued() < 1:
-                assert time.monotonic() < deadline, "the second request never reached the queue"
-                time.sleep(0.01)
+            _wait_queued(batcher, 1)
             with pytest.raises(ServingError) as refused:
                 calls.run_signature(served, "serving_default", _rows(1, 3, 2), batcher=batcher)
             assert refused.value.code == "UNAVAILABLE" and refused.value.http_status == 503
@@ -205,10 +210,7 @@ def test_large_batch_splitting_fills_the_open_batch_and_joins_the_pieces_answers
             assert served.entered.wait(timeout=60)  # the one batch thread waits at the gate
             for arrays, queued in ((small, 1), (large, 4)):
                 futures.append(pool.submit(calls.run_signature, served, "serving_default", arrays, batcher=batcher))
-                deadline = time.monotonic() + 60
-                while batcher.queued() < queued:
-                    assert time.monotonic() < deadline, f"{queued} pieces never reached the queue"
-                    time.sleep(0.01)
+                _wait_queued(batcher, queued)
         finally:
             served.gate.set()
         answers = [future.result(timeout=120) for future in futures]

@@ -17,7 +17,9 @@ text) and gives the methods they call. `run` is `subprocess.run`'s counterpart.
 
 A zygote (one per pytest worker and per value of the variables TensorFlow reads when imported,
 started on first use) forks only from its single thread and reaps its children itself,
-reporting each exit status to the test that started it.
+reporting each exit status to the test that started it. (multiprocessing's forkserver, which
+benchmarks/data_scale.py uses, has one server per process started with one environment, and gives
+no Popen to stream a child's output or kill it from a test.)
 """
 
 import atexit
@@ -166,15 +168,18 @@ def _target(args):
     return "script", args[1], args[2:], None
 
 
-def _fd(stream, default):
-    """(fd for the child, the read end we keep or None) for a Popen stdout/stderr argument."""
+def _fd(stream, default, opened):
+    """(fd for the child, the read end we keep or None) for a Popen stdout/stderr argument; the fds
+    made here for the child are added to `opened`, for the caller to close once they are sent."""
     if stream is None:
         return default, None
     if stream == subprocess.PIPE:
         read, write = os.pipe()
+        opened.append(write)
         return write, read
     if stream == subprocess.DEVNULL:
-        return os.open(os.devnull, os.O_WRONLY), None
+        opened.append(os.open(os.devnull, os.O_WRONLY))
+        return opened[-1], None
     return (stream if isinstance(stream, int) else stream.fileno()), None
 
 
@@ -184,22 +189,17 @@ class Popen:
     def __init__(self, args, *, env=None, cwd=None, stdout=None, stderr=None, text=False, stdin=None):
         del stdin  # the child reads /dev/null, as the tests' processes do
         kind, target, argv, argv0 = _target(args)
-        out_fd, out_read = _fd(stdout, 1)
-        err_fd, err_read = (out_fd, None) if stderr == subprocess.STDOUT else _fd(stderr, 2)
-        null = os.open(os.devnull, os.O_RDONLY)
+        opened = [os.open(os.devnull, os.O_RDONLY)]
+        out_fd, out_read = _fd(stdout, 1, opened)
+        err_fd, err_read = (out_fd, None) if stderr == subprocess.STDOUT else _fd(stderr, 2, opened)
         env = dict(os.environ if env is None else env)
         request = {"kind": kind, "target": target, "argv": argv, "argv0": argv0, "cwd": str(cwd or os.getcwd()),
                    "env": env}
         self._connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._connection.connect(_address(env))
-        socket.send_fds(self._connection, [json.dumps(request).encode()], [null, out_fd, err_fd])
-        for fd, made in ((null, True), (out_fd, out_read is not None or stdout == subprocess.DEVNULL),
-                         (err_fd, err_read is not None or stderr == subprocess.DEVNULL)):
-            if made:
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
+        socket.send_fds(self._connection, [json.dumps(request).encode()], [opened[0], out_fd, err_fd])
+        for fd in opened:  # the child has its copies now
+            os.close(fd)
         self._replies = self._connection.makefile("r")
         self.pid = int(self._replies.readline())
         self.args, self.returncode = args, None

@@ -124,14 +124,14 @@ class Batcher:
             if queue is None or queue.served is not served:
                 queue = self._queues[key] = _Queue(served=served, signature_name=signature_name, batches=[])
             batches = queue.batches
-            pieces, opened = self._pieces(batches, rows)
-            if len(batches) + opened > self.options.max_enqueued_batches:  # TensorFlow Serving's words
+            pieces, joins_newest = self._pieces(batches, rows)
+            if len(batches) + len(pieces) - joins_newest > self.options.max_enqueued_batches:  # TensorFlow Serving's words
                 raise ServingError("The batch scheduling queue to which this task was submitted is full; "
                                    f"currently {len(batches)} batches enqueued and max_enqueued_batches is "
                                    f"{self.options.max_enqueued_batches}", code="UNAVAILABLE")
             tasks, start = [], 0
             for index, piece in enumerate(pieces):
-                if index > 0 or opened == len(pieces):  # the first piece goes to the newest batch when it fits
+                if index > 0 or not joins_newest:
                     batches.append(_Batch(opened=time.monotonic(), tasks=[]))
                 part = arrays if piece == rows else {name: array[start:start + piece] for name, array in arrays.items()}
                 tasks.append(_Task(arrays=part, rows=piece, future=concurrent.futures.Future()))
@@ -145,7 +145,7 @@ class Batcher:
         return {name: np.concatenate([answer[name] for answer in answers], axis=0) for name in answers[0]}
 
     def _pieces(self, batches, rows):
-        """([rows of each piece], how many batches they open) for a request of `rows` rows.
+        """([rows of each piece], whether the first joins the newest batch) for a request of `rows` rows.
 
         Without splitting the request is one piece, in the newest batch if it fits, else in a
         batch of its own. With it, a request that does not fit fills the newest batch with its
@@ -154,13 +154,13 @@ class Batcher:
         size = self.options.execution_batch_size
         room = size - batches[-1].rows if batches else 0
         if rows <= room:
-            return [rows], 0
+            return [rows], True
         if not self.options.enable_large_batch_splitting:
-            return [rows], 1
+            return [rows], False
         pieces = [room] if room > 0 else []
-        rest = rows - sum(pieces)
+        rest = rows - room
         pieces += [min(size, rest - start) for start in range(0, rest, size)]
-        return pieces, len(pieces) - (1 if room > 0 else 0)
+        return pieces, room > 0
 
     def queued(self):
         """How many requests wait in a batch not yet running."""

@@ -157,13 +157,11 @@ def options(*, parameters_file=None, **flags):
         if any(size < 1 for size in sizes) or list(sizes) != sorted(set(sizes)):
             raise UsageError(f"{where} must be increasing sizes of at least 1, received "
                              f"{','.join(map(str, sizes))}", option=_option(where))
-        if result.enable_large_batch_splitting and sizes[-1] != result.execution_batch_size:  # TensorFlow Serving's words
-            raise UsageError(f"{where}: last entry in allowed_batch_sizes must be equal to max_execution_batch_size; "
-                             f"last entry was {sizes[-1]}; expected {result.execution_batch_size}",
-                             option=_option(where))
-        if sizes[-1] != result.execution_batch_size:
-            raise UsageError(f"{where}: last entry in allowed_batch_sizes must match max_batch_size; last entry was "
-                             f"{sizes[-1]}; expected {result.max_batch_size}", option=_option(where))
+        if sizes[-1] != result.execution_batch_size:  # TensorFlow Serving's words, with and without splitting
+            rule = ("must be equal to max_execution_batch_size" if result.enable_large_batch_splitting
+                    else "must match max_batch_size")
+            raise UsageError(f"{where}: last entry in allowed_batch_sizes {rule}; last entry was {sizes[-1]}; "
+                             f"expected {result.execution_batch_size}", option=_option(where))
     return result
 
 
