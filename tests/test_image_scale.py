@@ -98,6 +98,48 @@ def test_a_file_damaged_after_the_check_is_skipped_named_and_the_epoch_keeps_its
     assert data.read_failures() == [str(victim)]
 
 
+def test_files_failing_apart_in_one_batch_and_at_the_end_are_each_named_once_and_left_out(tmp_path, capfd):
+    # Failures are found per batch (#25): two in one batch with a good file
+    # between them, and the epoch's last file, must each be named once, and
+    # the epoch is every other image in its order, as they decode undamaged.
+    data = datasets.load(str(photo_folder(tmp_path / "photos")), validation_fraction=0.2, test_fraction=0.2)
+    source = data.sources["train"]
+    undamaged = image_cache.build(source, sources.prepared(SIZE, 3), image_size=SIZE, channels=3, kind="memory")
+    order = pipeline.epoch_order(source, image_size=SIZE, channels=3, batch_size=6, seed=3, cache=None)
+    visited = [int(index) for _, index in order.indices(0).as_numpy_iterator()]
+    victims = [visited[1], visited[3], visited[-1]]
+    for index in victims:
+        pathlib.Path(source.paths[index]).write_bytes(b"\xff\xd8\xff" + bytes(200) + b"\xff\xd9")
+
+    batches = epoch_batches(order, 0)
+    assert len(batches) == order.steps_per_epoch
+    kept = [index for index in visited if index not in victims]
+    images = np.concatenate([images for images, _ in batches])[:len(kept)]
+    labels = np.concatenate([labels for _, labels in batches])[:len(kept)]
+    np.testing.assert_array_equal(images, undamaged.images[kept].astype(np.float32))
+    np.testing.assert_array_equal(labels, source.labels[kept])
+    err = capfd.readouterr().err
+    for index in victims:
+        assert err.count(f'dlsuite: skipped "{source.paths[index]}"') == 1
+    assert sorted(data.read_failures()) == sorted(str(source.paths[index]) for index in victims)
+
+
+def test_a_jpeg_whose_frame_follows_a_large_exif_block_is_checked_from_its_header(tmp_path):
+    # The check reads a JPEG's first 4 KB, then up to 64 KB when its frame
+    # header comes later (camera photos carry EXIF thumbnails first).
+    exif = Image.Exif()
+    exif[0x010E] = "x" * 20_000  # ImageDescription: 20 KB before the frame
+    image = Image.fromarray(np.full((30, 40, 3), (200, 30, 30), np.uint8))
+    path = tmp_path / "camera.jpg"
+    image.save(path, exif=exif)
+    assert path.read_bytes().find(b"\xff\xc0") > 20_000
+    assert file_checks.check_images([str(path)], strict=False)[0] == file_checks.FileCheck(
+        str(path), shape=(30, 40, 3), colour=True)
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes(path.read_bytes()[:-300])
+    assert file_checks.check_images([str(cut)], strict=False)[0].reason == "truncated JPEG"
+
+
 def test_the_manifest_is_reused_and_a_changed_file_is_checked_again(tmp_path):
     root = photo_folder(tmp_path / "photos")
     first = datasets.load(str(root))
@@ -113,7 +155,7 @@ def test_the_manifest_is_reused_and_a_changed_file_is_checked_again(tmp_path):
     third = datasets.load(str(root))
     assert "35 unchanged since the last check" in third.check_line
     assert dict(third.skipped) == {str(changed): "truncated PNG"}
-    assert manifest.read(path)[str(changed)][2] == ["truncated PNG"]
+    assert manifest.read(path)[str(changed)][2] == "truncated PNG"
 
 
 def test_checks_that_wait_on_the_disk_move_to_threads_with_the_same_verdicts_in_order(tmp_path, monkeypatch):
@@ -129,6 +171,38 @@ def test_checks_that_wait_on_the_disk_move_to_threads_with_the_same_verdicts_in_
     pooled = file_checks.check_images(paths, strict=False)
     assert [(c.path, c.reason, c.shape) for c in pooled] == [(c.path, c.reason, c.shape) for c in in_thread]
     assert [c.reason for c in pooled if c.reason] == ["truncated JPEG"]
+    with pytest.raises(file_checks.UsageError, match="007.jpg.*truncated JPEG.*strict mode"):
+        file_checks.check_images(paths, strict=True)
+
+
+_checked_in_this_process = file_checks._check_each
+_CHECKERS = []  # [the file the checking processes write their pids to]
+
+
+def _checked_in_a_child(files):
+    with open(_CHECKERS[0], "a") as log:
+        log.write(f"{os.getpid()}\n")
+    return _checked_in_this_process(files)
+
+
+def test_many_checks_in_the_page_cache_go_to_processes_with_the_same_verdicts_in_order(tmp_path, monkeypatch):
+    root = photo_folder(tmp_path / "photos", per_class=40)
+    (root / "class2" / "007.jpg").write_bytes((root / "class2" / "007.jpg").read_bytes()[:-40])
+    _, files = file_checks.list_class_files(str(root))
+    paths = [path for name in sorted(files) for path in files[name]]
+    in_thread = file_checks.check_images(paths, strict=False)
+    # Nothing waited on the disk, and enough files are left after the first chunk.
+    monkeypatch.setattr(file_checks, "CHECK_CHUNK", 20)
+    monkeypatch.setattr(file_checks, "PROCESS_MIN_FILES", 20)
+    monkeypatch.setattr(file_checks, "_processes", lambda: 2)
+    monkeypatch.setattr(file_checks, "_blocking_waits", lambda: 0)
+    monkeypatch.setattr(file_checks, "_check_each", _checked_in_a_child)
+    monkeypatch.setattr(sys.modules[__name__], "_CHECKERS", [tmp_path / "checkers"])
+    forked = file_checks.check_images(paths, strict=False)
+    assert forked == in_thread
+    checkers = set((tmp_path / "checkers").read_text().split())
+    assert checkers and str(os.getpid()) not in checkers  # other processes checked them
+    assert [c.reason for c in forked if c.reason] == ["truncated JPEG"]
     with pytest.raises(file_checks.UsageError, match="007.jpg.*truncated JPEG.*strict mode"):
         file_checks.check_images(paths, strict=True)
 

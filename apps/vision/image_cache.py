@@ -173,7 +173,7 @@ def build(source, prepare, *, image_size, channels, kind, cache_dir=None, label=
 def _fill(source, prepare, images, *, label):
     """Reads every example of `source` in index order into `images`, showing progress."""
     readable = np.zeros(len(images), dtype=bool)
-    stream = source.read(source.in_order(), prepare).batch(FILL_BATCH).prefetch(2)
+    stream = source.read_batches(source.in_order(), prepare, FILL_BATCH).prefetch(2)
     start = last = time.monotonic()
     done = 0
     for batch, _, indices in stream.as_numpy_iterator():

@@ -26,7 +26,8 @@ def path_for(root):
 
 
 def read(path):
-    """{file path: (size, mtime_ns, fields)} from a manifest; {} when there is none or it is unreadable."""
+    """{file path: (size, mtime_ns, verdict)} from a manifest, the verdict as
+    its line holds it (tab-separated fields); {} when there is none or it is unreadable."""
     entries = {}
     try:
         with open(path, encoding="utf-8", errors="surrogateescape") as file:
@@ -35,7 +36,7 @@ def read(path):
             for line in file:
                 parts = line.rstrip("\n").split("\t", 3)
                 try:
-                    entries[parts[0]] = (int(parts[1]), int(parts[2]), parts[3].split("\t"))
+                    entries[parts[0]] = (int(parts[1]), int(parts[2]), parts[3])
                 except (IndexError, ValueError):
                     continue  # a damaged line: that file is checked again
     except (OSError, UnicodeError):

@@ -124,7 +124,11 @@ def _reader(split, image_size, channels, batch_size, cache, *, service=None, in_
         return from_cache
     if split.random_access:
         def from_source(order):
-            examples = split.read(order, prepare, record=in_process and service is None).map(_without_index)
+            record = in_process and service is None
+            if service is None:
+                return split.read_batches(order, prepare, batch_size, record=record).map(
+                    _float_batch_of, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+            examples = split.read(order, prepare, record=record).map(_without_index)
             return _batched(_served(examples, service), batch_size, prefetch=False)
 
         return from_source
@@ -163,6 +167,11 @@ def _batched(examples, batch_size, *, prefetch=True):
 @_plain
 def _float_batch(images, labels):
     return _floats(images), tf.cast(labels, tf.int32)
+
+
+@_plain
+def _float_batch_of(images, labels, indices):
+    return _float_batch(images, labels)
 
 
 def _prepared_dataset(dataset, image_size, channels, cache):

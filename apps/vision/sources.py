@@ -43,9 +43,12 @@ def prepared(image_size, channels):
         if image.shape[-1] == 3 and channels == 1:
             image = tf.image.rgb_to_grayscale(image)
         if tuple(image.shape[:2]) != (height, width):
-            # Bilinear stays inside the input range; rounded, as the cache stores it.
+            # Rounded (half up), as the cache stores it. Bilinear weights are
+            # convex, so the result is within 0..255 up to float error, and
+            # adding 0.5 then casting (which truncates) rounds it: tf.round
+            # and a clip cost a sixth of a streamed image's CPU (#25).
             resized = tf.image.resize(image, (height, width), method="bilinear")
-            image = tf.cast(tf.round(tf.clip_by_value(resized, 0.0, 255.0)), tf.uint8)
+            image = tf.cast(resized + 0.5, tf.uint8)
         else:
             image = tf.ensure_shape(image, (height, width, image.shape[-1]))
         if image.shape[-1] == 1 and channels == 3:
@@ -114,6 +117,11 @@ class Source:
 
         return order.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
+    def read_batches(self, order, prepare, batch_size, *, record=True):
+        """`read` in batches of `batch_size`: (uint8 images (B, H, W, C), labels (B,), indices (B,))."""
+        return self.read(order, prepare, record=record).batch(int(batch_size), num_parallel_calls=tf.data.AUTOTUNE,
+                                                             deterministic=True)
+
     def in_order(self):
         """(position, index) of every example in index order."""
         return tf.data.Dataset.range(self.count).map(_twice)
@@ -179,9 +187,14 @@ class FileSource(Source):
                                    failures=self.failures)
 
     def read(self, order, prepare, *, record=True):
-        # The positions that come out are checked against the ones that went
-        # in: a gap is a file that failed, named then. An element at
-        # position `count` closes the gap of a failure at the very end.
+        return self.read_batches(order, prepare, 1, record=record).unbatch()
+
+    def read_batches(self, order, prepare, batch_size, *, record=True):
+        # The positions of each batch are checked against the ones that went
+        # in: a gap is a file that failed, named then. Per batch, not per
+        # image: a sequential check of every image cost a sixth of a
+        # streamed epoch's CPU at 50,000 photos. A last batch at position
+        # `count` closes the gaps of failures at the very end.
         labels = tf.constant(self.labels, tf.int32)
 
         @_plain
@@ -189,31 +202,40 @@ class FileSource(Source):
             return position, prepare(self.native(index)), tf.gather(labels, index), index
 
         loaded = order.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).ignore_errors()
-        position_spec, *rest = loaded.element_spec
-        end = tf.data.Dataset.from_tensors((tf.constant(self.count, tf.int64), *(
-            tf.zeros([1 if d is None else d for d in spec.shape], spec.dtype) for spec in rest)))
+        batched = loaded.batch(int(batch_size), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        position_spec, *rest = batched.element_spec
+        end = tf.data.Dataset.from_tensors((tf.constant([self.count], tf.int64), *(
+            tf.zeros([1, *(1 if d is None else d for d in spec.shape[1:])], spec.dtype) for spec in rest)))
         first = order.take(1).reduce(tf.constant(self.count, tf.int64), _first_position)
 
         @_plain
-        def check(expected, element):
-            missing = element[0] - expected
-            tf.cond(missing > 0, lambda: self._name_failures(order, expected - first, missing, record=record),
+        def check(expected, batch):
+            positions = batch[0]
+            gaps = positions[-1] + 1 - expected - tf.size(positions, tf.int64)
+            tf.cond(gaps > 0, lambda: self._name_failures(order, first, expected, positions, record=record),
                     lambda: tf.constant(0, tf.int64))
-            return element[0] + 1, element
+            return positions[-1] + 1, batch
 
         @_plain
-        def read_before_end(position, image, label, index):
-            return position < self.count
+        def read_before_end(positions, images, labels, indices):
+            return positions[0] < self.count
 
         @_plain
-        def without_position(position, image, label, index):
-            return image, label, index
+        def without_positions(positions, images, labels, indices):
+            return images, labels, indices
 
-        return loaded.concatenate(end).scan(first, check).filter(read_before_end).map(without_position)
+        return batched.concatenate(end).scan(first, check).filter(read_before_end).map(without_positions)
 
-    def _name_failures(self, order, skip, missing, *, record):
-        """Names the files at the `missing` positions after the first `skip` of `order`."""
+    def _name_failures(self, order, first, expected, positions, *, record):
+        """Names the files at the positions from `expected` to the last of
+        `positions` that are not in `positions`; `first`: `order`'s first position."""
         paths = self._paths
+        span = tf.range(expected, positions[-1] + 1)
+        missing = tf.boolean_mask(span, tf.reduce_all(span[:, None] != positions[None, :], axis=1))
+
+        @_plain
+        def at(position):
+            return order.skip(position - first).take(1)
 
         @_plain
         def report(total, pair):
@@ -224,7 +246,7 @@ class FileSource(Source):
                 tf.numpy_function(self._record, [path], [], stateful=True)
             return total + 1
 
-        return order.skip(skip).take(missing).reduce(tf.constant(0, tf.int64), report)
+        return tf.data.Dataset.from_tensor_slices(missing).flat_map(at).reduce(tf.constant(0, tf.int64), report)
 
     def _record(self, path):
         self.failures.add(path.decode("utf-8", "surrogateescape"))
