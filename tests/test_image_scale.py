@@ -158,12 +158,18 @@ def test_the_manifest_is_reused_and_a_changed_file_is_checked_again(tmp_path):
     assert manifest.read(path)[str(changed)][2] == "truncated PNG"
 
 
-def test_checks_that_wait_on_the_disk_move_to_threads_with_the_same_verdicts_in_order(tmp_path, monkeypatch):
+def _folder_with_a_truncated_jpeg_checked_in_this_thread(tmp_path):
+    """The 120 paths of a folder whose class2/007.jpg is cut short, and their checks in this thread."""
     root = photo_folder(tmp_path / "photos", per_class=40)
     (root / "class2" / "007.jpg").write_bytes((root / "class2" / "007.jpg").read_bytes()[:-40])
     _, files = file_checks.list_class_files(str(root))
     paths = [path for name in sorted(files) for path in files[name]]
     in_thread = file_checks.check_images(paths, strict=False)
+    return paths, in_thread
+
+
+def test_checks_that_wait_on_the_disk_move_to_threads_with_the_same_verdicts_in_order(tmp_path, monkeypatch):
+    paths, in_thread = _folder_with_a_truncated_jpeg_checked_in_this_thread(tmp_path)
     # A chunk whose every read blocked waited on the disk: the rest go to the pool.
     monkeypatch.setattr(file_checks, "CHECK_CHUNK", 20)
     blocked = iter(range(0, 10**6, 1000))
@@ -186,11 +192,7 @@ def _checked_in_a_child(files):
 
 
 def test_many_checks_in_the_page_cache_go_to_processes_with_the_same_verdicts_in_order(tmp_path, monkeypatch):
-    root = photo_folder(tmp_path / "photos", per_class=40)
-    (root / "class2" / "007.jpg").write_bytes((root / "class2" / "007.jpg").read_bytes()[:-40])
-    _, files = file_checks.list_class_files(str(root))
-    paths = [path for name in sorted(files) for path in files[name]]
-    in_thread = file_checks.check_images(paths, strict=False)
+    paths, in_thread = _folder_with_a_truncated_jpeg_checked_in_this_thread(tmp_path)
     # Nothing waited on the disk, and enough files are left after the first chunk.
     monkeypatch.setattr(file_checks, "CHECK_CHUNK", 20)
     monkeypatch.setattr(file_checks, "PROCESS_MIN_FILES", 20)
