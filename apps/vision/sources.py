@@ -32,8 +32,11 @@ RECORD_BUFFER_BYTES = 256 * 2**20
 MAX_RECORD_BUFFER = 10_000
 
 
-def prepared(image_size, channels):
-    """(uint8 image of any size and 1 or 3 channels) -> uint8 image at `image_size` with `channels`."""
+def prepared(image_size, channels, dtype=tf.uint8):
+    """(uint8 image of any size and 1 or 3 channels) -> image at `image_size`
+    with `channels`, as `dtype`: uint8 (what a cache stores), or float32
+    holding the same whole numbers (what a streamed epoch batches: no cast
+    to uint8 and back, a tenth of a streamed image's CPU at 224x224)."""
     height, width = image_size
 
     def prepare(image):
@@ -43,14 +46,14 @@ def prepared(image_size, channels):
         if image.shape[-1] == 3 and channels == 1:
             image = tf.image.rgb_to_grayscale(image)
         if tuple(image.shape[:2]) != (height, width):
-            # Rounded (half up), as the cache stores it. Bilinear weights are
-            # convex, so the result is within 0..255 up to float error, and
-            # adding 0.5 then casting (which truncates) rounds it: tf.round
-            # and a clip cost a sixth of a streamed image's CPU (#25).
-            resized = tf.image.resize(image, (height, width), method="bilinear")
-            image = tf.cast(resized + 0.5, tf.uint8)
+            # Rounded half up, as the cache stores it. Bilinear weights are
+            # convex, so the result is within 0..255 up to float error:
+            # adding 0.5 then truncating (the cast, or floor) rounds it
+            # (tf.round and a clip took a sixth of a streamed image's CPU, #25).
+            resized = tf.image.resize(image, (height, width), method="bilinear") + 0.5
+            image = tf.cast(resized, tf.uint8) if dtype == tf.uint8 else tf.floor(resized)
         else:
-            image = tf.ensure_shape(image, (height, width, image.shape[-1]))
+            image = tf.cast(tf.ensure_shape(image, (height, width, image.shape[-1])), dtype)
         if image.shape[-1] == 1 and channels == 3:
             image = tf.tile(image, [1, 1, 3])
         return image
@@ -194,7 +197,10 @@ class FileSource(Source):
         # in: a gap is a file that failed, named then. Per batch, not per
         # image: a sequential check of every image cost a sixth of a
         # streamed epoch's CPU at 50,000 photos. A last batch at position
-        # `count` closes the gaps of failures at the very end.
+        # `count` closes the gaps of failures at the very end; each batch
+        # is let out only when the next one has been checked, so that a
+        # reader that stops at the last batch (`epochs.fixed_steps` takes a
+        # count) still has every failure named.
         labels = tf.constant(self.labels, tf.int32)
 
         @_plain
@@ -206,25 +212,29 @@ class FileSource(Source):
         position_spec, *rest = batched.element_spec
         end = tf.data.Dataset.from_tensors((tf.constant([self.count], tf.int64), *(
             tf.zeros([1, *(1 if d is None else d for d in spec.shape[1:])], spec.dtype) for spec in rest)))
+        none_held = tuple(tf.zeros([0, *(1 if d is None else d for d in spec.shape[1:])], spec.dtype)
+                          for spec in batched.element_spec)
         first = order.take(1).reduce(tf.constant(self.count, tf.int64), _first_position)
 
         @_plain
-        def check(expected, batch):
+        def check(state, batch):
+            expected, held = state
             positions = batch[0]
             gaps = positions[-1] + 1 - expected - tf.size(positions, tf.int64)
             tf.cond(gaps > 0, lambda: self._name_failures(order, first, expected, positions, record=record),
                     lambda: tf.constant(0, tf.int64))
-            return positions[-1] + 1, batch
+            return (positions[-1] + 1, batch), held
 
         @_plain
-        def read_before_end(positions, images, labels, indices):
-            return positions[0] < self.count
+        def held_batch(positions, images, labels, indices):
+            return tf.size(positions) > 0
 
         @_plain
         def without_positions(positions, images, labels, indices):
             return images, labels, indices
 
-        return batched.concatenate(end).scan(first, check).filter(read_before_end).map(without_positions)
+        return (batched.concatenate(end).scan((first, none_held), check).filter(held_batch)
+                .map(without_positions))
 
     def _name_failures(self, order, first, expected, positions, *, record):
         """Names the files at the positions from `expected` to the last of
