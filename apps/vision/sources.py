@@ -196,11 +196,12 @@ class FileSource(Source):
         # The positions of each batch are checked against the ones that went
         # in: a gap is a file that failed, named then. Per batch, not per
         # image: a sequential check of every image cost a sixth of a
-        # streamed epoch's CPU at 50,000 photos. A last batch at position
-        # `count` closes the gaps of failures at the very end; each batch
-        # is let out only when the next one has been checked, so that a
-        # reader that stops at the last batch (`epochs.fixed_steps` takes a
-        # count) still has every failure named.
+        # streamed epoch's CPU at 50,000 photos. An end marker at position
+        # `count`, batched with the images, closes the gaps of failures at
+        # the very end: it rides in the epoch's last batch, or in one of its
+        # own that a reader stopping at its count of batches (epochs.fixed_steps)
+        # still reads, since a failure left room for it; so every failure is
+        # named before the batch after it comes out.
         labels = tf.constant(self.labels, tf.int32)
 
         @_plain
@@ -208,33 +209,33 @@ class FileSource(Source):
             return position, prepare(self.native(index)), tf.gather(labels, index), index
 
         loaded = order.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).ignore_errors()
-        batched = loaded.batch(int(batch_size), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        position_spec, *rest = batched.element_spec
-        end = tf.data.Dataset.from_tensors((tf.constant([self.count], tf.int64), *(
-            tf.zeros([1, *(1 if d is None else d for d in spec.shape[1:])], spec.dtype) for spec in rest)))
-        none_held = tuple(tf.zeros([0, *(1 if d is None else d for d in spec.shape[1:])], spec.dtype)
-                          for spec in batched.element_spec)
+        end = tf.data.Dataset.from_tensors(tuple(
+            tf.fill([1 if d is None else d for d in spec.shape], tf.constant(self.count, spec.dtype)) if i == 0
+            else tf.zeros([1 if d is None else d for d in spec.shape], spec.dtype)
+            for i, spec in enumerate(loaded.element_spec)))
+        batched = loaded.concatenate(end).batch(int(batch_size), num_parallel_calls=tf.data.AUTOTUNE,
+                                                deterministic=True)
         first = order.take(1).reduce(tf.constant(self.count, tf.int64), _first_position)
 
         @_plain
-        def check(state, batch):
-            expected, held = state
+        def check(expected, batch):
             positions = batch[0]
             gaps = positions[-1] + 1 - expected - tf.size(positions, tf.int64)
             tf.cond(gaps > 0, lambda: self._name_failures(order, first, expected, positions, record=record),
                     lambda: tf.constant(0, tf.int64))
-            return (positions[-1] + 1, batch), held
+            return positions[-1] + 1, batch
 
         @_plain
-        def held_batch(positions, images, labels, indices):
-            return tf.size(positions) > 0
+        def without_end(positions, images, labels, indices):
+            # A slice of the whole batch is no copy (StridedSlice's identity case).
+            kept = tf.size(positions) - tf.cast(positions[-1] >= self.count, tf.int32)
+            return images[:kept], labels[:kept], indices[:kept]
 
         @_plain
-        def without_positions(positions, images, labels, indices):
-            return images, labels, indices
+        def not_empty(images, labels, indices):
+            return tf.size(indices) > 0
 
-        return (batched.concatenate(end).scan((first, none_held), check).filter(held_batch)
-                .map(without_positions))
+        return batched.scan(first, check).map(without_end).filter(not_empty)
 
     def _name_failures(self, order, first, expected, positions, *, record):
         """Names the files at the positions from `expected` to the last of
