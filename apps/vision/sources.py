@@ -121,7 +121,7 @@ class Source:
         return order.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
     def read_batches(self, order, prepare, batch_size, *, record=True):
-        """`read` in batches of `batch_size`: (uint8 images (B, H, W, C), labels (B,), indices (B,))."""
+        """`read` in batches of `batch_size`: (images (B, H, W, C) as `prepare` makes them, labels (B,), indices (B,))."""
         return self.read(order, prepare, record=record).batch(int(batch_size), num_parallel_calls=tf.data.AUTOTUNE,
                                                              deterministic=True)
 
@@ -193,15 +193,13 @@ class FileSource(Source):
         return self.read_batches(order, prepare, 1, record=record).unbatch()
 
     def read_batches(self, order, prepare, batch_size, *, record=True):
-        # The positions of each batch are checked against the ones that went
-        # in: a gap is a file that failed, named then. Per batch, not per
-        # image: a sequential check of every image cost a sixth of a
-        # streamed epoch's CPU at 50,000 photos. An end marker at position
-        # `count`, batched with the images, closes the gaps of failures at
-        # the very end: it rides in the epoch's last batch, or in one of its
-        # own that a reader stopping at its count of batches (epochs.fixed_steps)
-        # still reads, since a failure left room for it; so every failure is
-        # named before the batch after it comes out.
+        # A gap in a batch's positions is a file that failed, named then (per
+        # batch: a check per image took a sixth of a streamed image's CPU).
+        # An end marker at position `count` is batched with the images to
+        # close the gap of failures at the very end: it rides in the last
+        # batch, or in one of its own within the epoch's count of batches
+        # (a failure left room for it), so a reader that stops at that count
+        # (`epochs.fixed_steps`) still has every failure named.
         labels = tf.constant(self.labels, tf.int32)
 
         @_plain
