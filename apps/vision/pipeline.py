@@ -127,11 +127,11 @@ def _reader(split, image_size, channels, batch_size, cache, *, service=None, in_
     prepare = sources.prepared(size, channels, tf.uint8 if service else tf.float32)
     if split.random_access:
         def from_source(order):
-            record = in_process and service is None
             if service is None:
-                return split.read_batches(order, prepare, batch_size, record=record).map(
+                return split.read_batches(order, prepare, batch_size, record=in_process).map(
                     _float_batch_of, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-            examples = split.read(order, prepare, record=record).map(_without_index)
+            # The service's workers read the files: failures are named in their processes.
+            examples = split.read(order, prepare, record=False).map(_without_index)
             return _batched(_served(examples, service), batch_size, prefetch=False)
 
         return from_source
