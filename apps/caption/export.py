@@ -107,6 +107,10 @@ def _write_saved_model(encoder, decoder, path, *, input_size, channels, beam_siz
     def pixels_of(image_bytes):
         return vision_export.decode_images(image_bytes, input_size, channels)
 
+    # One traced function that both caption endpoints call: the encoder and the beam search are
+    # traced once, not once per endpoint.
+    @tf.function(input_signature=[tf.TensorSpec((None,), tf.string), tf.TensorSpec((), tf.int32),
+                                  tf.TensorSpec((), tf.int32), tf.TensorSpec((), tf.float32)])
     def describe(image_bytes, beam, length, length_alpha):
         features = encoder(pixels_of(image_bytes), training=False)
         context, states = decoder.start(features)
