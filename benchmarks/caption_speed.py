@@ -127,7 +127,10 @@ def cached_vs_encoder(config, weights, *, work, repeats, mode):
         decoder = caption.make_decoder(config, vocabulary, mean=mean, variance=variance)
         model = caption_model.build_training_model(decoder, feature_shape=feature_shape,
                                                    caption_length=config.max_length + 1, encoder=encoder)
-        return _compile(model, config, steps_per_epoch=steps)
+        model = _compile(model, config, steps_per_epoch=steps)
+        if mode == "quick":
+            common.build_optimizers(model)
+        return model
 
     cached_model, encoder_model = training_model(None), training_model(base.model)
     stalls = []

@@ -121,6 +121,18 @@ def interleaved(runs, *, warmup, repeats):
     return rates
 
 
+def build_optimizers(*models):
+    """Creates each compiled model's optimizer variables now, for --quick runs.
+
+    Keras creates them while it traces the first training step, and TensorFlow then traces
+    that step a second time without them: a second of CPU or more a model, where a quick
+    run's steps take milliseconds. Full runs leave the step as the apps run it (the second
+    trace falls in their warm-up).
+    """
+    for model in models:
+        model.optimizer.build(model.trainable_variables)
+
+
 def matmul_rates(*, n=2048, chain=4, warmup=1, repeats=MIN_REPEATS, dtype="float32"):
     """FLOP/s of large matrix products (float32 unless `dtype` says otherwise), one figure per repeat.
 

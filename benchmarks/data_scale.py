@@ -1,7 +1,7 @@
 """Data at scale: how the image input pipeline's cost grows with the data (#25).
 
     python -m benchmarks.data_scale                       # 1,000, 10,000 and 50,000 photos, 224x224
-    python -m benchmarks.data_scale --quick               # 200 and 1,000 photos of 64x64, 64x64
+    python -m benchmarks.data_scale --quick               # 100 and 500 photos of 64x64, 64x64
     python -m benchmarks.data_scale --data-dir DIR        # keep the generated photos in DIR between runs
     python -m benchmarks.data_scale --sizes 1000,10000    # other sizes
     python -m benchmarks --only data_scale                # the same, rows into benchmarks/RESULTS.md
@@ -51,9 +51,10 @@ after a first run: ours then reuses what its first run left; Keras lists
 the files again.
 
 Each size runs MIN_REPEATS rounds of: reset, ours first run, Keras first
-run, ours second run, Keras second run, one process each, one at a time;
-before the rounds every file is read once so both sides find the files in
-the page cache. Rows (ratio = ours / Keras, of the medians):
+run, ours second run, Keras second run, one process each, one at a time
+(--quick: ours and Keras side by side); before the rounds every file is read
+once so both sides find the files in the page cache. Rows (ratio = ours /
+Keras, of the medians):
 
     data_scale_<N>_first_batch_run1 / _run2    seconds, lower is better
     data_scale_<N>_images_per_s_run1 / _run2   images/s, bar >= 1 (at least Keras's)
@@ -74,13 +75,16 @@ reason printed (Keras's figures are still printed). Before a size, ours'
 peak is extrapolated linearly from the two sizes before it; ours is skipped
 when that passes the cap or what the machine has available.
 
-`--quick` (200 and 1,000 photos of 64x64, read at 64x64) checks that the
+`--quick` (100 and 500 photos of 64x64, read at 64x64) checks that the
 benchmark runs and reports, not how fast. To keep it short (the image rows
 took 70 s on 2 cores shared with other work, the text rows 36 s more) its
 processes are forked from one that imported TensorFlow already (a
-multiprocessing forkserver) instead of paying the 6 s import each; a
+multiprocessing forkserver, which `python -m benchmarks --quick` starts
+beside an earlier benchmark) instead of paying the 6 s import each, and ours
+and Keras run side by side (each process's peak memory is still its own); a
 forked process counts only the pages it touches, so its peak memory is
-lower than a fresh process's.
+lower than a fresh process's. The text rows' processes are forked from the
+same server.
 
 Text: when `benchmarks/text_scale.py` exists, its `text_rows(sizes_mb=(10,
 100, 500), quick=...)` runs after the images (`--part text` alone) and its
@@ -91,10 +95,13 @@ they stay out of it (see `run_text`). Without the module a line says so.
 
 import argparse
 import concurrent.futures
+import gc
 import importlib.util
 import io
 import json
 import multiprocessing
+import multiprocessing.connection
+import multiprocessing.forkserver
 import os
 import re
 import shutil
@@ -110,7 +117,7 @@ import numpy as np
 from benchmarks import common
 
 FULL_SIZES = (1_000, 10_000, 50_000)
-QUICK_SIZES = (200, 1_000)
+QUICK_SIZES = (100, 500)  # two folders, small: each size is 20 measuring processes
 FULL_PHOTO = (320, 240)  # width, height of the generated files
 QUICK_PHOTO = (64, 64)
 FULL_IMAGE_SIZE = (224, 224)  # height, width the pipelines resize to
@@ -445,6 +452,10 @@ def _child_main(spec_json):
 
 def _forked_child(spec, connection):
     """A forkserver child's target: one measurement, sent back through `connection`."""
+    # The objects inherited from the server (TensorFlow's modules) stay out of the garbage
+    # collector's sight: its passes over them would copy their pages into this process (a
+    # measurement took 0.44 s instead of 0.19).
+    gc.freeze()
     try:
         connection.send({"ok": measure(spec)})
     except BaseException as error:  # noqa: BLE001 - reported to the parent as text
@@ -533,6 +544,27 @@ def common_root():
     return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def start_forkserver():
+    """Starts multiprocessing's forkserver that --quick forks its measurements (and text_scale's) from,
+    and returns its context. The server imports TensorFlow on its own while this process goes on."""
+    # TensorFlow's start-up chatter, once per process otherwise (the forkserver reads os.environ).
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    context = multiprocessing.get_context("forkserver")
+    # Also what each child would import (and, with PYTHONDONTWRITEBYTECODE, compile) again: this
+    # module, to unpickle its target, and the image cache ours builds.
+    context.set_forkserver_preload(
+        ["tensorflow", "keras", "dlsuite.apps.vision.datasets", "dlsuite.apps.vision.pipeline",
+         "dlsuite.apps.vision.image_cache", __name__])
+    multiprocessing.forkserver.ensure_running()
+    return context
+
+
+def start_early():
+    """`python -m benchmarks --quick` calls this beside an earlier benchmark: the forkserver's import
+    runs there."""
+    start_forkserver()
+
+
 class Runner:
     """Starts measurement processes and watches their memory."""
 
@@ -540,12 +572,8 @@ class Runner:
         self.fork = fork
         self.memory_cap = memory_cap
         self.scratch = scratch
-        self.context = None
-        if fork:
-            self.context = multiprocessing.get_context("forkserver")
-            self.context.set_forkserver_preload(
-                ["tensorflow", "keras", "dlsuite.apps.vision.datasets", "dlsuite.apps.vision.pipeline"])
-        # TensorFlow's start-up chatter, once per process otherwise (the forkserver reads os.environ).
+        self.context = start_forkserver() if fork else None
+        # TensorFlow's start-up chatter, once per process otherwise.
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         self.env = dict(os.environ)
 
@@ -573,7 +601,10 @@ class Runner:
                 if reason:
                     killed[i] = reason
                     child.kill()
-            time.sleep(POLL_SECONDS)
+            if self.fork:  # a forked child's result ends the wait at once
+                multiprocessing.connection.wait([c.receive for c in started if c.message is None], POLL_SECONDS)
+            else:
+                time.sleep(POLL_SECONDS)
         outcomes = []
         for i, child in enumerate(started):
             result, error = child.result()
@@ -602,8 +633,9 @@ def _meets(op, ratio, limit):
     return ratio <= limit if op == "<=" else ratio >= limit
 
 
-def measure_size(runner, *, folder, size, image_size, state_dir, repeats, skip_ours):
-    """MIN_REPEATS rounds of (reset, ours run1, keras run1, ours run2, keras run2).
+def measure_size(runner, *, folder, size, image_size, state_dir, repeats, skip_ours, side_by_side=False):
+    """MIN_REPEATS rounds of (reset, ours run1, keras run1, ours run2, keras run2); with
+    `side_by_side`, ours and Keras of a run at once.
 
     Returns ({(side, run): [result, ...]}, ours_skip_reason or None)."""
     samples = {(side, run): [] for side in SIDES for run in ("run1", "run2")}
@@ -619,7 +651,7 @@ def measure_size(runner, *, folder, size, image_size, state_dir, repeats, skip_o
             if run == "run1" and not skip:
                 ours_reset(folder, state_dir)
             specs = ([] if skip else [spec("ours", run)]) + [spec("keras", run)]
-            for group in [[s] for s in specs]:  # one process at a time
+            for group in [specs] if side_by_side else [[s] for s in specs]:  # else one process at a time
                 for s, (result, error, watched) in zip(group, runner.run(group)):
                     if result is None:
                         if s["side"] == "ours":
@@ -726,15 +758,16 @@ def run_images(args, *, mode):
     scratch = tempfile.mkdtemp(prefix="dlsuite-data-scale-state-")
     timings = {}
     try:
+        runner = Runner(fork=quick, memory_cap=memory_cap, scratch=scratch)  # its forkserver starts meanwhile
         start = time.perf_counter()
         generated = generate_pool(root, count=max(sizes), width=width, height=height)
         timings["generate"] = time.perf_counter() - start
         photo_info = {"width": width, "height": height, "jpeg_quality": JPEG_QUALITY, "classes": CLASSES,
                       "mean_kb": generated["mean_kb"]}
-        runner = Runner(fork=quick, memory_cap=memory_cap, scratch=scratch)
         config = {"image_size": list(image_size), "batch_size": BATCH_SIZE, "validation_fraction": VALIDATION_FRACTION,
                   "test_fraction": TEST_FRACTION, "repeats": common.MIN_REPEATS, "photo": f"{width}x{height} JPEG",
-                  "process": "forked from a forkserver (quick)" if quick else "fresh python process"}
+                  "process": "forked from a forkserver, ours and Keras side by side (quick)" if quick
+                  else "fresh python process"}
         ours_peaks, base_peaks = {}, {}
         for size in sorted(sizes):
             size_start = time.perf_counter()
@@ -756,7 +789,7 @@ def run_images(args, *, mode):
                 print(f"[data_scale] {skip}", flush=True)
             samples, skip = measure_size(runner, folder=folder, size=size, image_size=image_size,
                                          state_dir=os.path.join(scratch, "ours-xdg-cache"),
-                                         repeats=common.MIN_REPEATS, skip_ours=skip)
+                                         repeats=common.MIN_REPEATS, skip_ours=skip, side_by_side=quick)
             peak = report_size(samples, size=size, mode=mode, config=config, base_peaks=base_peaks,
                                photo_info=photo_info)
             if peak is not None:
@@ -821,14 +854,14 @@ def run_text(args, *, mode):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
-                        help="200 and 1,000 photos of 64x64: checks that the benchmark runs and reports, not how fast")
+                        help="100 and 500 photos of 64x64: checks that the benchmark runs and reports, not how fast")
     parser.add_argument("--part", action="append", choices=PARTS,
                         help=f"run only this part (repeatable; default all): {', '.join(PARTS)}")
     parser.add_argument("--data-dir", default=os.environ.get("DLSUITE_DATA_SCALE_DIR"),
                         help="keep the generated photos here between runs (default: a temporary folder, removed; "
                              "or $DLSUITE_DATA_SCALE_DIR)")
     parser.add_argument("--sizes", type=lambda text: [int(n) for n in text.split(",")],
-                        help="photo counts, comma-separated (default 1000,10000,50000; quick 200,1000)")
+                        help="photo counts, comma-separated (default 1000,10000,50000; quick 100,500)")
     parser.add_argument("--memory-cap-gb", type=float,
                         default=float(os.environ.get("DLSUITE_DATA_SCALE_MEMORY_CAP_GB", DEFAULT_MEMORY_CAP_GB)),
                         help="kill a measurement process above this resident memory and skip ours at that size "

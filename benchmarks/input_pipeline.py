@@ -74,7 +74,8 @@ FULL = (
     Setting(image_size=64, train_images=256, batch_size=32, model="resnet18", repeats=7),
     Setting(image_size=224, train_images=64, batch_size=32, model="resnet18"),
 )
-QUICK = (Setting(image_size=64, train_images=64, batch_size=16, model="lenet5"),)
+# No warm-up: --quick checks that the rows come out, and its first timed epochs may trace the step.
+QUICK = (Setting(image_size=64, train_images=64, batch_size=16, model="lenet5", warmup_repeats=0),)
 
 
 def write_folder(root, *, size, count, seed=0):
@@ -169,6 +170,8 @@ def measure(setting, *, mode, folder):
         optimizer=keras.optimizers.SGD(learning_rate=LEARNING_RATE, momentum=MOMENTUM),
         loss=keras.losses.SparseCategoricalCrossentropy(),
     )
+    if mode == "quick":
+        common.build_optimizers(model)
 
     last_step = _LastStep()
     stalls = {"folder_first": [], "folder_steady": [], "memory": []}

@@ -31,7 +31,7 @@ EMBEDDING = 64
 OPTIMIZER = "Adam(0.003, global_clipnorm=5)"
 
 
-def _app_model(units, *, steps_per_execution=1):
+def _app_model(units, *, mode, steps_per_execution=1):
     import keras
 
     from dlsuite import models
@@ -41,10 +41,12 @@ def _app_model(units, *, steps_per_execution=1):
     model.compile(optimizer=keras.optimizers.Adam(0.003, global_clipnorm=5.0),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   steps_per_execution=steps_per_execution)
+    if mode == "quick":
+        common.build_optimizers(model)
     return model
 
 
-def _keras_lstm(units, *, seq_len, unroll):
+def _keras_lstm(units, *, seq_len, unroll, mode):
     """The app's shape written with keras.layers.LSTM, whose `unroll` the builder leaves False."""
     import keras
 
@@ -57,6 +59,8 @@ def _keras_lstm(units, *, seq_len, unroll):
     ])
     model.compile(optimizer=keras.optimizers.Adam(0.003, global_clipnorm=5.0),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    if mode == "quick":
+        common.build_optimizers(model)
     return model
 
 
@@ -84,8 +88,8 @@ def _config(units, **fields):
 def unroll(*, units, batch, seq_len, steps, repeats, mode):
     x, y = _tokens(batch, seq_len)
     rates = common.interleaved({
-        "unrolled": _train_on_batch(_keras_lstm(units, seq_len=seq_len, unroll=True), x, y, steps),
-        "loop": _train_on_batch(_keras_lstm(units, seq_len=seq_len, unroll=False), x, y, steps),
+        "unrolled": _train_on_batch(_keras_lstm(units, seq_len=seq_len, unroll=True, mode=mode), x, y, steps),
+        "loop": _train_on_batch(_keras_lstm(units, seq_len=seq_len, unroll=False, mode=mode), x, y, steps),
     }, warmup=1, repeats=repeats)
     common.report(
         f"lstm_2x{units}_unroll_seq{seq_len}", ours=rates["unrolled"], reference=rates["loop"], mode=mode,
@@ -98,8 +102,8 @@ def unroll(*, units, batch, seq_len, steps, repeats, mode):
 def batch_size(*, units, batch, large_batch, seq_len, steps, repeats, mode):
     small, large = _tokens(batch, seq_len), _tokens(large_batch, seq_len)
     rates = common.interleaved({
-        "large": _train_on_batch(_app_model(units), *large, steps),
-        "default": _train_on_batch(_app_model(units), *small, steps),
+        "large": _train_on_batch(_app_model(units, mode=mode), *large, steps),
+        "default": _train_on_batch(_app_model(units, mode=mode), *small, steps),
     }, warmup=1, repeats=repeats)
     common.report(
         f"lstm_2x{units}_batch{large_batch}", ours=rates["large"], reference=rates["default"], mode=mode,
@@ -145,8 +149,8 @@ def steps_per_execution(*, units, batch, seq_len, steps, repeats, mode):
         return run
 
     rates = common.interleaved({
-        "grouped": epoch(_app_model(units, steps_per_execution=steps)),
-        "single": epoch(_app_model(units, steps_per_execution=1)),
+        "grouped": epoch(_app_model(units, mode=mode, steps_per_execution=steps)),
+        "single": epoch(_app_model(units, mode=mode, steps_per_execution=1)),
     }, warmup=1, repeats=repeats)
     common.report(
         f"lstm_2x{units}_steps_per_execution{steps}", ours=rates["grouped"], reference=rates["single"],
@@ -196,7 +200,7 @@ def pytorch(*, units, batch, seq_len, steps, repeats, mode):
         return steps * x.size
 
     rates = common.interleaved({
-        "keras": _train_on_batch(_app_model(units), x, y, steps),
+        "keras": _train_on_batch(_app_model(units, mode=mode), x, y, steps),
         "torch": torch_steps,
     }, warmup=1, repeats=repeats)
     common.report(

@@ -20,9 +20,10 @@ Result `memory_<model>_b<batch>`, in MiB:
 Ratio = estimate / measured: 1 is exact, above 1 the estimate errs on the
 safe side. The row's details split both into the persistent part and the
 step's peak (`memory_probe.compare`, of the median sample). Full mode runs
-the processes one after another; quick mode runs them side by side, which
-changes how long they take but not what each one holds (the resident set is
-per process).
+the processes one after another; quick mode runs them side by side, or
+(`python -m benchmarks --quick`) one after another beside earlier benchmarks,
+which changes how long they take but not what each one holds (the resident
+set is per process).
 """
 
 import concurrent.futures
@@ -69,15 +70,34 @@ def measure_steps(name, *, input_shape, classes, batch_size, processes, parallel
     return futures
 
 
+# The quick measurements `start_early` started, for main to collect.
+_early = None
+
+
+def start_early():
+    """`python -m benchmarks --quick` calls this beside an earlier benchmark: the measuring processes
+    import TensorFlow and measure there."""
+    global _early
+    name, input_shape, classes, batch_size = QUICK
+    # One at a time: they take the core the other benchmark leaves idle, not its own.
+    _early = measure_steps(name, input_shape=input_shape, classes=classes, batch_size=batch_size,
+                           processes=PROCESSES, parallel=False)
+
+
 def main(argv=None):
     from dlsuite.apps.diagnose import memory_probe
 
+    global _early
     args = common.parse_args(__doc__, argv)
     mode = "quick" if args.quick else "full"
     name, input_shape, classes, batch_size = QUICK if args.quick else FULL
-    # Started first: the children import TensorFlow while this process does.
-    futures = measure_steps(name, input_shape=input_shape, classes=classes, batch_size=batch_size,
-                            processes=PROCESSES, parallel=args.quick)
+    how = "side by side" if args.quick else "in turn"
+    if args.quick and _early is not None:
+        futures, _early, how = _early, None, "in turn, beside earlier benchmarks"
+    else:
+        # Started first: the children import TensorFlow while this process does.
+        futures = measure_steps(name, input_shape=input_shape, classes=classes, batch_size=batch_size,
+                                processes=PROCESSES, parallel=args.quick)
     estimated = estimate(name, input_shape=input_shape, classes=classes, batch_size=batch_size)
     runs = [future.result() for future in futures]
     # One sample per measured step: (its process's measurement, that step's peak).
@@ -92,7 +112,7 @@ def main(argv=None):
         f"memory_{name}_b{batch_size}", ours=[estimated["total"] / MIB] * len(totals), reference=totals, mode=mode,
         unit="MiB",
         config={"model": name, "input_shape": list(input_shape), "classes": classes, "batch_size": batch_size,
-                "optimizer": OPTIMIZER, "processes": PROCESSES, "run": "side by side" if args.quick else "in turn",
+                "optimizer": OPTIMIZER, "processes": PROCESSES, "run": how,
                 "warmup_steps": memory_probe.WARMUP_STEPS, "measured_steps": memory_probe.MEASURED_STEPS,
                 "meter": run["meter"]},
         estimate_mib={key: value / MIB for key, value in estimated.items()},

@@ -39,7 +39,9 @@ in-process side runs, and the other way round), and the rows report the
 requests per second and the p50 and p99 latency of every timed request.
 """
 
+import atexit
 import base64
+import concurrent.futures
 import http.client
 import io
 import json
@@ -328,18 +330,33 @@ def _png(pixels):
     return buffer.getvalue()
 
 
-def benchmark_model(name, *, requests, png_requests, repeats, mode, folder, batching_requests=None,
-                    grpc_requests=None):
-    """The rows of one model: JSON pixels at each client count, a PNG file at 1 client, gRPC against REST at
-    each client count of `grpc_requests`, then the batching server's rows."""
-    import tensorflow as tf
-
+def export_model(name, folder):
+    """Exports classifier `name` as version 1 into `folder`; returns the model's folder."""
     from dlsuite.apps.vision import export
 
-    size, channels, classes = MODELS[name]
+    _, _, classes = MODELS[name]
     export.export_classifier(_classifier(name), class_names=[f"class_{i}" for i in range(classes)],
                              name=name, base_dir=folder, version=1)
-    model_dir = pathlib.Path(folder) / name
+    return pathlib.Path(folder) / name
+
+
+def benchmark_model(name, *, requests, png_requests, repeats, mode, folder, batching_requests=None,
+                    grpc_requests=None, servers=None):
+    """The rows of one model: JSON pixels at each client count, a PNG file at 1 client, gRPC against REST at
+    each client count of `grpc_requests`, then the batching server's rows.
+
+    `servers`: `start_servers`' servers of the model exported in `folder`, used instead of exporting it
+    and starting each server when its rows come.
+    """
+    import tensorflow as tf
+
+    size, channels, classes = MODELS[name]
+    model_dir = pathlib.Path(folder) / name if servers else export_model(name, folder)
+    servers = servers or {}
+
+    def serving(extra=()):
+        return servers[extra].result() if extra in servers else ServerProcess(model_dir, name, extra=extra)
+
     signatures = tf.saved_model.load(str(model_dir / "1")).signatures
     pixels = np.random.default_rng(0).integers(0, 256, (size, size, channels), dtype=np.uint8)
     png = _png(pixels)
@@ -348,7 +365,7 @@ def benchmark_model(name, *, requests, png_requests, repeats, mode, folder, batc
     path = f"/v1/models/{name}:predict"
     body = json.dumps({"instances": [pixels.tolist()]}).encode()
     batch = tf.constant(pixels[np.newaxis])
-    server = ServerProcess(model_dir, name) if requests or png_requests or grpc_requests else None
+    server = serving() if requests or png_requests or grpc_requests else None
     try:
         # The same answer both ways, or the comparison means nothing.
         local = signatures["serving_default"](images=batch)["probabilities"].numpy()[0]
@@ -398,7 +415,7 @@ def benchmark_model(name, *, requests, png_requests, repeats, mode, folder, batc
         if server is not None:
             server.stop()
     if batching_requests:
-        server = ServerProcess(model_dir, name, extra=BATCHING_FLAGS)
+        server = serving(BATCHING_FLAGS)
         try:
             for clients, count in batching_requests.items():
                 compare(f"http_{name}_batching_c{clients}", port=server.port, path=path, body=body,
@@ -412,6 +429,37 @@ def benchmark_model(name, *, requests, png_requests, repeats, mode, folder, batc
                                                "in-process at batch 1, same pixels, same number of threads"})
         finally:
             server.stop()
+
+
+def start_servers(name, folder):
+    """Exports classifier `name` into `folder` and starts its servers on a thread, plain then with
+    BATCHING_FLAGS, each once the one before serves (each imports TensorFlow, which takes a core):
+    {their extra flags: a future of the serving ServerProcess}."""
+    model_dir = export_model(name, folder)
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    servers = {extra: pool.submit(ServerProcess, model_dir, name, extra) for extra in ((), BATCHING_FLAGS)}
+    pool.shutdown(wait=False)
+    return servers
+
+
+# --quick's LeNet-5 servers, started by `start_early`: (their temporary folder, `start_servers`' servers).
+_early = None
+
+
+def start_early():
+    """`python -m benchmarks --quick` calls this beside an earlier benchmark: the servers' imports of
+    TensorFlow, most of this benchmark's time, run there."""
+    global _early
+    folder = tempfile.TemporaryDirectory()
+    _early = folder, start_servers("lenet5", folder.name)
+    atexit.register(_stop_servers, _early[1])  # a run stopped before this benchmark's turn leaves none behind
+
+
+def _stop_servers(servers):
+    """Stops `start_servers`' servers that started (stopping one twice does nothing)."""
+    for server in servers.values():
+        if server.done() and server.exception() is None:
+            server.result().stop()
 
 
 def _predict_request(name, pixels):
@@ -439,16 +487,26 @@ def check_grpc(server, predict_request, local, *, name):
 
 
 def main(argv=None):
+    global _early
     args = common.parse_args(__doc__, argv, parts=PARTS)
     mode = "quick" if args.quick else "full"
     repeats = common.MIN_REPEATS if args.quick else 7
     rest_part, grpc_part = "http" in args.part, "grpc" in args.part
+    if args.quick:
+        if _early is None:
+            start_early()
+        (folder, servers), _early = _early, None
+        with folder:
+            try:
+                benchmark_model("lenet5", requests=QUICK_REQUESTS if rest_part else {}, png_requests=0,
+                                repeats=repeats, mode=mode, folder=folder.name, servers=servers,
+                                batching_requests=QUICK_BATCHING_REQUESTS if rest_part else {},
+                                grpc_requests=QUICK_GRPC_REQUESTS if grpc_part else {})
+            finally:
+                concurrent.futures.wait(servers.values())
+                _stop_servers(servers)  # those the rows did not need, or a failure left
+        return
     with tempfile.TemporaryDirectory() as folder:
-        if args.quick:
-            benchmark_model("lenet5", requests=QUICK_REQUESTS if rest_part else {}, png_requests=0, repeats=repeats,
-                            mode=mode, folder=folder, batching_requests=QUICK_BATCHING_REQUESTS if rest_part else {},
-                            grpc_requests=QUICK_GRPC_REQUESTS if grpc_part else {})
-            return
         for name in ("lenet5", "resnet50"):
             grpc_requests = GRPC_REQUESTS.get(name, {}) if grpc_part else {}
             if not rest_part and not grpc_requests:

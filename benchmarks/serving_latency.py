@@ -36,6 +36,7 @@ import tempfile
 import numpy as np
 
 from benchmarks import common
+from benchmarks.lm_speed import QUICK_TOKENS
 
 # (registry name, image size, channels, classes) of each benchmarked classifier.
 MODELS = {
@@ -254,7 +255,7 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as folder:
         if args.quick:
             classifier_latency("lenet5", calls=QUICK_CALLS, repeats=repeats, mode=mode, folder=folder)
-            generation(units=32, length=40, repeats=repeats, mode=mode, folder=folder)
+            generation(units=32, length=QUICK_TOKENS, repeats=repeats, mode=mode, folder=folder)
             return
         exports = {}
         for name in ("lenet5", "resnet50"):
