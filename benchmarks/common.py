@@ -87,6 +87,20 @@ def threads():
     }
 
 
+def forkserver(preload):
+    """multiprocessing's forkserver context, its server started now (it imports `preload` on its own
+    while this process goes on). A process has one server: `preload` counts only for the first call,
+    later ones share the server that call started."""
+    import multiprocessing.forkserver
+
+    # TensorFlow's start-up chatter, once per forked process otherwise (the server reads os.environ).
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(list(preload))
+    multiprocessing.forkserver.ensure_running()
+    return context
+
+
 def interleaved(runs, *, warmup, repeats):
     """Times each callable of `runs`, alternating between them repeat by repeat.
 

@@ -101,7 +101,6 @@ import io
 import json
 import multiprocessing
 import multiprocessing.connection
-import multiprocessing.forkserver
 import os
 import re
 import shutil
@@ -547,16 +546,10 @@ def common_root():
 def start_forkserver():
     """Starts multiprocessing's forkserver that --quick forks its measurements (and text_scale's) from,
     and returns its context. The server imports TensorFlow on its own while this process goes on."""
-    # TensorFlow's start-up chatter, once per process otherwise (the forkserver reads os.environ).
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    context = multiprocessing.get_context("forkserver")
     # Also what each child would import (and, with PYTHONDONTWRITEBYTECODE, compile) again: this
     # module, to unpickle its target, and the image cache ours builds.
-    context.set_forkserver_preload(
-        ["tensorflow", "keras", "dlsuite.apps.vision.datasets", "dlsuite.apps.vision.pipeline",
-         "dlsuite.apps.vision.image_cache", __name__])
-    multiprocessing.forkserver.ensure_running()
-    return context
+    return common.forkserver(["tensorflow", "keras", "dlsuite.apps.vision.datasets", "dlsuite.apps.vision.pipeline",
+                              "dlsuite.apps.vision.image_cache", __name__])
 
 
 def start_early():

@@ -28,7 +28,6 @@ import argparse
 import concurrent.futures
 import gc
 import json
-import multiprocessing
 import os
 import resource
 import subprocess
@@ -96,8 +95,7 @@ def run_child(path, *, cache_dir, level, fork=False):
     """`data_step` in a fresh Python process, or with `fork` one forked from multiprocessing's
     forkserver: (its result, its peak resident MiB, its wall seconds)."""
     if fork:
-        context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(["dlsuite.apps.lm.task"])  # for a server not started yet
+        context = common.forkserver(["dlsuite.apps.lm.task"])  # data_scale's, when it started one first
         started = time.perf_counter()
         # One worker for one task: every run is a process of its own.
         with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
