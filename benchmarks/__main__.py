@@ -30,7 +30,7 @@ import traceback
 from benchmarks import common
 
 # Benchmark modules in this package, run in this order; a new one is one entry.
-BENCHMARKS = ("train_throughput", "input_pipeline", "lm_speed", "lstm_tuning", "serving_latency", "serving_http",
+BENCHMARKS = ("train_throughput", "bfloat16", "input_pipeline", "lm_speed", "lstm_tuning", "serving_latency", "serving_http",
               "caption_speed",
               "checkpoint_cost",
               "startup", "memory", "model_parallel",

@@ -101,17 +101,19 @@ def _language_model(torch, cell, *, units, layers, vocab_size):
 
 
 def _trainer(torch, *, cell, units, layers, vocab_size, tokens, targets, lr=0.003, clipnorm=5.0):
-    """Adam, gradients clipped to a global norm of 5, cross-entropy on every step: the Keras side's recipe."""
+    """Adam, gradients clipped to a global norm of 5, cross-entropy on every step: the Keras side's
+    recipe; each run's `precision` "bfloat16" runs the forward pass under CPU autocast."""
     model = _language_model(torch, cell, units=units, layers=layers, vocab_size=vocab_size).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     x = torch.tensor(tokens, dtype=torch.int64)  # (batch, time)
     y = torch.tensor(targets, dtype=torch.int64)
 
-    def run(steps):
+    def run(steps, precision="float32"):
         for _ in range(steps):
             optimizer.zero_grad()
-            logits, _ = model(x)
-            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, vocab_size), y.reshape(-1))
+            with _precision(torch, precision):
+                logits, _ = model(x)
+            loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, vocab_size), y.reshape(-1))
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), clipnorm)
             optimizer.step()
@@ -138,6 +140,110 @@ def _sampler(torch, *, cell, units, layers, vocab_size, start_id, temperature=0.
     return run
 
 
+def _resnet50(torch, classes):
+    """ResNet-50 as keras.applications builds it (v1: the stride on each stage's first 1x1)."""
+    nn = torch.nn
+
+    def conv_bn(inputs, outputs, kernel, stride=1, relu=True):
+        layers = [nn.Conv2d(inputs, outputs, kernel, stride, padding=kernel // 2, bias=False),
+                  nn.BatchNorm2d(outputs, eps=1.001e-5)]
+        return nn.Sequential(*layers, nn.ReLU(inplace=True)) if relu else nn.Sequential(*layers)
+
+    class Bottleneck(nn.Module):
+        def __init__(self, inputs, filters, stride):
+            super().__init__()
+            self.residual = nn.Sequential(conv_bn(inputs, filters, 1, stride), conv_bn(filters, filters, 3),
+                                          conv_bn(filters, 4 * filters, 1, relu=False))
+            self.shortcut = (conv_bn(inputs, 4 * filters, 1, stride, relu=False)
+                             if stride != 1 or inputs != 4 * filters else nn.Identity())
+
+        def forward(self, x):
+            return torch.relu(self.residual(x) + self.shortcut(x))
+
+    blocks, inputs = [], 64
+    for stage, (filters, count) in enumerate(((64, 3), (128, 4), (256, 6), (512, 3))):
+        for index in range(count):
+            blocks.append(Bottleneck(inputs, filters, 2 if index == 0 and stage > 0 else 1))
+            inputs = 4 * filters
+    return nn.Sequential(conv_bn(3, 64, 7, 2), nn.MaxPool2d(3, 2, padding=1), *blocks,
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2048, classes))
+
+
+def _vgg16(torch, classes, image_size):
+    """VGG-16 as keras.applications builds it with its top: 13 3x3 convolutions, 4096, 4096, classes."""
+    nn = torch.nn
+    layers, inputs = [], 3
+    for filters, count in ((64, 2), (128, 2), (256, 3), (512, 3), (512, 3)):
+        for _ in range(count):
+            layers += [nn.Conv2d(inputs, filters, 3, padding=1), nn.ReLU(inplace=True)]
+            inputs = filters
+        layers.append(nn.MaxPool2d(2))
+    side = image_size // 32
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(512 * side * side, 4096), nn.ReLU(inplace=True),
+                         nn.Linear(4096, 4096), nn.ReLU(inplace=True), nn.Linear(4096, classes))
+
+
+CNNS = {"resnet50": lambda torch, classes, size: _resnet50(torch, classes), "vgg16": _vgg16}
+
+
+def _precision(torch, precision):
+    """The context a step runs in: float32 as it is, or CPU autocast to bfloat16."""
+    import contextlib
+
+    if precision == "bfloat16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    if precision != "float32":
+        raise ValueError(f"precision must be float32 or bfloat16, not {precision!r}")
+    return contextlib.nullcontext()
+
+
+def _cnn(torch, *, model, image_size, batch, classes, seed=0):
+    """The CNN in channels_last (oneDNN's fast layout on CPU) and a fixed batch of synthetic images."""
+    torch.manual_seed(seed)
+    network = CNNS[model](torch, classes, image_size).to(memory_format=torch.channels_last)
+    images = torch.rand(batch, 3, image_size, image_size).contiguous(memory_format=torch.channels_last)
+    return network, images
+
+
+def _cnn_trainer(torch, *, model, image_size, batch, classes, lr=0.01, momentum=0.9):
+    """SGD with momentum 0.9 and cross-entropy, as the Keras side trains (train_throughput)."""
+    network, images = _cnn(torch, model=model, image_size=image_size, batch=batch, classes=classes)
+    network.train()
+    labels = torch.randint(0, classes, (batch,))
+    optimizer = torch.optim.SGD(network.parameters(), lr=lr, momentum=momentum)
+
+    def run(steps, precision="float32"):
+        for _ in range(steps):
+            optimizer.zero_grad()
+            with _precision(torch, precision):
+                logits = network(images)
+            loss = torch.nn.functional.cross_entropy(logits.float(), labels)
+            loss.backward()
+            optimizer.step()
+        loss.item()
+        return steps * batch
+
+    return run
+
+
+def _cnn_predictor(torch, *, model, image_size, batch, classes):
+    """Inference of one batch: eval mode, no autograd, softmax of the logits."""
+    network, images = _cnn(torch, model=model, image_size=image_size, batch=batch, classes=classes)
+    network.eval()
+
+    def run(calls, precision="float32"):
+        with torch.inference_mode(), _precision(torch, precision):
+            for _ in range(calls):
+                probabilities = torch.softmax(network(images).float(), dim=-1)
+        probabilities.sum().item()
+        return calls * batch
+
+    return run
+
+
+RUNNERS = {"train": _trainer, "generate": _sampler, "train_cnn": _cnn_trainer, "predict_cnn": _cnn_predictor}
+
+
 def serve():
     """The worker's loop: one JSON request per stdin line, one JSON answer per stdout line."""
     import torch
@@ -151,7 +257,7 @@ def serve():
                 answer = {"torch": torch.__version__, "torch_threads": torch.get_num_threads()}
             elif op == "setup":
                 task = request.pop("task")
-                runner = (_trainer if task == "train" else _sampler)(torch, **request)
+                runner = RUNNERS[task](torch, **request)
                 answer = {"ok": True}
             else:
                 start, cpu_start = time.perf_counter(), time.process_time()

@@ -15,7 +15,7 @@ import keras
 from keras import layers
 
 from dlsuite.models.errors import ArgumentError
-from dlsuite.models.layers import Maxout
+from dlsuite.models.layers import BatchNormalization, Maxout
 
 ACTIVATIONS = ("relu", "leaky_relu", "elu", "tanh", "sigmoid", "maxout")
 
@@ -155,7 +155,8 @@ def conv_block(
         name=name,
     )(x)
     if knobs.batch_norm:
-        x = layers.BatchNormalization(epsilon=bn_epsilon, name=bn_name or f"{name}_bn")(x)
+        # Ours (the fused kernel) after a conv; Keras's after a Dense (2-D, where it gains nothing).
+        x = BatchNormalization(epsilon=bn_epsilon, name=bn_name or f"{name}_bn")(x)
     if activate and fused is None:
         x = knobs.activation_layer(x, name=act_name or f"{name}_{knobs.activation}")
     return x

@@ -31,8 +31,14 @@ XLA on the gate arithmetic alone and one TensorArray for all that the forward
 loop keeps (fewer loop variables) no faster.
 
 The math is Keras's: gates (i, f, c, o) for the LSTM, (z, r, h) with the
-reset gate after the recurrent matmul for the GRU; tests/test_rnn.py checks
-outputs and gradients against the stock layers on the same weights.
+reset gate after the recurrent matmul for the GRU; tests/test_fused_rnn.py
+checks outputs and gradients against the stock layers on the same weights.
+
+Under mixed_bfloat16 (issue 28) the matmuls run in bfloat16 and the state,
+the gate arithmetic and the gradients carried back through time in float32
+(`_matmul`); Keras's own layer keeps all of it in bfloat16. 2x512 LSTM and
+GRU training on a 2-core AMD EPYC with AVX512-BF16, `python -m benchmarks
+--only bfloat16 --part rnn`: docs/scaling.md.
 """
 
 import os
@@ -43,6 +49,24 @@ import tensorflow as tf
 
 def _no_gpu():
     return not tf.config.list_logical_devices("GPU")
+
+
+def _state_dtype(compute_dtype):
+    """The dtype the loops keep the state, the gates and their gradients in."""
+    return "float32" if compute_dtype in ("bfloat16", "float16") else compute_dtype
+
+
+def _matmul(a, b, **kwargs):
+    """a @ b computed in b's dtype, returned in a's.
+
+    Under mixed_bfloat16 the weights come in bfloat16 and the state, the gates
+    and their gradients stay float32: the matmuls are where bfloat16 pays
+    (oneDNN runs them natively, accumulating in float32), while the cell
+    state carried over a hundred steps, and the gradient carried back over
+    them, would lose a bit at every step in bfloat16's 8-bit mantissa. In
+    float32 both casts are no-ops.
+    """
+    return tf.cast(tf.matmul(tf.cast(a, b.dtype), b, **kwargs), a.dtype)
 
 
 # ---------------------------------------------------------------------------
@@ -66,7 +90,7 @@ def _lstm_forward(xw, h0, c0, recurrent_kernel):
     steps = tf.shape(xw)[0]
 
     def body(t, h, c, hs, cs, gates):
-        z = xw[t] + tf.matmul(h, recurrent_kernel)  # (batch, 4 units)
+        z = xw[t] + _matmul(h, recurrent_kernel)  # (batch, 4 units)
         i, f, g, o = tf.split(z, 4, axis=1)
         i, f, g, o = tf.sigmoid(i), tf.sigmoid(f), tf.tanh(g), tf.sigmoid(o)
         c = f * c + i * g
@@ -101,7 +125,7 @@ def _lstm_backward(dhs, dh_last, dc_last, c0, cs, gates, recurrent_kernel):
             dc * i * (1.0 - g * g),
             dh * tanh_c * o * (1.0 - o),
         ], axis=1)  # (batch, 4 units)
-        return t - 1, tf.matmul(dz, recurrent_t), dc * f, dzs.write(t, dz)
+        return t - 1, _matmul(dz, recurrent_t), dc * f, dzs.write(t, dz)
 
     _, dh0, dc0, dzs = tf.while_loop(
         lambda t, *_: t >= 0, body,
@@ -113,7 +137,11 @@ def _lstm_backward(dhs, dh_last, dc_last, c0, cs, gates, recurrent_kernel):
 
 
 def _lstm_sequence(x, h0, c0, kernel, recurrent_kernel, bias):
-    """(batch, time, features) -> hs (batch, time, units), h_T, c_T; with its gradient."""
+    """(batch, time, features) -> hs (batch, time, units), h_T, c_T; with its gradient.
+
+    x, the states and the kernels in the layer's compute dtype, the bias in
+    `_state_dtype`'s, which the loops keep (see `_matmul`).
+    """
 
     @tf.custom_gradient
     def run(x, h0, c0, kernel, recurrent_kernel, bias):
@@ -121,24 +149,27 @@ def _lstm_sequence(x, h0, c0, kernel, recurrent_kernel, bias):
         units4 = tf.shape(kernel)[1]
         x_tm = tf.transpose(x, [1, 0, 2])  # (time, batch, features)
         x_rows = tf.reshape(x_tm, [-1, features])  # (time * batch, features)
-        xw = tf.reshape(tf.matmul(x_rows, kernel) + bias, [steps, batch, units4])
-        hs, cs, gates = _lstm_forward(xw, h0, c0, recurrent_kernel)
+        xw = tf.reshape(tf.cast(tf.matmul(x_rows, kernel), bias.dtype) + bias, [steps, batch, units4])
+        h0_, c0_ = tf.cast(h0, bias.dtype), tf.cast(c0, bias.dtype)
+        hs, cs, gates = _lstm_forward(xw, h0_, c0_, recurrent_kernel)
 
         def grad(d_out, d_h_last, d_c_last):
-            d_out = tf.zeros_like(hs) if d_out is None else tf.transpose(d_out, [1, 0, 2])
-            d_h_last = tf.zeros_like(h0) if d_h_last is None else d_h_last
-            d_c_last = tf.zeros_like(c0) if d_c_last is None else d_c_last
-            dzs, dh0, dc0 = _lstm_backward(d_out, d_h_last, d_c_last, c0, cs, gates, recurrent_kernel)
+            d_out = tf.zeros_like(hs) if d_out is None else tf.cast(tf.transpose(d_out, [1, 0, 2]), hs.dtype)
+            d_h_last = tf.zeros_like(h0_) if d_h_last is None else tf.cast(d_h_last, hs.dtype)
+            d_c_last = tf.zeros_like(c0_) if d_c_last is None else tf.cast(d_c_last, hs.dtype)
+            dzs, dh0, dc0 = _lstm_backward(d_out, d_h_last, d_c_last, c0_, cs, gates, recurrent_kernel)
             dz_rows = tf.reshape(dzs, [-1, units4])  # (time * batch, 4 units)
-            h_prev = tf.reshape(tf.concat([h0[None], hs[:-1]], axis=0), [-1, tf.shape(h0)[1]])
-            d_kernel = tf.matmul(x_rows, dz_rows, transpose_a=True)
-            d_recurrent = tf.matmul(h_prev, dz_rows, transpose_a=True)
+            dz_low = tf.cast(dz_rows, kernel.dtype)  # the weight matmuls in the kernels' dtype
+            h_prev = tf.reshape(tf.concat([h0_[None], hs[:-1]], axis=0), [-1, tf.shape(h0)[1]])
+            d_kernel = tf.matmul(x_rows, dz_low, transpose_a=True)
+            d_recurrent = tf.matmul(tf.cast(h_prev, kernel.dtype), dz_low, transpose_a=True)
             d_bias = tf.reduce_sum(dz_rows, axis=0)
-            dx = tf.transpose(tf.reshape(tf.matmul(dz_rows, kernel, transpose_b=True), [steps, batch, features]),
+            dx = tf.transpose(tf.reshape(tf.matmul(dz_low, kernel, transpose_b=True), [steps, batch, features]),
                               [1, 0, 2])
-            return dx, dh0, dc0, d_kernel, d_recurrent, d_bias
+            return dx, tf.cast(dh0, h0.dtype), tf.cast(dc0, c0.dtype), d_kernel, d_recurrent, d_bias
 
-        return (tf.transpose(hs, [1, 0, 2]), hs[-1], cs[-1]), grad
+        outputs = tf.cast(tf.transpose(hs, [1, 0, 2]), x.dtype)
+        return (outputs, tf.cast(hs[-1], x.dtype), tf.cast(cs[-1], x.dtype)), grad
 
     return run(x, h0, c0, kernel, recurrent_kernel, bias)
 
@@ -155,7 +186,7 @@ def _gru_forward(xw, h0, recurrent_kernel, recurrent_bias):
     steps = tf.shape(xw)[0]
 
     def body(t, h, hs, saved):
-        inner = tf.matmul(h, recurrent_kernel) + recurrent_bias  # (batch, 3 units)
+        inner = _matmul(h, recurrent_kernel) + recurrent_bias  # (batch, 3 units)
         x_z, x_r, x_h = tf.split(xw[t], 3, axis=1)
         r_z, r_r, r_h = tf.split(inner, 3, axis=1)
         z = tf.sigmoid(x_z + r_z)
@@ -188,7 +219,7 @@ def _gru_backward(dhs, dh_last, h0, hs, saved, recurrent_kernel):
         d_a_r = d_a_h * r_h * r * (1.0 - r)
         d_inner = tf.concat([d_a_z, d_a_r, d_a_h * r], axis=1)
         d_x = tf.concat([d_a_z, d_a_r, d_a_h], axis=1)
-        dh_prev = tf.matmul(d_inner, recurrent_t) + dh * z
+        dh_prev = _matmul(d_inner, recurrent_t) + dh * z
         return t - 1, dh_prev, d_xs.write(t, d_x), d_inners.write(t, d_inner)
 
     shape = tf.TensorShape([dhs.shape[1], None])
@@ -202,31 +233,37 @@ def _gru_backward(dhs, dh_last, h0, hs, saved, recurrent_kernel):
 
 
 def _gru_sequence(x, h0, kernel, recurrent_kernel, bias):
-    """(batch, time, features) -> hs (batch, time, units), h_T; with its gradient."""
+    """(batch, time, features) -> hs (batch, time, units), h_T; with its gradient.
+
+    Dtypes as in `_lstm_sequence`: the loops keep the bias's.
+    """
 
     @tf.custom_gradient
     def run(x, h0, kernel, recurrent_kernel, bias):
         batch, steps, features = tf.shape(x)[0], tf.shape(x)[1], tf.shape(x)[2]
         units3 = tf.shape(kernel)[1]
         x_rows = tf.reshape(tf.transpose(x, [1, 0, 2]), [-1, features])  # (time * batch, features)
-        xw = tf.reshape(tf.matmul(x_rows, kernel) + bias[0], [steps, batch, units3])
-        hs, saved = _gru_forward(xw, h0, recurrent_kernel, bias[1])
+        xw = tf.reshape(tf.cast(tf.matmul(x_rows, kernel), bias.dtype) + bias[0], [steps, batch, units3])
+        h0_ = tf.cast(h0, bias.dtype)
+        hs, saved = _gru_forward(xw, h0_, recurrent_kernel, bias[1])
 
         def grad(d_out, d_h_last):
-            d_out = tf.zeros_like(hs) if d_out is None else tf.transpose(d_out, [1, 0, 2])
-            d_h_last = tf.zeros_like(h0) if d_h_last is None else d_h_last
-            d_xs, d_inners, dh0 = _gru_backward(d_out, d_h_last, h0, hs, saved, recurrent_kernel)
+            d_out = tf.zeros_like(hs) if d_out is None else tf.cast(tf.transpose(d_out, [1, 0, 2]), hs.dtype)
+            d_h_last = tf.zeros_like(h0_) if d_h_last is None else tf.cast(d_h_last, hs.dtype)
+            d_xs, d_inners, dh0 = _gru_backward(d_out, d_h_last, h0_, hs, saved, recurrent_kernel)
             d_x_rows = tf.reshape(d_xs, [-1, units3])
             d_inner_rows = tf.reshape(d_inners, [-1, units3])
-            h_prev = tf.reshape(tf.concat([h0[None], hs[:-1]], axis=0), [-1, tf.shape(h0)[1]])
-            d_kernel = tf.matmul(x_rows, d_x_rows, transpose_a=True)
-            d_recurrent = tf.matmul(h_prev, d_inner_rows, transpose_a=True)
+            d_x_low = tf.cast(d_x_rows, kernel.dtype)  # the weight matmuls in the kernels' dtype
+            h_prev = tf.reshape(tf.concat([h0_[None], hs[:-1]], axis=0), [-1, tf.shape(h0)[1]])
+            d_kernel = tf.matmul(x_rows, d_x_low, transpose_a=True)
+            d_recurrent = tf.matmul(tf.cast(h_prev, kernel.dtype), tf.cast(d_inner_rows, kernel.dtype),
+                                    transpose_a=True)
             d_bias = tf.stack([tf.reduce_sum(d_x_rows, axis=0), tf.reduce_sum(d_inner_rows, axis=0)])
-            dx = tf.transpose(tf.reshape(tf.matmul(d_x_rows, kernel, transpose_b=True), [steps, batch, features]),
+            dx = tf.transpose(tf.reshape(tf.matmul(d_x_low, kernel, transpose_b=True), [steps, batch, features]),
                               [1, 0, 2])
-            return dx, dh0, d_kernel, d_recurrent, d_bias
+            return dx, tf.cast(dh0, h0.dtype), d_kernel, d_recurrent, d_bias
 
-        return (tf.transpose(hs, [1, 0, 2]), hs[-1]), grad
+        return (tf.cast(tf.transpose(hs, [1, 0, 2]), x.dtype), tf.cast(hs[-1], x.dtype)), grad
 
     return run(x, h0, kernel, recurrent_kernel, bias)
 
@@ -333,7 +370,8 @@ class FusedLSTM(keras.layers.LSTM):
         if self.go_backwards:
             x = tf.reverse(x, axis=[1])
         dtype = x.dtype
-        weights = [tf.cast(w, dtype) for w in (self.cell.kernel, self.cell.recurrent_kernel, self.cell.bias)]
+        weights = [tf.cast(w, dtype) for w in (self.cell.kernel, self.cell.recurrent_kernel)]
+        weights.append(tf.cast(self.cell.bias, _state_dtype(dtype)))
         outputs, h, c = _split_batch(
             lambda x, h0, c0: _lstm_sequence(x, h0, c0, *weights),
             [x, tf.cast(initial_state[0], dtype), tf.cast(initial_state[1], dtype)], _batch_parts(x))
@@ -356,7 +394,8 @@ class FusedGRU(keras.layers.GRU):
         if self.go_backwards:
             x = tf.reverse(x, axis=[1])
         dtype = x.dtype
-        weights = [tf.cast(w, dtype) for w in (self.cell.kernel, self.cell.recurrent_kernel, self.cell.bias)]
+        weights = [tf.cast(w, dtype) for w in (self.cell.kernel, self.cell.recurrent_kernel)]
+        weights.append(tf.cast(self.cell.bias, _state_dtype(dtype)))
         outputs, h = _split_batch(lambda x, h0: _gru_sequence(x, h0, *weights),
                                   [x, tf.cast(initial_state, dtype)], _batch_parts(x))
         _static_shapes(x, [(h, initial_state)], outputs, units=self.units)

@@ -18,6 +18,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 # benchmark module -> results its quick run must print (it may print more).
 EXPECTED = {
     "train_throughput": {"train_vgg16"},
+    "bfloat16": {"train_vgg16_bf16_vs_keras_f32", "train_vgg16_bf16_vs_f32", "train_lstm_2x32_bf16_vs_f32",
+                 "train_gru_2x32_bf16_vs_f32", "serve_lenet5_b1_bf16_vs_f32", "serve_lenet5_b4_bf16_vs_f32"},
     "input_pipeline": {"pipeline_64_first_epoch", "pipeline_64_steady", "decode_64"},
     "lm_speed": {"generate_stateful_vs_prefix", "generate_export_vs_stateful", "train_lstm_2x32", "train_gru_2x32"},
     "lstm_tuning": {"lstm_2x32_unroll_seq10", "lstm_2x32_batch32", "lstm_2x32_steps_per_execution4"},
@@ -33,8 +35,12 @@ EXPECTED = {
                    for figure in ("first_batch", "images_per_s", "peak_memory") for run in ("run1", "run2")},
 }
 # PyTorch is the reference of these rows where it is installed (`pip install -e ".[bench]"`).
-TORCH_ROWS = {"generate_stateful_vs_torch", "generate_export_vs_torch", "train_lstm_2x32_vs_torch",
-              "train_gru_2x32_vs_torch"}
+TORCH_ROWS = {
+    "lm_speed": {"generate_stateful_vs_torch", "generate_export_vs_torch", "train_lstm_2x32_vs_torch",
+                 "train_gru_2x32_vs_torch"},
+    "bfloat16": {"train_vgg16_bf16_vs_torch", "train_lstm_2x32_bf16_vs_torch_autocast",
+                 "train_gru_2x32_bf16_vs_torch_autocast"},
+}
 KEYS = {
     "name", "benchmark", "mode", "ours", "reference", "ratio", "unit", "ours_samples",
     "reference_samples", "config", "versions", "cores", "cpu", "command", "date",
@@ -77,7 +83,8 @@ def test_quick_run_prints_every_result_with_its_fields(quick_run):
     from benchmarks import torch_reference
 
     if torch_reference.available():
-        assert TORCH_ROWS <= names["lm_speed"]
+        for benchmark, expected in TORCH_ROWS.items():
+            assert expected <= names[benchmark], f"{benchmark} printed {names[benchmark]}"
 
 
 def test_without_torch_the_torch_rows_are_skipped_with_a_message(monkeypatch, capsys):

@@ -25,7 +25,7 @@ import os
 import pathlib
 import shutil
 
-from dlsuite.apps.core import train_args, versions
+from dlsuite.apps.core import export_precision, train_args, versions
 from dlsuite.apps.core.errors import UsageError
 
 # What a finished or stopped run leaves; a run that has it is not resumed.
@@ -44,6 +44,15 @@ def check_outputs(config):
     if config.export is not None:
         versions.check_export_name(config.export)
     versions.check_export_dir(config.export_dir)
+
+
+def _check_export_precision(config, policy):
+    """Refuses, before training, a bfloat16 export of a model that will not train in bfloat16."""
+    if config.no_export or config.export_precision != "bfloat16" or policy == "mixed_bfloat16":
+        return
+    raise UsageError(f"--export-precision bfloat16 needs a model trained in mixed_bfloat16, and this run trains in "
+                     f"{policy}: pass --mixed-precision on (bfloat16 on a CPU), or --export-precision float32",
+                     option="export_precision")
 
 
 def check_resumable(run_dir):
@@ -137,6 +146,7 @@ def run(task, *, run_dir=None):
     engine.set_seed(config.seed, deterministic=device == "cpu")
     precision = engine.set_precision(config.mixed_precision, device,
                                      recorded=recorded_precision(run_dir) if run_dir is not None else None)
+    _check_export_precision(config, precision.policy)
     task.load_data()
     batch_size = task.batch_size(config.batch_size or engine.default_batch_size(device))
 
@@ -315,8 +325,9 @@ def finish(task, model, trained, *, run_dir, batches):
         metrics.setdefault("validation_loss", min(trained.history["val_loss"]))
     if len(trained.phase_epochs) > 1:
         metrics["phases"] = trained.phase_epochs
-    metrics["export"] = None if config.no_export else str(
-        task.export(model, figures, name=config.export, base_dir=config.export_dir))
+    metrics["export"] = None if config.no_export else str(task.export(
+        export_precision.in_precision(model, config.export_precision), figures, name=config.export,
+        base_dir=config.export_dir))
     rundir.write_json(run_dir / METRICS_FILE, metrics)
     _drop_checkpoints(trained)
     print(f"{task.report(metrics)}; run dir {run_dir}" + (f"; export {metrics['export']}" if metrics["export"] else ""))

@@ -7,7 +7,7 @@ them speak the same language. Also the option types other commands share
 import argparse
 import dataclasses
 
-from dlsuite.apps.core import choices
+from dlsuite.apps.core import choices, export_precision
 from dlsuite.apps.core.errors import UsageError
 
 
@@ -232,6 +232,10 @@ def add_training_arguments(parser, *, app, epochs, optimizer="adam", clip_norm=N
     output.add_argument("--out", help=f"run directory (default runs/{app}/<timestamp>)")
     output.add_argument("--export", help=f"SavedModel name under --export-dir (default {export_default})")
     output.add_argument("--export-dir", default="saved_models")
+    output.add_argument("--export-precision", choices=export_precision.CHOICES, default="float32",
+                        help="what the export's graph computes in (its signatures take and give float32 either "
+                             "way): float32 (default), which any server runs at full speed; bfloat16, for a model "
+                             "trained in mixed_bfloat16 and a server that computes bfloat16 natively")
     output.add_argument("--no-export", action="store_true")
     if resumable:
         output.add_argument("--resume", metavar="RUN_DIR",
@@ -304,6 +308,7 @@ class TrainingConfig:
     out: str | None = None
     export: str | None = None
     export_dir: str = "saved_models"
+    export_precision: str = "float32"
     no_export: bool = False
 
 
