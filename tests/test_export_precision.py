@@ -56,6 +56,28 @@ def test_a_mixed_model_becomes_a_float32_copy_with_the_same_weights_and_head(bfl
     np.testing.assert_allclose(copy.predict(tokens, verbose=0), model.predict(tokens, verbose=0), atol=0.02)
 
 
+@keras.saving.register_keras_serializable(package="test_export_precision")
+class _Wrapper(keras.layers.Layer):
+    """Makes its sublayer without passing its dtype on, as the caption decoder does."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.inner = keras.layers.Dense(3)
+
+    def call(self, x):
+        return self.inner(x)
+
+
+def test_sublayers_a_custom_layer_makes_are_float32_too(bfloat16_policy):
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, _Wrapper(name="wrapper")(inputs))
+    model.predict(np.zeros((1, 4)), verbose=0)
+    assert model.get_layer("wrapper").inner.compute_dtype == "bfloat16"
+    copy = export_precision.in_precision(model, "float32")
+    assert copy.get_layer("wrapper").inner.compute_dtype == "float32"
+    assert keras.mixed_precision.global_policy().name == "mixed_bfloat16"  # the run's policy is left as it was
+
+
 def test_bfloat16_is_refused_for_a_float32_model():
     model = models.build("lenet5", input_shape=(32, 32, 1), classes=3)
     with pytest.raises(UsageError, match="cannot export 'lenet5' in bfloat16: it computes in float32"):

@@ -403,12 +403,15 @@ class CaptionTask(task.Task):
         return f"captioning {self.data.name}"
 
     def encoder_decoder(self, model):
-        """(encoder, decoder) of a trained training model."""
+        """(encoder, decoder) of a trained training model, both in the precision `model` computes in
+        (the export's float32 copy of a model trained in bfloat16 takes a float32 copy of the frozen encoder)."""
+        from dlsuite.apps.core import export_precision
         from dlsuite.apps.vision import backbones
 
         decoder = model.get_layer("caption_decoder")
-        encoder = model.get_layer(backbones.BACKBONE_LAYER) if self.config.fine_tune_encoder else self.base.model
-        return encoder, decoder
+        if self.config.fine_tune_encoder:
+            return model.get_layer(backbones.BACKBONE_LAYER), decoder
+        return export_precision.in_precision(self.base.model, export_precision.compute_precision(model)), decoder
 
     def evaluate(self, model, run_dir):
         from dlsuite.apps.caption import data as caption_data, decode as caption_decode

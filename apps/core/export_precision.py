@@ -48,8 +48,15 @@ def in_precision(model, precision):
                          "--mixed-precision on (or auto, on a CPU with native bfloat16), or export in float32.")
     import keras  # here, not at the top: the command line imports CHOICES before TensorFlow starts
 
-    # The variables are float32 under every policy: only the layers' compute dtype changes.
-    copy = keras.saving.deserialize_keras_object(_in_float32(keras.saving.serialize_keras_object(model)))
+    # The variables are float32 under every policy: only the layers' compute dtype changes. The
+    # global policy too, for the sublayers a custom layer makes without passing its own dtype on.
+    serialized = _in_float32(keras.saving.serialize_keras_object(model))
+    global_policy = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("float32")
+    try:
+        copy = keras.saving.deserialize_keras_object(serialized)
+    finally:
+        keras.mixed_precision.set_global_policy(global_policy)
     copy.set_weights(model.get_weights())
     return copy
 
