@@ -127,16 +127,8 @@ def cnn_training(name, setting, *, mode, peaks):
         return run
 
     runs = {side: step(model) for side, model in sides.items()}
-    worker = torch_reference.TorchWorker.start(who="bfloat16")
-    if worker is not None:
-        worker.setup("train_cnn", model=name, image_size=size, batch=batch, classes=classes)
-        for precision in ("float32", "bfloat16"):
-            runs[f"torch_{precision}"] = functools.partial(worker.run, steps=1, precision=precision)
-    try:
-        rates = common.interleaved(runs, warmup=setting["warmup"], repeats=setting["repeats"])
-    finally:
-        if worker is not None:
-            worker.close()
+    rates, torch_info = _interleaved_with_torch(runs, setting, "train_cnn", model=name, image_size=size, batch=batch,
+                                                classes=classes)
     peaks["bfloat16"] += common.matmul_rates(n=MATMUL_SIZE[mode], dtype="bfloat16")
     peak = max(peaks["bfloat16"])
     flops = summary.flops(sides["ours_f32"])
@@ -157,10 +149,10 @@ def cnn_training(name, setting, *, mode, peaks):
     common.report(f"train_{name}_bf16_vs_f32", ours=rates["ours_bf16"], reference=rates["ours_f32"], mode=mode,
                   config=config, ours_label=ours_label, reference_label="the same model built in float32",
                   details=details, **fields)
-    if worker is not None:
+    if torch_info is not None:
         torch_side = _faster(rates, "torch_float32", "torch_bfloat16")
         common.report(f"train_{name}_bf16_vs_torch", ours=rates["ours_bf16"], reference=rates[torch_side],
-                      mode=mode, bar=bars.get("torch"), config={**config, **worker.info}, ours_label=ours_label,
+                      mode=mode, bar=bars.get("torch"), config={**config, **torch_info}, ours_label=ours_label,
                       reference_label=(f"PyTorch {name} (own process, channels_last), the faster of float32 and "
                                        f"autocast bfloat16: {torch_side.removeprefix('torch_')}"),
                       details=details, **fields)
@@ -201,17 +193,8 @@ def rnn_training(cell, setting, *, mode):
         return run
 
     runs = {side: step(side, model) for side, model in sides.items()}
-    worker = torch_reference.TorchWorker.start(who="bfloat16")
-    if worker is not None:
-        worker.setup("train", cell=cell, units=units, layers=2, vocab_size=vocab_size, tokens=x.tolist(),
-                     targets=y.tolist())
-        for precision in ("float32", "bfloat16"):
-            runs[f"torch_{precision}"] = functools.partial(worker.run, steps=1, precision=precision)
-    try:
-        rates = common.interleaved(runs, warmup=setting["warmup"], repeats=setting["repeats"])
-    finally:
-        if worker is not None:
-            worker.close()
+    rates, torch_info = _interleaved_with_torch(runs, setting, "train", cell=cell, units=units, layers=2,
+                                                vocab_size=vocab_size, tokens=x.tolist(), targets=y.tolist())
     shape = f"2x{units}"
     config = {**setting, "cell": cell, "optimizer": "Adam(0.003, global_clipnorm=5)",
               "step": "train_on_batch on one fixed batch"}
@@ -226,10 +209,10 @@ def rnn_training(cell, setting, *, mode):
                   mode=mode, unit="tokens/s", bar=bars.get("f32"), config=config, ours_label=ours_label,
                   reference_label="the same model in float32 (today's default on this CPU)", details=details,
                   **fields)
-    if worker is not None:
+    if torch_info is not None:
         common.report(f"train_{cell}_{shape}_bf16_vs_torch_autocast", ours=rates["ours_bf16"],
                       reference=rates["torch_bfloat16"], mode=mode, unit="tokens/s", bar=bars.get("torch"),
-                      config={**config, **worker.info}, ours_label=ours_label,
+                      config={**config, **torch_info}, ours_label=ours_label,
                       reference_label=f"PyTorch nn.{cell.upper()} (own process) under torch.autocast bfloat16",
                       torch_float32=statistics.median(rates["torch_float32"]), details=details, **fields)
 
@@ -285,7 +268,8 @@ def serving(setting, *, mode, folder):
             fields = {"latency_ms": latency, "max_abs_difference": difference, "same_top1": same_top1}
             details = (f"batch {batch}: " + ", ".join(f"{side} {ms:.1f} ms" for side, ms in latency.items())
                        + f"; bfloat16 graph's probabilities within {difference:.2g} of float32's, "
-                         f"top-1 the same for {same_top1:.0%}")
+                         f"top-1 the same for {same_top1:.0%} (untrained weights, so this says little: "
+                         f"docs/scaling.md has a trained model's accuracy both ways)")
             ours_label = f"the classify export of {name}, its graph in bfloat16 (built under mixed_bfloat16)"
             common.report(f"serve_{name}_b{batch}_bf16_vs_f32", ours=rates["bf16"], reference=rates["f32"],
                           mode=mode, config=row_config, ours_label=ours_label,
@@ -301,6 +285,21 @@ def serving(setting, *, mode, folder):
         if worker is not None:
             worker.close()
     keras.backend.clear_session()
+
+
+def _interleaved_with_torch(runs, setting, task, **setup):
+    """`runs` interleaved with, where PyTorch is installed, its model for `task` in float32 and
+    under autocast (one worker process, one model); returns (rates, the worker's info or None)."""
+    worker = torch_reference.TorchWorker.start(who="bfloat16")
+    if worker is None:
+        return common.interleaved(runs, warmup=setting["warmup"], repeats=setting["repeats"]), None
+    try:
+        worker.setup(task, **setup)
+        for precision in ("float32", "bfloat16"):
+            runs[f"torch_{precision}"] = functools.partial(worker.run, steps=1, precision=precision)
+        return common.interleaved(runs, warmup=setting["warmup"], repeats=setting["repeats"]), worker.info
+    finally:
+        worker.close()
 
 
 def _rnn_in_own_process():

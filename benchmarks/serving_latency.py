@@ -53,6 +53,7 @@ QUICK_CALLS = {1: 1, 4: 1}
 KERAS_SCRIPT = """
 import sys
 import keras
+import dlsuite.models  # registers the registry's layers (its batch norm), as loading any .keras of ours needs
 import numpy as np
 from PIL import Image
 model = keras.saving.load_model(sys.argv[1])
