@@ -5,7 +5,7 @@ A model trained under `mixed_bfloat16` (or `mixed_float16`) computes in
 server without native bfloat16 emulates it, several times slower than
 float32. So an export computes in float32 by default, from a copy of the
 model built under the float32 policy with the same weights; its signatures
-take and give float32 either way. `bfloat16` keeps the `mixed_bfloat16`
+are the same either way. `bfloat16` keeps the `mixed_bfloat16`
 graph of a model trained in it, for a server that computes bfloat16
 natively (docs/scaling.md, `python -m benchmarks.bfloat16 --part serving`).
 

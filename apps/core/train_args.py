@@ -233,9 +233,9 @@ def add_training_arguments(parser, *, app, epochs, optimizer="adam", clip_norm=N
     output.add_argument("--export", help=f"SavedModel name under --export-dir (default {export_default})")
     output.add_argument("--export-dir", default="saved_models")
     output.add_argument("--export-precision", choices=export_precision.CHOICES, default="float32",
-                        help="what the export's graph computes in (its signatures take and give float32 either "
-                             "way): float32 (default), which any server runs at full speed; bfloat16, for a model "
-                             "trained in mixed_bfloat16 and a server that computes bfloat16 natively")
+                        help="what the export's graph computes in (its signatures are the same either way): "
+                             "float32 (default), which any server runs at full speed; bfloat16, for a model trained "
+                             "in mixed_bfloat16 and a server that computes bfloat16 natively")
     output.add_argument("--no-export", action="store_true")
     if resumable:
         output.add_argument("--resume", metavar="RUN_DIR",
