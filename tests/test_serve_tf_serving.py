@@ -98,12 +98,17 @@ def test_metadata_still_declares_the_graphs_shape(served):
     assert x["dtype"] == "DT_FLOAT" and [d["size"] for d in x["tensor_shape"]["dim"]] == ["-1", "1"]
 
 
+# The words of TensorFlow's MatMul kernel for a vector, which differ by CPU: Eigen's, and oneDNN's
+# on a CPU with AVX-512 (a 2-D and a 1-D input; the Keras model's Dense, 1-D against its kernel).
+NOT_A_MATRIX = r"different ndims|In\[0\] ndims must be >= 2|In\[0\] is not a matrix"
+
+
 @pytest.mark.parametrize("path, body, message", [
     # Refused by the graph: MatMul takes matrices only, of matching sizes.
-    (HALF_PLUS_TWO, {"signature_name": "matmul", "instances": [1.0, 2.0, 5.0]}, "different ndims"),
+    (HALF_PLUS_TWO, {"signature_name": "matmul", "instances": [1.0, 2.0, 5.0]}, NOT_A_MATRIX),
     (HALF_PLUS_TWO, {"signature_name": "matmul", "inputs": [[1.0, 2.0, 5.0]]}, "Matrix size-incompatible"),
     (f"/v1/models/{KERAS_MODEL}:predict", {"instances": [[1, 2]]}, "Matrix size-incompatible"),
-    (f"/v1/models/{KERAS_MODEL}:predict", {"instances": [1, 2, 3]}, "different ndims"),
+    (f"/v1/models/{KERAS_MODEL}:predict", {"instances": [1, 2, 3]}, NOT_A_MATRIX),
     # Refused before the graph, as TensorFlow Serving's json_tensor.cc refuses it: the dtype is the signature's.
     (HALF_PLUS_TWO, {"instances": ["a", "b"]}, "is not of expected type: DT_FLOAT"),
     (HALF_PLUS_TWO, {"instances": [[1.0], [2.0, 3.0]]}, "unexpected size"),
@@ -111,7 +116,7 @@ def test_metadata_still_declares_the_graphs_shape(served):
 def test_what_the_graph_refuses_is_a_400_with_its_own_words(served, path, body, message):
     status, answer = call(served, path, body)
     assert status == 400, answer
-    assert set(answer) == {"error"} and message in answer["error"], answer
+    assert set(answer) == {"error"} and re.search(message, answer["error"]), answer
     # The kernel's words, without eager's preamble, the graph node or the op name.
     assert not re.search(r"Graph execution error|Detected at node|\[\[|\[Op:", answer["error"]), answer
     # The server goes on.
