@@ -32,6 +32,7 @@ the figures then say nothing about this issue, and the run says so first.
     python -m benchmarks.bfloat16 [--quick] [--part cnn|rnn|serving]
 """
 
+import contextlib
 import functools
 import statistics
 import subprocess
@@ -68,11 +69,18 @@ def _native_bfloat16():
     return cpu_features.bfloat16().native
 
 
-def _policy(policy):
-    """Sets Keras's global dtype policy; a model keeps the one it was built under."""
+@contextlib.contextmanager
+def _built_under(policy):
+    """Keras's global dtype policy `policy` inside the block, the previous one after: a model
+    built inside keeps `policy`."""
     import keras
 
+    previous = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy(policy)
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
 
 
 def _compiled_cnn(build):
@@ -107,14 +115,11 @@ def cnn_training(name, setting, *, mode, peaks):
     reference_builder = {"resnet50": keras.applications.ResNet50, "vgg16": keras.applications.VGG16}[name]
     keras.utils.set_random_seed(0)
     sides = {}
-    _policy("float32")
-    sides["ours_f32"] = _compiled_cnn(lambda: models.build(name, input_shape=shape, classes=classes, weights=None))
-    sides["keras_f32"] = _compiled_cnn(lambda: reference_builder(weights=None, input_shape=shape, classes=classes))
-    _policy(BF16)
-    try:
+    with _built_under("float32"):
+        sides["ours_f32"] = _compiled_cnn(lambda: models.build(name, input_shape=shape, classes=classes, weights=None))
+        sides["keras_f32"] = _compiled_cnn(lambda: reference_builder(weights=None, input_shape=shape, classes=classes))
+    with _built_under(BF16):
         sides["ours_bf16"] = _compiled_cnn(lambda: models.build(name, input_shape=shape, classes=classes, weights=None))
-    finally:
-        _policy("float32")
     if mode == "quick":
         common.build_optimizers(*sides.values())
     images = tf.random.stateless_uniform((batch, *shape), seed=(0, 1))
@@ -173,12 +178,9 @@ def rnn_training(cell, setting, *, mode):
     y = rng.integers(2, vocab_size, (batch, seq_len)).astype("int32")
     sides = {}
     for side, policy in (("ours_f32", "float32"), ("ours_bf16", BF16)):
-        _policy(policy)
-        try:
+        with _built_under(policy):
             keras.utils.set_random_seed(0)
             model = _app_model(cell, units=units, vocab_size=vocab_size)
-        finally:
-            _policy("float32")
         model.compile(optimizer=keras.optimizers.Adam(0.003, global_clipnorm=5.0),
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
         sides[side] = model
@@ -229,11 +231,8 @@ def serving(setting, *, mode, folder):
     size, channels, classes = MODELS[name]
     class_names = [f"class_{i}" for i in range(classes)]
     model = _classifier(name)
-    _policy(BF16)
-    try:
+    with _built_under(BF16):
         bf16_model = _classifier(name)
-    finally:
-        _policy("float32")
     bf16_model.set_weights(model.get_weights())
     signatures = {}
     for side, built in (("f32", model), ("bf16", bf16_model)):

@@ -14,6 +14,7 @@ one JSON answer per line, timed inside the worker, so
     items, seconds = worker.run(steps=1)
 """
 
+import contextlib
 import importlib.util
 import json
 import subprocess
@@ -188,8 +189,6 @@ CNNS = {"resnet50": lambda torch, classes, size: _resnet50(torch, classes), "vgg
 
 def _precision(torch, precision):
     """The context a step runs in: float32 as it is, or CPU autocast to bfloat16."""
-    import contextlib
-
     if precision == "bfloat16":
         return torch.autocast("cpu", dtype=torch.bfloat16)
     if precision != "float32":
