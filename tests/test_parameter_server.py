@@ -16,7 +16,7 @@ import pytest
 import tensorflow as tf
 
 import zygote
-from dlsuite.apps.core import distribute, parameter_server
+from dlsuite.apps.core import distribute
 from dlsuite.apps.core.errors import UsageError
 
 TASK_SCRIPT = str(pathlib.Path(__file__).with_name("ps_cluster_task.py"))
@@ -165,10 +165,14 @@ def test_cluster_trains_through_a_killed_worker(tmp_path):
 # at least distribute.MIN_SHARD_BYTES); 1x256 took half as long again and learned no better.
 LM = ["lm", "train", "--max-chars", "200000", "--layers", "1", "--units", "192", "--lr", "0.01", "--batch-size", "32",
       "--seq-len", "50", "--epochs", "3", "--seed", "3"]
+# LM's validation loss in one process, float32: `dlsuite lm train` with LM and --mixed-precision off,
+# 1.9179 on a Zen 4 EPYC (2026-12-08) as on the machine before. A measured constant, not a run in the
+# test: that run took 10 to 15 s of the suite, and one process learning is test_lm.py's to check.
+ONE_PROCESS_LOSS = 1.918
 
 
 def test_an_lm_on_two_parameter_servers_loses_one_resumes_and_learns_as_one_process_does(tmp_path):
-    """1 chief, 2 workers, 2 ps, against the same run in one process.
+    """1 chief, 2 workers, 2 ps, against the same run in one process (ONE_PROCESS_LOSS).
 
     Parameter server 1 is SIGKILLed during epoch 2: the chief stops with one
     line; a new cluster with `--resume` finishes the run from the last
@@ -178,11 +182,6 @@ def test_an_lm_on_two_parameter_servers_loses_one_resumes_and_learns_as_one_proc
     (docs/scaling.md); a one-worker cluster gave the one-process loss to 4
     decimals. At 1x192, one process: 1.918 (1.946 at 1x256 on the same machine).
     """
-    from dlsuite.apps import cli
-
-    assert cli.main([*LM, "--no-export", "--out", str(tmp_path / "one")]) == 0
-    alone = json.loads((tmp_path / "one" / "metrics.json").read_text())["validation_loss"]
-
     run, exports = tmp_path / "run", tmp_path / "exports"
     (tmp_path / "first").mkdir()
     cluster = Cluster(tmp_path / "first", [*LM, "--strategy", "parameter-server", "--export-dir", str(exports),
@@ -214,7 +213,7 @@ def test_an_lm_on_two_parameter_servers_loses_one_resumes_and_learns_as_one_proc
     assert "resuming from" in chief and "Epoch 3/3" in chief and "Epoch 1/3" not in chief
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["status"] == "finished" and metrics["epochs_run"] == 3
-    # The unigram's loss here is 3.15: both learned far past it, the cluster within 0.35 of one process.
-    assert alone < 2.0 and metrics["validation_loss"] < alone + 0.35, (alone, metrics)
+    # The unigram's loss here is 3.15: the cluster learned far past it, within 0.35 of one process.
+    assert metrics["validation_loss"] < ONE_PROCESS_LOSS + 0.35, metrics
     assert (pathlib.Path(metrics["export"]) / "saved_model.pb").exists()
     assert all(status == 0 for status in statuses.values()), statuses
