@@ -11,7 +11,7 @@ Result `memory_<model>_b<batch>`, in MiB:
   --optimizer momentum` (weights, optimizer slots, bookkeeping, and at the
   step's peak the gradients, kept activations and workspace). It is
   computed, not timed, so its samples are one figure repeated.
-* reference: the measurement, `apps.diagnose.memory_probe.measure` in 3 fresh Python
+* reference: the measurement, `apps.diagnose.memory_probe.measure` in 3 (--quick: 2) fresh Python
   processes, each of which builds the model and its slots, runs one warm-up
   step and measures the resident-set peak of three more; a sample is one
   measured step: its process's weights + slots + that step's peak (`dlsuite
@@ -37,8 +37,10 @@ OPTIMIZER = "momentum"
 FULL = ("resnet50", (224, 224, 3), 1000, 32)
 QUICK = ("lenet5", (32, 32, 1), 10, 8)
 # Fresh processes measured, 3 steps each: 9 samples, an odd count, so the
-# median is one of them and its parts can be shown.
-PROCESSES = 3
+# median is one of them and its parts can be shown. --quick measures in 2 (6
+# samples, the lower middle one shown): each process is a TensorFlow start,
+# about 7 s of a core in the suite's quick run.
+PROCESSES = {"full": 3, "quick": 2}
 
 
 def estimate(name, *, input_shape, classes, batch_size):
@@ -81,7 +83,7 @@ def start_early():
     name, input_shape, classes, batch_size = QUICK
     # One at a time: they take the core the other benchmark leaves idle, not its own.
     _early = measure_steps(name, input_shape=input_shape, classes=classes, batch_size=batch_size,
-                           processes=PROCESSES, parallel=False)
+                           processes=PROCESSES["quick"], parallel=False)
 
 
 def main(argv=None):
@@ -97,14 +99,14 @@ def main(argv=None):
     else:
         # Started first: the children import TensorFlow while this process does.
         futures = measure_steps(name, input_shape=input_shape, classes=classes, batch_size=batch_size,
-                                processes=PROCESSES, parallel=args.quick)
+                                processes=PROCESSES[mode], parallel=args.quick)
     estimated = estimate(name, input_shape=input_shape, classes=classes, batch_size=batch_size)
     runs = [future.result() for future in futures]
     # One sample per measured step: (its process's measurement, that step's peak).
     samples = [(run, peak) for run in runs for peak in run["steps"]]
     totals = [(run["weights"] + run["optimizer"] + peak) / MIB for run, peak in samples]
-    # The median sample (an odd count: one of them) is the one split into its parts.
-    run, peak = samples[totals.index(statistics.median(totals))]
+    # The median sample (of an even count, the lower middle one) is the one split into its parts.
+    run, peak = samples[totals.index(statistics.median_low(totals))]
     rows = memory_probe.compare(estimated, {**run, "step": peak, "total": run["weights"] + run["optimizer"] + peak})
     highest = max(run["total"] for run in runs) / MIB
     shape = ",".join(map(str, input_shape))
@@ -112,7 +114,7 @@ def main(argv=None):
         f"memory_{name}_b{batch_size}", ours=[estimated["total"] / MIB] * len(totals), reference=totals, mode=mode,
         unit="MiB",
         config={"model": name, "input_shape": list(input_shape), "classes": classes, "batch_size": batch_size,
-                "optimizer": OPTIMIZER, "processes": PROCESSES, "run": how,
+                "optimizer": OPTIMIZER, "processes": len(runs), "run": how,
                 "warmup_steps": memory_probe.WARMUP_STEPS, "measured_steps": memory_probe.MEASURED_STEPS,
                 "meter": run["meter"]},
         estimate_mib={key: value / MIB for key, value in estimated.items()},
@@ -122,11 +124,11 @@ def main(argv=None):
         highest_measured_mib=highest,
         details="; ".join(f"{row['what']}: {row['estimate'] / MIB:.1f} MiB estimated, {row['measured'] / MIB:.1f} "
                           f"MiB measured ({row['difference']:+.0%})" for row in rows)
-        + f" (the median step); highest step of the {PROCESSES} processes {highest:.1f} MiB",
+        + f" (the median step); highest step of the {len(runs)} processes {highest:.1f} MiB",
         ours_label=f"estimate: `dlsuite models show {name} --input-shape {shape} --batch-size {batch_size} "
                    f"--optimizer {OPTIMIZER}`, total (models.summary.memory)",
         reference_label=f"measured: weights + slots + the peak of one training step, {memory_probe.MEASURED_STEPS} "
-                        f"steps after a warm-up in each of {PROCESSES} fresh processes (apps.diagnose.memory_probe.measure, "
+                        f"steps after a warm-up in each of {len(runs)} fresh processes (apps.diagnose.memory_probe.measure, "
                         f"{run['meter']}); `dlsuite diagnose memory {name} --input-shape {shape} --batch-size "
                         f"{batch_size} --optimizer {OPTIMIZER}` prints one process's highest step",
     )

@@ -21,6 +21,7 @@ cores little). Results, batch 1:
   started with `--enable-batching` (`BATCHING_FLAGS`), which joins the
   concurrent requests into batches, against the same in-process single
   calls; its details give the mean batch the server ran (from its metrics).
+  Not in --quick.
 * `http_{model}_png_c1`: one client sending the image as a PNG file,
   `{"signature_name": "serving_bytes", "instances": [{"b64": ...}]}`, the
   form a production client sends an image in (TensorFlow Serving's guide
@@ -68,7 +69,9 @@ QUICK_REQUESTS = {1: 10, 8: 3}
 GRPC_REQUESTS = {"lenet5": {1: 200, 8: 50}}  # both sides of a gRPC row send these: about 0.4 s a repeat
 QUICK_GRPC_REQUESTS = {1: 10}
 BATCHING_REQUESTS = {"lenet5": {1: 100, 8: 25, 32: 8}, "resnet50": {8: 3}}
-QUICK_BATCHING_REQUESTS = {8: 3}
+# --quick starts no batching server: its rows only have to come out, a second server costs a
+# TensorFlow start (about 7 s of a core, in the suite's quick run), and tests/test_serve_batching.py
+# drives a real batching server.
 # No timeout, a batch thread per core (TensorFlow Serving's default): a batch runs as soon as a thread is
 # free, and the requests that came while both were busy make up the next one, so one client waits for
 # nothing. A 1 ms timeout cost a third of the rate at 1 client here (340 against 520 requests/s) and
@@ -431,13 +434,14 @@ def benchmark_model(name, *, requests, png_requests, repeats, mode, folder, batc
             server.stop()
 
 
-def start_servers(name, folder):
-    """Exports classifier `name` into `folder` and starts its servers on a thread, plain then with
-    BATCHING_FLAGS, each once the one before serves (each imports TensorFlow, which takes a core):
-    {their extra flags: a future of the serving ServerProcess}."""
+def start_servers(name, folder, *, batching=True):
+    """Exports classifier `name` into `folder` and starts its servers on a thread, plain then (with
+    `batching`) with BATCHING_FLAGS, each once the one before serves (each imports TensorFlow, which
+    takes a core): {their extra flags: a future of the serving ServerProcess}."""
     model_dir = export_model(name, folder)
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
-    servers = {extra: pool.submit(ServerProcess, model_dir, name, extra) for extra in ((), BATCHING_FLAGS)}
+    flags = ((), BATCHING_FLAGS) if batching else ((),)
+    servers = {extra: pool.submit(ServerProcess, model_dir, name, extra) for extra in flags}
     pool.shutdown(wait=False)
     return servers
 
@@ -451,7 +455,7 @@ def start_early():
     TensorFlow, most of this benchmark's time, run there."""
     global _early
     folder = tempfile.TemporaryDirectory()
-    _early = folder, start_servers("lenet5", folder.name)
+    _early = folder, start_servers("lenet5", folder.name, batching=False)
     atexit.register(_stop_servers, _early[1])  # a run stopped before this benchmark's turn leaves none behind
 
 
@@ -500,7 +504,7 @@ def main(argv=None):
             try:
                 benchmark_model("lenet5", requests=QUICK_REQUESTS if rest_part else {}, png_requests=0,
                                 repeats=repeats, mode=mode, folder=folder.name, servers=servers,
-                                batching_requests=QUICK_BATCHING_REQUESTS if rest_part else {},
+                                batching_requests={},
                                 grpc_requests=QUICK_GRPC_REQUESTS if grpc_part else {})
             finally:
                 concurrent.futures.wait(servers.values())
