@@ -7,10 +7,7 @@ fine-tune it on the 8-class task with 20 labels per class.
 """
 
 import json
-import os
 import re
-import subprocess
-import sys
 
 import keras
 import numpy as np
@@ -157,28 +154,32 @@ def test_extract_from_a_flat_folder_has_no_labels(image_folder, tmp_path, capsys
     assert (features["features"] >= 0).all()  # max over ReLU outputs
 
 
-def test_imagenet_weights_of_a_keras_application_come_from_the_keras_cache(image_folder, tmp_path):
-    """The cached MobileNetV2 file is loaded and the pixels are preprocessed the Keras way (-1..1)."""
-    script = f"""
-import h5py, numpy as np, keras
-from keras.src.legacy.saving import legacy_h5_format
-reference = keras.applications.MobileNetV2(weights=None, include_top=False, input_shape=(32, 32, 3))
-with h5py.File({str(tmp_path / 'models' / 'mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5')!r}, "w") as f:
-    legacy_h5_format.save_weights_to_hdf5_group(f, reference)
-from dlsuite.apps import cli
-assert cli.main(["transfer", "extract", "--backbone", "MobileNetV2", "--weights", "imagenet", "--input-size", "32",
-                 "--images", {str(image_folder)!r}, "--out", {str(tmp_path / 'f.npz')!r}]) == 0
-saved = np.load({str(tmp_path / 'f.npz')!r})
-pixels = np.stack([np.asarray(keras.utils.load_img({str(image_folder)!r} + "/" + name, target_size=(32, 32),
-                                                   interpolation="bilinear"), "float32") for name in saved["file_names"]])
-expected = reference.predict(pixels / 127.5 - 1, verbose=0).mean(axis=(1, 2))
-print("max difference", float(np.abs(saved["features"] - expected).max()))
-"""
+def test_imagenet_weights_of_a_keras_application_come_from_the_keras_cache(image_folder, tmp_path, monkeypatch,
+                                                                          capsys):
+    """The cached MobileNetV2 file is loaded and the pixels are preprocessed the Keras way (-1..1).
+
+    In this process, as test_caption's twin does: a fresh one (test_cnn_models.py's check of
+    $KERAS_HOME itself) cost a TensorFlow start, about 7 s of the suite."""
+    import h5py
+    from keras.src.backend import config as keras_config
+    from keras.src.legacy.saving import legacy_h5_format
+
     (tmp_path / "models").mkdir()
-    env = {**os.environ, "KERAS_HOME": str(tmp_path), "TF_CPP_MIN_LOG_LEVEL": "3"}
-    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert float(result.stdout.split("max difference")[-1]) < 1e-3
+    reference = keras.applications.MobileNetV2(weights=None, include_top=False, input_shape=(32, 32, 3))
+    with h5py.File(tmp_path / "models" / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5", "w") as f:
+        legacy_h5_format.save_weights_to_hdf5_group(f, reference)
+    # $KERAS_HOME is read when Keras is imported; this process imported it already.
+    monkeypatch.setattr(keras_config, "_KERAS_DIR", str(tmp_path))
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")  # no network, whatever the machine has
+    status, _, stderr = run_cli(["transfer", "extract", "--backbone", "MobileNetV2", "--weights", "imagenet",
+                                 "--input-size", "32", "--images", image_folder, "--out", tmp_path / "f.npz"], capsys)
+    assert status == 0, stderr
+    saved = np.load(tmp_path / "f.npz")
+    pixels = np.stack([np.asarray(keras.utils.load_img(image_folder / name, target_size=(32, 32),
+                                                       interpolation="bilinear"), "float32")
+                       for name in saved["file_names"]])
+    expected = reference.predict(pixels / 127.5 - 1, verbose=0).mean(axis=(1, 2))
+    np.testing.assert_allclose(saved["features"], expected, atol=1e-3)
 
 
 def test_offline_imagenet_names_the_file_to_put_in_the_cache(image_folder, tmp_path, monkeypatch, capsys):
