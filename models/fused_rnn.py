@@ -36,7 +36,8 @@ checks outputs and gradients against the stock layers on the same weights.
 
 Under mixed_bfloat16 (issue 28) the matmuls run in bfloat16 and the state,
 the gate arithmetic and the gradients carried back through time in float32
-(`_matmul`); Keras's own layer keeps all of it in bfloat16. 2x512 LSTM and
+(`_matmul`; the LSTM's h, which only matmuls and the output read, stays in
+bfloat16, `_lstm_sequence`); Keras's own layer keeps all of it in bfloat16. 2x512 LSTM and
 GRU training on a 2-core AMD EPYC with AVX512-BF16, `python -m benchmarks
 --only bfloat16 --part rnn`: docs/scaling.md.
 """
