@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import keras_cache
 import zygote
 from dlsuite.apps.caption import batches as pair_batches, data as caption_data, decode as caption_decode
 from dlsuite.apps.caption import export as caption_export, model as caption_model
@@ -241,17 +242,7 @@ def test_an_attention_gru_trained_end_to_end_exports_and_captions(trained, test_
 
 def test_imagenet_weights_come_from_the_keras_cache_and_features_match_keras(tmp_path, monkeypatch, capsys):
     """--encoder-weights imagenet offline: a MobileNetV2 file put in the Keras cache is used, with Keras' preprocessing."""
-    import h5py
-    from keras.src.backend import config as keras_config
-    from keras.src.legacy.saving import legacy_h5_format
-
-    (tmp_path / "models").mkdir()
-    reference = keras.applications.MobileNetV2(weights=None, include_top=False, input_shape=(32, 32, 3))
-    with h5py.File(tmp_path / "models" / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5", "w") as f:
-        legacy_h5_format.save_weights_to_hdf5_group(f, reference)
-    # $KERAS_HOME is read when Keras is imported; this process imported it already.
-    monkeypatch.setattr(keras_config, "_KERAS_DIR", str(tmp_path))
-    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")  # no network, whatever the machine has
+    reference = keras_cache.cached_mobilenet_v2(tmp_path, monkeypatch)
     status, _, err = run_cli(["caption", "train", "--encoder", "MobileNetV2", "--encoder-weights", "imagenet",
                               "--input-size", "32", "--scenes-count", "20", "--scenes-size", "32", "--units", "8",
                               "--embedding", "8", "--epochs", "1", "--out", tmp_path / "run", "--no-export"], capsys)
@@ -263,7 +254,7 @@ def test_imagenet_weights_come_from_the_keras_cache_and_features_match_keras(tmp
     np.testing.assert_allclose(cached, expected, atol=1e-3)
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["resolved"]["encoder_weights"] == "imagenet" and config["resolved"]["preprocessing"] == "tf"
-    (tmp_path / "models" / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5").unlink()
+    (tmp_path / "models" / keras_cache.MOBILENET_V2_NO_TOP).unlink()
     status, _, err = run_cli(["caption", "train", "--encoder", "MobileNetV2", "--encoder-weights", "imagenet",
                               "--scenes-count", "20", "--out", tmp_path / "run2"], capsys)
     assert status == 2 and "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5" in err

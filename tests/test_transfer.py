@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import keras_cache
 from dlsuite.apps.vision import backbones, shapes
 from dlsuite.apps import cli
 from dlsuite.apps.core.errors import UsageError
@@ -158,19 +159,8 @@ def test_imagenet_weights_of_a_keras_application_come_from_the_keras_cache(image
                                                                           capsys):
     """The cached MobileNetV2 file is loaded and the pixels are preprocessed the Keras way (-1..1).
 
-    In this process, as test_caption's twin does: a fresh one (test_cnn_models.py's check of
-    $KERAS_HOME itself) cost a TensorFlow start, about 7 s of the suite."""
-    import h5py
-    from keras.src.backend import config as keras_config
-    from keras.src.legacy.saving import legacy_h5_format
-
-    (tmp_path / "models").mkdir()
-    reference = keras.applications.MobileNetV2(weights=None, include_top=False, input_shape=(32, 32, 3))
-    with h5py.File(tmp_path / "models" / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5", "w") as f:
-        legacy_h5_format.save_weights_to_hdf5_group(f, reference)
-    # $KERAS_HOME is read when Keras is imported; this process imported it already.
-    monkeypatch.setattr(keras_config, "_KERAS_DIR", str(tmp_path))
-    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")  # no network, whatever the machine has
+    In this process (keras_cache): a fresh one cost a TensorFlow start, about 7 s of the suite."""
+    reference = keras_cache.cached_mobilenet_v2(tmp_path, monkeypatch)
     status, _, stderr = run_cli(["transfer", "extract", "--backbone", "MobileNetV2", "--weights", "imagenet",
                                  "--input-size", "32", "--images", image_folder, "--out", tmp_path / "f.npz"], capsys)
     assert status == 0, stderr
