@@ -12,11 +12,14 @@ HandleReloadConfigRequest
 =======================================  ==========================================================
 
 It serves the repository REST serves (the same versions, loads and polls),
-on the same asyncio loop (grpc.aio), and a Predict runs its TensorProto
-conversion and the TensorFlow call on the REST server's worker threads
-(`offload`) through `calls.run_signature`, the step REST runs: a slow graph
-never blocks other requests of either protocol. Errors are TensorFlow
-Serving's status codes with its messages (`predict_util.cc`,
+with grpc's thread-pool server on the REST server's worker threads: each call
+runs there whole (its TensorProto conversion and the TensorFlow call through
+`calls.run_signature`, the step REST runs), so a slow graph never blocks
+other requests of either protocol. grpc.aio on the REST server's asyncio loop
+took a hop more per call (the loop, then a worker thread, then the loop):
+LeNet-5 answered 0.86x REST's requests/s at one client that way, 0.98x on
+the threads (`python -m benchmarks --only serving_http --part grpc`).
+Errors are TensorFlow Serving's status codes with its messages (`predict_util.cc`,
 `get_model_metadata_impl.cc`, `server_core.cc`): NOT_FOUND for an unknown
 model or version (also the version a label names, when it is not loaded),
 INVALID_ARGUMENT for a wrong dtype, a missing or extra input, an unknown
@@ -30,6 +33,7 @@ would unpack past it; UNAVAILABLE when the batching queue is full
 the metrics with protocol="grpc".
 """
 
+import asyncio
 import sys
 import time
 import traceback
@@ -53,21 +57,20 @@ class BindError(OSError):
 
 
 class GrpcServer:
-    """TensorFlow Serving's gRPC API over a `repository.Repository`, on the running asyncio loop.
+    """TensorFlow Serving's gRPC API over a `repository.Repository`, its calls on `executor`'s threads.
 
     Args:
         repository: the models to serve (REST's).
         metrics: the server's `metrics.Metrics`.
-        offload: `await offload(function, *args)` runs a function on the
-            worker threads (`server.Server.offload`).
+        executor: the worker threads the calls run on (`server.Server`'s).
         max_message_bytes: larger requests are refused (RESOURCE_EXHAUSTED).
         batcher: the server's `batching.Batcher` (--enable-batching), or None.
     """
 
-    def __init__(self, repository, *, metrics, offload, max_message_bytes, batcher=None):
+    def __init__(self, repository, *, metrics, executor, max_message_bytes, batcher=None):
         self.repository = repository
         self.metrics = metrics
-        self.offload = offload
+        self.executor = executor
         self.max_message_bytes = int(max_message_bytes)
         self.batcher = batcher
         self._server = None
@@ -78,7 +81,7 @@ class GrpcServer:
         Raises:
             BindError: the address cannot be bound.
         """
-        self._server = grpc.aio.server(options=[
+        self._server = grpc.server(self.executor, options=[
             ("grpc.max_receive_message_length", self.max_message_bytes),
             ("grpc.so_reuseport", 0),  # a second server on a taken port must fail, not share it
         ])
@@ -90,22 +93,23 @@ class GrpcServer:
             raise BindError(str(error)) from None
         if not bound:
             raise BindError(f"cannot bind {address(host, port)}")
-        await self._server.start()
+        self._server.start()
         return bound
 
     async def stop(self, grace=1.0):
         """Stops listening; requests in flight get `grace` seconds to finish."""
         if self._server is not None:
-            await self._server.stop(grace)
+            stopped = self._server.stop(grace)
+            await asyncio.get_running_loop().run_in_executor(None, stopped.wait)
 
-    async def answer(self, context, *, api, model, work, offload=False):
-        """Runs `work(call)` (on the worker threads with `offload`), counts it, and turns a ServingError
-        into the gRPC status of its canonical code; `call["version"]` is the version that answered."""
+    def answer(self, context, *, api, model, work):
+        """Runs `work(call)` on this thread, counts it, and turns a ServingError into the gRPC status
+        of its canonical code; `call["version"]` is the version that answered."""
         started = time.perf_counter()
         call = {"version": None}
         status_name, message, response = "OK", None, None
         try:
-            response = await self.offload(work, call) if offload else work(call)
+            response = work(call)
         except ServingError as error:
             status_name, message = error.code, error.message
         except Exception as error:  # a bug here: the client is told, the server goes on
@@ -115,7 +119,7 @@ class GrpcServer:
         self.metrics.record(model=model, version=call["version"], api=api, code=code.value[0], status_name=code.name,
                             seconds=time.perf_counter() - started, protocol="grpc")
         if message is not None:
-            await context.abort(code, message)
+            context.abort(code, message)  # raises
         return response
 
     # -- the calls, run off the loop or on it ------------------------------------------------------------
@@ -233,9 +237,9 @@ def address(host, port):
 
 
 def _unimplemented(what):
-    async def method(self, request, context):
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED,
-                            f"dlsuite serve answers Predict, GetModelMetadata and GetModelStatus, not {what}")
+    def method(self, request, context):
+        context.abort(grpc.StatusCode.UNIMPLEMENTED,
+                      f"dlsuite serve answers Predict, GetModelMetadata and GetModelStatus, not {what}")
     return method
 
 
@@ -243,13 +247,13 @@ class _PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
     def __init__(self, server):
         self._server = server
 
-    async def Predict(self, request, context):  # noqa: N802 (the service's method names)
-        return await self._server.answer(context, api="predict", model=request.model_spec.name, offload=True,
-                                         work=lambda call: self._server.predict(request, call))
+    def Predict(self, request, context):  # noqa: N802 (the service's method names)
+        return self._server.answer(context, api="predict", model=request.model_spec.name,
+                                   work=lambda call: self._server.predict(request, call))
 
-    async def GetModelMetadata(self, request, context):  # noqa: N802
-        return await self._server.answer(context, api="metadata", model=request.model_spec.name,
-                                         work=lambda call: self._server.metadata(request, call))
+    def GetModelMetadata(self, request, context):  # noqa: N802
+        return self._server.answer(context, api="metadata", model=request.model_spec.name,
+                                   work=lambda call: self._server.metadata(request, call))
 
     Classify = _unimplemented("Classify; send the same inputs to Predict")
     Regress = _unimplemented("Regress; send the same inputs to Predict")
@@ -260,9 +264,9 @@ class _ModelService(model_service_pb2_grpc.ModelServiceServicer):
     def __init__(self, server):
         self._server = server
 
-    async def GetModelStatus(self, request, context):  # noqa: N802
-        return await self._server.answer(context, api="status", model=request.model_spec.name,
-                                         work=lambda call: self._server.status(request, call))
+    def GetModelStatus(self, request, context):  # noqa: N802
+        return self._server.answer(context, api="status", model=request.model_spec.name,
+                                   work=lambda call: self._server.status(request, call))
 
     HandleReloadConfigRequest = _unimplemented("HandleReloadConfigRequest; edit the --model-config-file and send "
                                                "the server SIGHUP")

@@ -297,7 +297,7 @@ class Server:
         loop = asyncio.get_running_loop()
         grpc_api = None
         if grpc_port is not None:
-            grpc_api = grpc_server.GrpcServer(self.repository, metrics=self.metrics, offload=self.offload,
+            grpc_api = grpc_server.GrpcServer(self.repository, metrics=self.metrics, executor=self._workers,
                                               max_message_bytes=self.max_body_bytes, batcher=self.batcher)
             grpc_port = await grpc_api.start(host, grpc_port)
         try:
