@@ -504,7 +504,6 @@ def main(argv=None):
             try:
                 benchmark_model("lenet5", requests=QUICK_REQUESTS if rest_part else {}, png_requests=0,
                                 repeats=repeats, mode=mode, folder=folder.name, servers=servers,
-                                batching_requests={},
                                 grpc_requests=QUICK_GRPC_REQUESTS if grpc_part else {})
             finally:
                 concurrent.futures.wait(servers.values())

@@ -75,7 +75,7 @@ class GrpcServer:
         self.batcher = batcher
         self._server = None
 
-    async def start(self, host, port):
+    def start(self, host, port):
         """Listens on host:port (0: a free port); returns the port bound.
 
         Raises:
@@ -122,7 +122,7 @@ class GrpcServer:
             context.abort(code, message)  # raises
         return response
 
-    # -- the calls, run off the loop or on it ------------------------------------------------------------
+    # -- the calls, each run whole on a worker thread ------------------------------------------------------
 
     def predict(self, request, call):
         """PredictResponse for a PredictRequest; raises ServingError."""

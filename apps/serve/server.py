@@ -299,7 +299,7 @@ class Server:
         if grpc_port is not None:
             grpc_api = grpc_server.GrpcServer(self.repository, metrics=self.metrics, executor=self._workers,
                                               max_message_bytes=self.max_body_bytes, batcher=self.batcher)
-            grpc_port = await grpc_api.start(host, grpc_port)
+            grpc_port = grpc_api.start(host, grpc_port)
         try:
             await loop.run_in_executor(self._scanner, self.repository.scan)
             runner = web.AppRunner(self.application(), access_log=None, handle_signals=False)
